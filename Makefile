@@ -1,0 +1,45 @@
+# fisherflow: two commands for a new user (`make demo`, `make test`).
+# torch==2.13.0 is installed first so that nothing resolves a CUDA build of torch.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+STAMP := $(VENV)/.fisherflow-installed
+
+.PHONY: demo test test-slow test-dist lint bench bench-deps clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fisherflow demo --out fisherflow-report
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+# Peers for the benchmarks, with --no-deps (their torchvision pin would replace torch).
+bench-deps: $(STAMP)
+	$(BIN)/pip install --quiet --no-deps backpack-for-pytorch==1.7.1 unfoldNd einconv linear_operator \
+		curvlinops-for-pytorch==3.0.1 nngeometry==0.4 asdfghjkl==0.1a4 laplace-torch==0.3 torchmetrics
+	$(BIN)/pip install --quiet einops opt_einsum tqdm packaging lightning-utilities
+	touch $(VENV)/.bench-deps
+
+bench: bench-deps
+	$(BIN)/python bench/bench_matrices.py
+
+clean:
+	rm -rf $(VENV) fisherflow-report .pytest_cache .mypy_cache .ruff_cache

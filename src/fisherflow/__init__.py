@@ -1,0 +1,32 @@
+"""fisherflow: Fisher information as a first-class object for PyTorch."""
+
+__version__ = "0.1.0"
+
+from fisherflow import matrices  # noqa: E402
+from fisherflow.matrices import (  # noqa: E402
+    EKFAC,
+    KFAC,
+    Block,
+    Dense,
+    Diagonal,
+    FisherMatrix,
+    KronGroup,
+    LowRank,
+    ParamLayout,
+    load,
+)
+
+__all__ = [
+    "EKFAC",
+    "KFAC",
+    "Block",
+    "Dense",
+    "Diagonal",
+    "FisherMatrix",
+    "KronGroup",
+    "LowRank",
+    "ParamLayout",
+    "__version__",
+    "load",
+    "matrices",
+]

@@ -1,0 +1,374 @@
+"""The abstract Fisher matrix: a structured PSD matrix over a parameter layout.
+
+A structure implements a small core (``_matmat``, ``_diagonal``, ``_eigvals``,
+``_power_matmat``, ``_power``, ``_add``, ``_scale``, ``_restrict``, ``_state``,
+``_from_state``); every public operation is derived here, with one name and one
+meaning across all structures.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fisherflow.matrices.layout import ParamLayout, Vector
+from fisherflow.matrices.linalg import check_damping, check_power
+
+__all__ = ["KINDS", "FisherMatrix"]
+
+#: Kinds of Fisher estimate (see DESIGN.md): always named, never implied. ``None``
+#: marks information that did not come from a model and data (a prior, a test matrix).
+KINDS = ("exact", "mc", "empirical")
+
+Self = TypeVar("Self", bound="FisherMatrix")
+
+
+class FisherMatrix(abc.ABC):
+    """Summed Fisher information over ``num_samples`` observations, in some structure.
+
+    The matrix holds the **sum** of per-observation information (information is
+    additive): ``F + G`` adds information and sample counts, ``γ * F`` forgets,
+    ``F.mean()`` is the per-observation average.
+
+    Args:
+        layout: The parameter layout the matrix is defined over.
+        num_samples: Number of observations behind the estimate (>= 0, may be
+            fractional after forgetting).
+        kind: ``"exact"``, ``"mc"``, ``"empirical"`` or ``None`` (not estimated from a
+            model, e.g. a prior).
+        likelihood: Name of the likelihood the information is under, or ``None``.
+
+    Raises:
+        TypeError: If ``layout`` is not a :class:`ParamLayout`.
+        ValueError: If ``num_samples`` is negative or not finite, or ``kind`` is unknown.
+    """
+
+    #: The structure name used in files and by ``fisherflow.estimate``.
+    structure: ClassVar[str]
+
+    def __init__(
+        self,
+        layout: ParamLayout,
+        *,
+        num_samples: float = 0.0,
+        kind: str | None = None,
+        likelihood: str | None = None,
+    ) -> None:
+        if not isinstance(layout, ParamLayout):
+            raise TypeError(f"layout must be a ParamLayout, got {type(layout).__name__}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Real):
+            raise TypeError(f"num_samples must be a real number, got {type(num_samples).__name__}")
+        if not math.isfinite(float(num_samples)) or num_samples < 0:
+            raise ValueError(f"num_samples must be finite and >= 0, got {num_samples}")
+        if kind is not None and kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
+        if likelihood is not None and not isinstance(likelihood, str):
+            raise TypeError(f"likelihood must be a string or None, got {type(likelihood).__name__}")
+        self.layout = layout
+        self.num_samples = float(num_samples)
+        self.kind = kind
+        self.likelihood = likelihood
+
+    # ----------------------------------------------------------------- core
+    @property
+    @abc.abstractmethod
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the stored statistics."""
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """Device of the stored statistics."""
+
+    @abc.abstractmethod
+    def _matmat(self, v: Tensor) -> Tensor:
+        """``F @ v`` for a flat ``(P, k)`` matrix ``v``."""
+
+    @abc.abstractmethod
+    def _diagonal(self) -> Tensor:
+        """The ``(P,)`` diagonal of F."""
+
+    @abc.abstractmethod
+    def _eigvals(self) -> Tensor:
+        """All P eigenvalues of F, any order."""
+
+    @abc.abstractmethod
+    def _power_matmat(self, v: Tensor, p: float, damping: float) -> Tensor:
+        """``(F + damping I)^p @ v`` for a flat ``(P, k)`` matrix ``v``."""
+
+    @abc.abstractmethod
+    def _power(self, p: float, damping: float) -> FisherMatrix:
+        """``(F + damping I)^p`` as a Fisher structure."""
+
+    @abc.abstractmethod
+    def _add(self, other: FisherMatrix) -> FisherMatrix:
+        """Sum with a matrix of the same structure and layout (metadata already merged)."""
+
+    @abc.abstractmethod
+    def _scale(self, factor: float) -> FisherMatrix:
+        """``factor * F`` with ``num_samples`` scaled too."""
+
+    @abc.abstractmethod
+    def _restrict(self, names: list[str]) -> FisherMatrix:
+        """The diagonal block of F over the parameters ``names``."""
+
+    @abc.abstractmethod
+    def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Tensors and JSON-ready extras that :meth:`_from_state` rebuilds F from."""
+
+    @classmethod
+    @abc.abstractmethod
+    def _from_state(
+        cls, layout: ParamLayout, tensors: dict[str, Tensor], extra: dict[str, Any], **meta: Any
+    ) -> FisherMatrix:
+        """Rebuild a matrix from :meth:`_state` output (validating shapes)."""
+
+    def groups(self) -> dict[str, list[str]]:
+        """Named groups of parameters the structure models jointly (e.g. a layer)."""
+        return {}
+
+    # ------------------------------------------------------------- metadata
+    @property
+    def size(self) -> int:
+        """Number of parameters P."""
+        return self.layout.size
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Keyword metadata (num_samples, kind, likelihood) for building a sibling."""
+        return {"num_samples": self.num_samples, "kind": self.kind, "likelihood": self.likelihood}
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(P={self.size}, params={len(self.layout)}, "
+            f"num_samples={self.num_samples:g}, kind={self.kind!r}, "
+            f"likelihood={self.likelihood!r}, dtype={self.dtype})"
+        )
+
+    # --------------------------------------------------------------- vectors
+    def _as_columns(self, v: Vector, name: str = "v") -> tuple[Tensor, bool, bool]:
+        """Flatten ``v`` to ``(P, k)`` in the matrix dtype; remember its form."""
+        as_dict = isinstance(v, Mapping)
+        if as_dict:
+            flat = self.layout.flatten(v)  # type: ignore[arg-type]
+        elif isinstance(v, Tensor):
+            flat = v
+        else:
+            raise TypeError(f"{name} must be a Tensor or a dict of tensors, got {type(v).__name__}")
+        if flat.dim() not in (1, 2) or flat.shape[0] != self.size:
+            raise ValueError(
+                f"{name} must have length P={self.size} (flat (P,) or (P, k)), "
+                f"got shape {tuple(flat.shape)}"
+            )
+        if not torch.isfinite(flat).all():
+            raise ValueError(f"{name} contains NaN or Inf")
+        vector = flat.dim() == 1
+        cols = flat.reshape(self.size, -1).to(dtype=self.dtype, device=self.device)
+        return cols, vector, as_dict
+
+    def _as_form(self, cols: Tensor, vector: bool, as_dict: bool) -> Vector:
+        out = cols[:, 0] if vector else cols
+        return self.layout.unflatten(out) if as_dict else out
+
+    # ------------------------------------------------------------ operations
+    def mv(self, v: Vector) -> Vector:
+        """Matrix-vector product ``F v``.
+
+        Args:
+            v: A flat ``(P,)`` / ``(P, k)`` tensor or a dict ``name -> tensor``.
+
+        Returns:
+            ``F v`` in the same form as ``v``.
+
+        Raises:
+            ValueError: If ``v`` has the wrong length or contains NaN/Inf.
+        """
+        cols, vector, as_dict = self._as_columns(v)
+        return self._as_form(self._matmat(cols), vector, as_dict)
+
+    def __matmul__(self, v: Vector) -> Vector:
+        return self.mv(v)
+
+    def solve(self, v: Vector, damping: float) -> Vector:
+        """Solve ``(F + damping I) x = v``; ``damping`` is explicit (>= 0)."""
+        lam = check_damping(damping)
+        cols, vector, as_dict = self._as_columns(v)
+        return self._as_form(self._power_matmat(cols, -1.0, lam), vector, as_dict)
+
+    def power(self, p: float, damping: float = 0.0) -> FisherMatrix:
+        """``(F + damping I)^p`` for any real ``p`` (e.g. -1, -1/2, -1/4), as a structure.
+
+        Negative powers of a singular matrix need ``damping > 0``.
+        """
+        return self._power(check_power(p), check_damping(damping))
+
+    def inverse(self, damping: float) -> FisherMatrix:
+        """``(F + damping I)^-1``; ``damping`` is explicit (>= 0)."""
+        return self._power(-1.0, check_damping(damping))
+
+    def diagonal(self) -> Tensor:
+        """The diagonal of F as a flat ``(P,)`` tensor."""
+        return self._diagonal()
+
+    def trace(self) -> Tensor:
+        """``tr F`` (a 0-dim tensor)."""
+        return self._diagonal().sum()
+
+    def logdet(self, damping: float = 0.0) -> Tensor:
+        """``log det(F + damping I)``; ``-inf`` when singular."""
+        lam = check_damping(damping)
+        return torch.log(self._eigvals().clamp_min(0) + lam).sum()
+
+    def eigvalsh(self, k: int | None = None) -> Tensor:
+        """Eigenvalues of F in descending order; the top ``k`` if given.
+
+        Raises:
+            ValueError: If ``k`` is not an integer in ``[1, P]``.
+        """
+        vals = torch.sort(self._eigvals(), descending=True).values
+        if k is None:
+            return vals
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.size:
+            raise ValueError(f"k must be an integer in [1, {self.size}], got {k!r}")
+        return vals[:k]
+
+    def quad(self, v: Vector) -> Tensor:
+        """The quadratic form ``vᵀ F v`` (per column for a ``(P, k)`` input)."""
+        cols, vector, _ = self._as_columns(v)
+        out = (cols * self._matmat(cols)).sum(0)
+        return out[0] if vector else out
+
+    def sample(
+        self, n: int, damping: float, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Draw ``n`` samples from ``N(0, (F + damping I)^-1)``.
+
+        Uses the symmetric square root: ``x = (F + λI)^{-1/2} z`` with ``z ~ N(0, I)``.
+
+        Returns:
+            A ``(n, P)`` tensor; ``layout.unflatten(x.T)`` gives a dict.
+
+        Raises:
+            ValueError: If ``n`` is not a positive integer or F + λI is singular.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        lam = check_damping(damping)
+        z = torch.randn(
+            self.size, n, generator=generator, dtype=self.dtype, device=self.device
+        )
+        return self._inv_sqrt_matmat(z, lam).T
+
+    def _inv_sqrt_matmat(self, z: Tensor, damping: float) -> Tensor:
+        """``B z`` for some ``B`` with ``B Bᵀ = (F + damping I)^-1`` (sampling)."""
+        return self._power_matmat(z, -0.5, damping)
+
+    def to_dense(self) -> Tensor:
+        """The ``(P, P)`` matrix (O(P²) memory: for small layouts and tests)."""
+        eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
+        return self._matmat(eye)
+
+    def to_scipy(self) -> Any:
+        """A ``scipy.sparse.linalg.LinearOperator`` applying F (float64 numpy)."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def matmat(x: np.ndarray) -> np.ndarray:
+            cols = torch.as_tensor(np.asarray(x).reshape(self.size, -1))
+            out = self._matmat(cols.to(dtype=self.dtype, device=self.device))
+            return out.detach().cpu().double().numpy().reshape(np.shape(x))
+
+        return LinearOperator(
+            (self.size, self.size), matvec=matmat, matmat=matmat, rmatvec=matmat,
+            dtype=np.float64,
+        )
+
+    def mean(self) -> FisherMatrix:
+        """Per-observation average ``F / num_samples`` (``num_samples`` becomes 1).
+
+        Raises:
+            ValueError: If ``num_samples`` is 0.
+        """
+        if self.num_samples <= 0:
+            raise ValueError("mean() needs num_samples > 0, got 0")
+        return self._scale(1.0 / self.num_samples)
+
+    def block(self, name: str) -> FisherMatrix:
+        """The diagonal block of F for one parameter or one group (see :meth:`groups`).
+
+        Raises:
+            KeyError: If ``name`` is neither a parameter nor a group.
+        """
+        groups = self.groups()
+        if name in groups:
+            return self._restrict(list(groups[name]))
+        if name in self.layout:
+            return self._restrict([name])
+        raise KeyError(
+            f"{name!r} is neither a parameter ({list(self.layout.names)}) "
+            f"nor a group ({list(groups)})"
+        )
+
+    # ------------------------------------------------------------ arithmetic
+    def _merged_meta(self, other: FisherMatrix) -> dict[str, Any]:
+        if other.layout != self.layout:
+            raise ValueError(
+                "cannot add Fisher matrices over different layouts: "
+                f"{self.layout.to_json()} vs {other.layout.to_json()}"
+            )
+        merged: dict[str, Any] = {"num_samples": self.num_samples + other.num_samples}
+        for key in ("kind", "likelihood"):
+            a, b = getattr(self, key), getattr(other, key)
+            if a is not None and b is not None and a != b:
+                raise ValueError(f"cannot add information of different {key}: {a!r} and {b!r}")
+            merged[key] = a if a is not None else b
+        return merged
+
+    def __add__(self, other: object) -> FisherMatrix:
+        if not isinstance(other, FisherMatrix):
+            return NotImplemented
+        meta = self._merged_meta(other)
+        if type(other) is not type(self):
+            raise TypeError(
+                f"cannot add a {other.structure!r} Fisher to a {self.structure!r} Fisher; "
+                "convert one first (e.g. Dense.from_fisher)"
+            )
+        out = self._add(other)
+        out.num_samples, out.kind, out.likelihood = (
+            meta["num_samples"], meta["kind"], meta["likelihood"]
+        )
+        return out
+
+    def __mul__(self, factor: object) -> FisherMatrix:
+        if isinstance(factor, bool) or not isinstance(factor, numbers.Real):
+            return NotImplemented
+        value = float(factor)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"a Fisher matrix can only be scaled by a finite factor >= 0, got {value}")
+        return self._scale(value)
+
+    __rmul__ = __mul__
+
+    # -------------------------------------------------------------- files
+    def save(self, path: str) -> None:
+        """Write F to a safetensors file with JSON metadata, atomically."""
+        from fisherflow.matrices.io import save
+
+        save(self, path)
+
+    def all_reduce(self, group: Any = None) -> FisherMatrix:
+        """Sum F across the ranks of a ``torch.distributed`` process group.
+
+        Every rank must hold the same structure and layout; every rank returns the
+        same result, equal to adding the per-rank matrices in rank order with ``+``
+        (exact for dense, diagonal and block; see each structure for the rest).
+        """
+        from fisherflow.matrices.distributed import all_reduce
+
+        return all_reduce(self, group)

@@ -1,0 +1,95 @@
+"""Pure linear-algebra helpers shared by the Fisher structures."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_damping", "check_power", "eigh", "spectral_power"]
+
+
+def check_damping(damping: object, name: str = "damping") -> float:
+    """Validate a damping value: a finite real number >= 0.
+
+    Raises:
+        TypeError: If ``damping`` is not a real number.
+        ValueError: If it is negative, NaN or infinite.
+    """
+    if isinstance(damping, Tensor) and damping.numel() == 1:
+        damping = damping.item()
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(damping).__name__}")
+    value = float(damping)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return value
+
+
+def check_power(p: object) -> float:
+    """Validate an exponent: a finite real number.
+
+    Raises:
+        TypeError: If ``p`` is not a real number.
+        ValueError: If it is NaN or infinite.
+    """
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"p must be a real number, got {type(p).__name__}")
+    value = float(p)
+    if not math.isfinite(value):
+        raise ValueError(f"p must be finite, got {value}")
+    return value
+
+
+def eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric eigendecomposition that retries in float64 when the first try fails.
+
+    float32 ``eigh`` can fail to converge or return NaN on ill-conditioned PSD matrices;
+    this tries the matrix's own precision (at least float32) first and falls back to
+    float64, returning results in the input's dtype (at least float32).
+
+    Returns:
+        ``(eigenvalues ascending, eigenvectors as columns)``.
+
+    Raises:
+        ValueError: If the matrix contains NaN or Inf.
+
+    Example:
+        >>> vals, vecs = eigh(torch.tensor([[2.0, 0.0], [0.0, 1.0]]))
+        >>> vals.tolist()
+        [1.0, 2.0]
+    """
+    if not torch.isfinite(matrix).all():
+        raise ValueError("cannot eigendecompose a matrix with NaN or Inf entries")
+    work = matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
+    sym = 0.5 * (work + work.transpose(-1, -2))
+    try:
+        vals, vecs = torch.linalg.eigh(sym)
+        if torch.isfinite(vals).all() and torch.isfinite(vecs).all():
+            return vals, vecs
+    except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+        pass
+    vals, vecs = torch.linalg.eigh(sym.double())
+    return vals.to(work.dtype), vecs.to(work.dtype)
+
+
+def spectral_power(eigenvalues: Tensor, p: float, damping: float) -> Tensor:
+    """``(max(λ, 0) + damping) ** p`` elementwise, for the spectrum of a PSD matrix.
+
+    Eigenvalues of a PSD matrix computed in floating point can be slightly negative;
+    they are clamped at zero before damping is added.
+
+    Raises:
+        ValueError: If ``p < 0`` and some damped eigenvalue is zero (singular matrix).
+    """
+    shifted = eigenvalues.clamp_min(0) + damping
+    if p < 0 and bool((shifted <= 0).any()):
+        raise ValueError(
+            f"F + damping*I is singular (damping={damping}) so power p={p} is undefined; "
+            "pass damping > 0"
+        )
+    if p == 0:
+        return torch.ones_like(shifted)
+    return shifted.pow(p)

@@ -1,0 +1,106 @@
+"""Double-exponential quadrature over the support of a 1-D distribution.
+
+The support is mapped to the real line by ``torch.distributions.transform_to``
+(identity, exp or sigmoid), centred and scaled per batch element with a robust
+location/scale estimated from seeded samples, and integrated with sinh-sinh
+quadrature (Takahasi & Mori 1974; Mori & Sugihara 2001, "The double-exponential
+transformation in numerical analysis"), which converges doubly exponentially
+for analytic integrands, including the algebraic end-point singularities of
+Beta and Gamma densities.
+
+The reported error is ``|I_h − I_2h|`` (a conservative estimate for
+double-exponential rules) plus the probability mass the rule misses times
+``|I_h|`` (mass lost where ``x`` rounds onto a boundary of the support).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.distributions import Distribution, transform_to
+
+__all__ = ["de_integrate", "robust_center_width"]
+
+
+def robust_center_width(
+    dist: Distribution, transform: Callable[[Tensor], Tensor], seed: int = 0, n: int = 2048
+) -> tuple[Tensor, Tensor]:
+    """Median and IQR/1.349 of ``transform(X)`` per batch element (seeded, RNG-neutral).
+
+    Args:
+        dist: the distribution (event shape ``()``).
+        transform: map from the support to the real line.
+        seed: seed for the private RNG stream.
+        n: number of samples.
+
+    Returns:
+        ``(center, width)``, each of shape ``dist.batch_shape``.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        x = dist.sample((n,))
+    y = transform(x).clamp(-700.0, 700.0)
+    y = y.to(torch.float64)
+    q = torch.quantile(y, torch.tensor([0.25, 0.5, 0.75], dtype=y.dtype), dim=0)
+    width = ((q[2] - q[0]) / 1.349).clamp_min(1e-12)
+    return q[1], width
+
+
+def de_integrate(
+    dist: Distribution,
+    integrand: Callable[[Tensor], Tensor],
+    *,
+    h: float = 1.0 / 32.0,
+    t_max: float = 4.5,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Integrate ``E_p[f(X)] = ∫ p(x) f(x) dx`` for a 1-D continuous distribution.
+
+    Args:
+        dist: distribution with ``event_shape == ()`` and a continuous support
+            that ``transform_to`` can map from the real line.
+        integrand: ``f``; called with ``x`` of shape ``(J,) + batch``, returns
+            a tensor of shape ``(J,) + batch + extra``. The density is applied
+            here, so ``f`` must not include it.
+        h: step of the double-exponential rule.
+        t_max: half-width of the truncated t-range.
+        seed: seed for the centre/width estimate.
+
+    Returns:
+        ``(value, error)`` of shape ``batch + extra``.
+    """
+    to_support = transform_to(dist.support)
+    center, width = robust_center_width(dist, to_support.inv, seed=seed)
+    dtype = center.dtype
+    n = int(round(t_max / h))
+    t = torch.arange(-n, n + 1, dtype=dtype) * h
+    u = 0.5 * math.pi * torch.sinh(t)
+    base = torch.sinh(u)
+    dbase = 0.5 * math.pi * torch.cosh(t) * torch.cosh(u)
+    bshape = (t.shape[0],) + (1,) * center.dim()
+    y = center + width * base.reshape(bshape)
+    x = to_support(y)
+    log_jac = to_support.log_abs_det_jacobian(y, x)
+    log_w = torch.log(width * dbase.reshape(bshape)) + log_jac
+    x = x.to(dist.mean.dtype) if dist.mean.is_floating_point() else x
+    with torch.no_grad():
+        lp_probe = dist.log_prob(x)
+    ok = torch.isfinite(x) & torch.isfinite(lp_probe) & torch.isfinite(log_w)
+    # Keep nodes safely inside the support (evaluate a dummy interior point elsewhere).
+    x_safe = torch.where(ok, x, to_support(center).expand_as(x))
+    f = integrand(x_safe)
+    lp = dist.log_prob(x_safe)
+    extra = f.dim() - x.dim()
+    wp = torch.where(ok, torch.exp(lp + log_w.to(lp.dtype)), torch.zeros_like(lp))
+    wpx = wp.reshape(*wp.shape, *([1] * extra))
+    contrib = torch.where(wpx > 0, wpx * f, torch.zeros_like(f))
+    value = h * contrib.sum(0)
+    coarse = 2.0 * h * contrib[::2].sum(0)
+    mass = h * wp.sum(0)
+    err = (value - coarse).abs() + (1.0 - mass).abs().reshape(
+        *mass.shape, *([1] * extra)
+    ) * value.abs()
+    return value, err.detach()
