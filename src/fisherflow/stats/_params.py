@@ -163,7 +163,7 @@ class Family:
         for s in self.slots:
             v = theta[..., s.start : s.start + s.size]
             if s.kind == "flat":
-                out[s.name] = v.reshape(*lead, *s.event_shape)
+                out[s.name] = v.reshape(torch.Size(tuple(lead) + s.event_shape))
             else:
                 d = s.event_shape[-1]
                 rows, cols = torch.tril_indices(d, d)
@@ -178,9 +178,9 @@ class Family:
         parts = []
         batch = tuple(self.batch_shape)
         for s in self.slots:
-            v = values[s.name].expand(*batch, *s.event_shape)
+            v = values[s.name].expand(torch.Size(batch + s.event_shape))
             if s.kind == "flat":
-                parts.append(v.reshape(*batch, s.size))
+                parts.append(v.reshape(torch.Size((*batch, s.size))))
             else:
                 d = s.event_shape[-1]
                 rows, cols = torch.tril_indices(d, d)
@@ -196,7 +196,7 @@ class Family:
 
 def _scatter_tril(m: Tensor, v: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     flat = m.reshape(*m.shape[:-2], -1)
-    idx = (rows * m.shape[-1] + cols).expand(*v.shape)
+    idx = (rows * m.shape[-1] + cols).expand(v.shape)
     return flat.scatter(-1, idx, v).reshape(m.shape)
 
 
@@ -298,7 +298,7 @@ def prepare_family(
         if n in wrt_t or (con is not None and not _constraint_is_discrete(con)):
             raw = _as_float(raw, dtype)
         ev = tuple(raw.shape[raw.dim() - edim :]) if edim else ()
-        values[n] = raw.expand(*batch, *ev) if raw.dim() or batch else raw
+        values[n] = raw.expand(torch.Size(batch + ev))
     slots = []
     start = 0
     for n in wrt_t:

@@ -33,6 +33,7 @@ from torch.distributions import (
 )
 
 from fisherflow.stats._registry import register_fisher
+from fisherflow.stats._special import trigamma
 
 __all__: list[str] = []
 
@@ -101,16 +102,14 @@ def _exponential(dist: Distribution, given: frozenset[str]) -> tuple[tuple[str, 
 @register_fisher(Gamma)
 def _gamma(dist: Distribution, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
     a, b = dist.concentration, dist.rate
-    return ("concentration", "rate"), _diag2(torch.polygamma(1, a), a / b**2, -1.0 / b)
+    return ("concentration", "rate"), _diag2(trigamma(a), a / b**2, -1.0 / b)
 
 
 @register_fisher(Beta)
 def _beta(dist: Distribution, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
     a, b = dist.concentration1, dist.concentration0
-    ab = torch.polygamma(1, a + b)
-    return ("concentration1", "concentration0"), _diag2(
-        torch.polygamma(1, a) - ab, torch.polygamma(1, b) - ab, -ab
-    )
+    ab = trigamma(a + b)
+    return ("concentration1", "concentration0"), _diag2(trigamma(a) - ab, trigamma(b) - ab, -ab)
 
 
 @register_fisher(Normal)
@@ -131,9 +130,8 @@ def _student_t(dist: Distribution, given: frozenset[str]) -> tuple[tuple[str, ..
     nu, s = torch.broadcast_tensors(nu, s)
     f_loc = (nu + 1) / ((nu + 3) * s**2)
     f_scale = 2 * nu / ((nu + 3) * s**2)
-    f_df = (
-        0.25 * (torch.polygamma(1, nu / 2) - torch.polygamma(1, (nu + 1) / 2))
-        - (nu + 5) / (2 * nu * (nu + 1) * (nu + 3))
+    f_df = 0.25 * (trigamma(nu / 2) - trigamma((nu + 1) / 2)) - (nu + 5) / (
+        2 * nu * (nu + 1) * (nu + 3)
     )
     f_df_scale = -2.0 / ((nu + 1) * (nu + 3) * s)
     z = torch.zeros_like(nu)

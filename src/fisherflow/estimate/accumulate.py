@@ -1,0 +1,345 @@
+"""Streaming accumulators: per-row gradients of each score → a structured Fisher.
+
+Every accumulator holds *sums* (so shards add exactly), consumes one score at a time
+(``add``), and builds its :class:`~fisherflow.matrices.FisherMatrix` at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fisherflow.estimate.layers import Record
+from fisherflow.matrices import (
+    EKFAC,
+    KFAC,
+    Block,
+    Dense,
+    Diagonal,
+    FisherMatrix,
+    KronGroup,
+    LowRank,
+    ParamLayout,
+    orthonormal_factor,
+)
+from fisherflow.matrices.kron import factor_eigh
+
+__all__ = ["Plan", "per_row_dict", "ACCUMULATORS"]
+
+Pairs = Sequence[tuple[Record, Tensor]]
+
+
+class Plan:
+    """What an estimate covers: layout, per-parameter names, groups and Kronecker layers.
+
+    Args:
+        layout: The parameter layout.
+        name_of: ``{id(parameter): name}``.
+        groups: ``{group: [names]}`` one group per module (block structure).
+        kron: ``{group: KronGroup}`` for K-FAC/EKFAC.
+        dtype: Statistics dtype.
+        device: Statistics device.
+        reduce: K-FAC sequence convention (``False`` = expand).
+    """
+
+    def __init__(
+        self,
+        layout: ParamLayout,
+        name_of: Mapping[int, str],
+        groups: Mapping[str, list[str]],
+        kron: Mapping[str, KronGroup],
+        dtype: torch.dtype,
+        device: torch.device,
+        reduce: bool = False,
+    ) -> None:
+        self.layout, self.name_of = layout, dict(name_of)
+        self.groups, self.kron = dict(groups), dict(kron)
+        self.dtype, self.device, self.reduce = dtype, device, reduce
+        self.group_of_weight = {s.weight: g for g, s in kron.items()}
+        covered = {n for s in kron.values() for n in s.names}
+        self.rest = [n for n in layout.names if n not in covered]
+
+    def zeros(self, *shape: int) -> Tensor:
+        """A zero tensor in the statistics dtype and device."""
+        return torch.zeros(*shape, dtype=self.dtype, device=self.device)
+
+
+def _place(acc: dict[str, Tensor], name: str, g: Tensor, rows: slice | None, major: bool,
+           shape: tuple[int, ...]) -> None:
+    if rows is None:
+        acc[name] = acc[name] + g if name in acc else g
+        return
+    if name not in acc:
+        acc[name] = torch.zeros(g.shape[0], *shape, dtype=g.dtype, device=g.device)
+    if major and len(shape) == 2:
+        acc[name][:, :, rows] += g
+    else:
+        acc[name][:, rows] += g
+
+
+def per_row_dict(plan: Plan, pairs: Pairs, func: Mapping[str, Tensor],
+                 names: set[str] | None = None) -> dict[str, Tensor]:
+    """``{name: (B, *shape)}`` per-row gradients summed over every use of a parameter."""
+    acc: dict[str, Tensor] = {}
+    for rec, d in pairs:
+        wn = plan.name_of[id(rec.weight)]
+        if names is not None and wn not in names:
+            continue
+        w, b = rec.handler.per_row(rec, d)
+        _place(acc, wn, w, rec.rows, rec.handler.input_major, tuple(rec.weight.shape))
+        if b is not None and rec.bias is not None:
+            _place(acc, plan.name_of[id(rec.bias)], b, rec.rows, False, tuple(rec.bias.shape))
+    for n, g in func.items():
+        if names is None or n in names:
+            acc[n] = acc[n] + g if n in acc else g
+    return acc
+
+
+class Accumulator:
+    """Base: sums over scores; subclasses define ``add`` and ``build``."""
+
+    def __init__(self, plan: Plan, **options: Any) -> None:
+        self.plan = plan
+        self.state: dict[str, Tensor] = {}
+
+    def begin(self, pairs: Sequence[Record]) -> None:
+        """Called once per batch with its records (input-side statistics)."""
+
+    def add(self, pairs: Pairs, func: Mapping[str, Tensor], rows: int) -> None:
+        """Consume one score's per-record output gradients and fallback gradients."""
+        raise NotImplementedError
+
+    def build(self, **meta: Any) -> FisherMatrix:
+        """The Fisher matrix from the accumulated sums."""
+        raise NotImplementedError
+
+
+class DiagonalAcc(Accumulator):
+    """``Σ_n g_n²``: fast per-layer formulas when a parameter has a single use."""
+
+    def __init__(self, plan: Plan, names: Sequence[str] | None = None, **options: Any) -> None:
+        super().__init__(plan)
+        self.names = list(plan.layout.names if names is None else names)
+        self.keep = set(self.names)
+        for n in self.names:
+            self.state[n] = plan.zeros(*plan.layout.shape(n))
+
+    def add(self, pairs: Pairs, func: Mapping[str, Tensor], rows: int) -> None:
+        uses: dict[str, int] = {}
+        for rec, _ in pairs:
+            for p in (rec.weight, rec.bias):
+                if p is not None:
+                    n = self.plan.name_of[id(p)]
+                    uses[n] = uses.get(n, 0) + 1
+        slow: list[tuple[Record, Tensor]] = []
+        for rec, d in pairs:
+            wn = self.plan.name_of[id(rec.weight)]
+            if wn not in self.keep:
+                continue
+            bn = None if rec.bias is None else self.plan.name_of[id(rec.bias)]
+            single = uses[wn] == 1 and (bn is None or uses[bn] == 1) and rec.rows is None
+            fast = rec.handler.diag(rec, d) if single else None
+            if fast is None:
+                slow.append((rec, d))
+                continue
+            self.state[wn] += fast[0]
+            if bn is not None and fast[1] is not None:
+                self.state[bn] += fast[1]
+        for n, g in per_row_dict(self.plan, slow, func, self.keep).items():
+            self.state[n] += (g * g).sum(0)
+
+    def vector(self) -> Tensor:
+        """The accumulated diagonal, flat in the order of ``names``."""
+        return torch.cat([self.state[n].reshape(-1) for n in self.names])
+
+    def build(self, **meta: Any) -> FisherMatrix:
+        return Diagonal(self.vector(), self.plan.layout, **meta)
+
+
+class GroupAcc(Accumulator):
+    """Dense blocks ``Σ_n g_n g_nᵀ`` per group (one group = the whole layout for dense)."""
+
+    def __init__(self, plan: Plan, dense: bool = False, **options: Any) -> None:
+        super().__init__(plan)
+        self.dense = dense
+        self.groups = {"all": list(plan.layout.names)} if dense else plan.groups
+        for g, names in self.groups.items():
+            size = plan.layout.subset(names).size
+            self.state[g] = plan.zeros(size, size)
+
+    def add(self, pairs: Pairs, func: Mapping[str, Tensor], rows: int) -> None:
+        rowd = per_row_dict(self.plan, pairs, func)
+        for g, names in self.groups.items():
+            parts = [
+                rowd[n].reshape(rows, -1) if n in rowd else self.plan.zeros(
+                    rows, self.plan.layout.subset([n]).size)
+                for n in names
+            ]
+            v = torch.cat(parts, 1)
+            self.state[g] += v.T @ v
+
+    def build(self, **meta: Any) -> FisherMatrix:
+        if self.dense:
+            return Dense(self.state["all"], self.plan.layout, **meta)
+        return Block(self.state, self.groups, self.plan.layout, **meta)
+
+
+class LowRankAcc(Accumulator):
+    """A streaming sketch ``B Bᵀ`` of ``Σ_n g_n g_nᵀ``, truncated to ``rank`` at the end.
+
+    Per-row gradients are appended as columns of ``B``; when ``B`` grows past
+    ``4·keep`` columns it is compressed to its top ``keep = max(2·rank, rank + 16)``
+    eigen-directions (exact while the total number of scores is at most ``keep``).
+    """
+
+    def __init__(self, plan: Plan, rank: int = 10, **options: Any) -> None:
+        super().__init__(plan)
+        self.rank = rank
+        self.keep = min(plan.layout.size, max(2 * rank, rank + 16))
+        self.cols: list[Tensor] = []
+        self.width = 0
+
+    def add(self, pairs: Pairs, func: Mapping[str, Tensor], rows: int) -> None:
+        rowd = per_row_dict(self.plan, pairs, func)
+        parts = [
+            rowd[n].reshape(rows, -1) if n in rowd
+            else self.plan.zeros(rows, self.plan.layout.subset([n]).size)
+            for n in self.plan.layout.names
+        ]
+        self.cols.append(torch.cat(parts, 1).T)
+        self.width += rows
+        if self.width > 4 * self.keep:
+            self._compress(self.keep)
+
+    def _compress(self, rank: int) -> None:
+        B = torch.cat(self.cols, 1)
+        U, s = orthonormal_factor(B, rank)
+        self.cols = [U * s.sqrt()]
+        self.width = self.cols[0].shape[1]
+
+    def factor(self) -> Tensor:
+        """The current ``(P, k)`` factor ``B``."""
+        if not self.cols:
+            return self.plan.zeros(self.plan.layout.size, 1)
+        return torch.cat(self.cols, 1)
+
+    def build(self, **meta: Any) -> FisherMatrix:
+        U, s = orthonormal_factor(self.factor(), min(self.rank, self.plan.layout.size))
+        return LowRank(U, s, self.plan.layout, **meta)
+
+
+class KFACAcc(Accumulator):
+    """K-FAC factors (expand or reduce convention) and the rest's exact diagonal."""
+
+    def __init__(self, plan: Plan, **options: Any) -> None:
+        super().__init__(plan)
+        self.rest = DiagonalAcc(plan, plan.rest)
+        self.counts: dict[str, float] = {}
+        self.A: dict[str, Tensor] = {}
+        self.G: dict[str, Tensor] = {}
+
+    def _group(self, rec: Record) -> str | None:
+        return self.plan.group_of_weight.get(self.plan.name_of[id(rec.weight)])
+
+    def begin(self, records: Sequence[Record]) -> None:
+        for rec in records:
+            g = self._group(rec)
+            if g is None:
+                continue
+            a, m = rec.handler.factor_a(rec, self.plan.reduce)
+            self.A[g] = self.A[g] + a if g in self.A else a
+            self.counts[g] = self.counts.get(g, 0) + m
+
+    def add(self, pairs: Pairs, func: Mapping[str, Tensor], rows: int) -> None:
+        rest: list[tuple[Record, Tensor]] = []
+        for rec, d in pairs:
+            g = self._group(rec)
+            if g is None:
+                rest.append((rec, d))
+                continue
+            gg = rec.handler.factor_g(rec, d, self.plan.reduce)
+            if rec.rows is not None:
+                n_out = self.plan.kron[g].dims(self.plan.layout)[0]
+                full = self.plan.zeros(n_out, n_out)
+                full[rec.rows, rec.rows] = gg
+                gg = full
+            self.G[g] = self.G[g] + gg if g in self.G else gg
+        self.rest.add(rest, func, rows)
+
+    def factors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``(A, G)`` with ``A`` the mean over input vectors and ``G`` the sum."""
+        A, G = {}, {}
+        for g, spec in self.plan.kron.items():
+            n_out, n_cols = spec.dims(self.plan.layout)
+            emb = g in self.A and self.A[g].dim() == 1
+            A[g] = self.A[g] / max(self.counts.get(g, 0), 1) if g in self.A else (
+                self.plan.zeros(n_cols) if emb else self.plan.zeros(n_cols, n_cols))
+            G[g] = self.G.get(g, self.plan.zeros(n_out, n_out))
+        return A, G
+
+    def build(self, **meta: Any) -> FisherMatrix:
+        A, G = self.factors()
+        rest = self.rest.vector() if self.plan.rest else None
+        return KFAC(self.plan.kron, A, G, self.plan.layout, rest, **meta)
+
+
+class EKFACAcc(Accumulator):
+    """Second pass of EKFAC: eigenvalue corrections ``S`` in a fixed K-FAC eigenbasis."""
+
+    def __init__(self, plan: Plan, kfac: KFAC | None = None, **options: Any) -> None:
+        super().__init__(plan)
+        if kfac is None:
+            raise ValueError("EKFAC needs the K-FAC factors of a first pass")
+        self.kfac = kfac
+        self.QA: dict[str, Tensor | None] = {}
+        self.QG: dict[str, Tensor | None] = {}
+        for g in plan.kron:
+            self.QA[g] = factor_eigh(kfac.A[g])[1]
+            self.QG[g] = factor_eigh(kfac.G[g])[1]
+            n_out, n_cols = plan.kron[g].dims(plan.layout)
+            self.state[g] = plan.zeros(n_out, n_cols)
+
+    def add(self, pairs: Pairs, func: Mapping[str, Tensor], rows: int) -> None:
+        by_group: dict[str, list[tuple[Record, Tensor]]] = {}
+        for rec, d in pairs:
+            g = self.plan.group_of_weight.get(self.plan.name_of[id(rec.weight)])
+            if g is not None:
+                by_group.setdefault(g, []).append((rec, d))
+        for g, items in by_group.items():
+            qa, qg = self.QA[g], self.QG[g]
+            if len(items) == 1 and items[0][0].rows is None:
+                rec, d = items[0]
+                self.state[g] += rec.handler.ekfac(rec, d, qa, qg)
+                continue
+            n_out, n_cols = self.plan.kron[g].dims(self.plan.layout)
+            x = self.plan.zeros(rows, n_out, n_cols)
+            for rec, d in items:
+                m = rec.handler.matrix(rec, d)
+                if rec.rows is None:
+                    x += m
+                else:
+                    x[:, rec.rows] += m
+            if qg is not None:
+                x = qg.T @ x
+            if qa is not None:
+                x = x @ qa
+            self.state[g] += (x * x).sum(0)
+
+    def build(self, **meta: Any) -> FisherMatrix:
+        k = self.kfac
+        rest = k.rest if k.rest_names else None
+        return EKFAC(k.kron_groups, self.QA, self.QG, dict(self.state), k.layout, rest, **meta)
+
+
+#: Accumulator classes by structure name.
+ACCUMULATORS: dict[str, type[Accumulator]] = {
+    "diagonal": DiagonalAcc,
+    "dense": GroupAcc,
+    "block": GroupAcc,
+    "lowrank": LowRankAcc,
+    "kfac": KFACAcc,
+    "ekfac": EKFACAcc,
+}

@@ -1,0 +1,202 @@
+"""``fisherflow.estimate``: the Fisher information of a model on data, in a structure."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from fisherflow.estimate.accumulate import ACCUMULATORS, Accumulator, Plan
+from fisherflow.estimate.capture import Capture
+from fisherflow.estimate.data import Forward, default_forward
+from fisherflow.estimate.distributed import reduce_accumulators, want_distributed
+from fisherflow.estimate.engine import build_plan, probe, run_pass
+from fisherflow.estimate.likelihoods import Likelihood, get_likelihood
+from fisherflow.estimate.scores import KIND_SCORES
+from fisherflow.matrices import KFAC, FisherMatrix, ParamLayout
+
+__all__ = ["CONVENTIONS", "STRUCTURES", "estimate"]
+
+#: Structures ``estimate`` can build.
+STRUCTURES = tuple(ACCUMULATORS)
+#: K-FAC conventions for layers shared over positions: ``{name: reduce?}``.
+CONVENTIONS = {"expand": False, "reduce": True}
+
+
+def _check(kind: str, structure: str, mc_samples: int, rank: int, convention: str) -> None:
+    if kind not in KIND_SCORES:
+        raise ValueError(f"kind must be one of {sorted(KIND_SCORES)}, got {kind!r}")
+    if structure not in ACCUMULATORS:
+        raise ValueError(f"structure must be one of {sorted(ACCUMULATORS)}, got {structure!r}")
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {sorted(CONVENTIONS)}, got {convention!r}")
+
+
+def _progress(enabled: bool, data: Any, desc: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    total = len(data) if hasattr(data, "__len__") else None
+    return tqdm(total=total, desc=desc, unit="batch", leave=False)
+
+
+def estimate(
+    model: nn.Module,
+    data: Iterable[Any],
+    likelihood: str | Likelihood = "categorical",
+    kind: str = "mc",
+    structure: str = "diagonal",
+    *,
+    mc_samples: int = 1,
+    rank: int = 10,
+    params: Iterable[str] | None = None,
+    convention: str = "expand",
+    forward: Forward | None = None,
+    shift_labels: bool | None = None,
+    seed: int | None = None,
+    distributed: bool = False,
+    group: Any = None,
+    progress: bool = True,
+    **likelihood_options: float,
+) -> FisherMatrix:
+    """Estimate the Fisher information of ``model`` on ``data``.
+
+    The result holds the **sum** over observations (``num_samples`` of them; every
+    unmasked token of a sequence is one observation). Per-row gradients are computed
+    with hooks on common layers (``nn.Linear``, ``nn.Conv1d/2d``, ``nn.Embedding``,
+    ``nn.LayerNorm``, ``nn.RMSNorm``, Hugging Face ``Conv1D``,
+    ``nn.MultiheadAttention``); other parameterised modules fall back to ``torch.func``
+    per-sample gradients with a one-time :class:`~fisherflow.estimate.FallbackNotice`.
+    A first batch checks the hooks against autograd, so a parameter used outside its
+    layer (tying through ``F.linear``) falls back instead of being silently missed.
+
+    Kinds (see :mod:`fisherflow.estimate.scores`): ``"exact"`` (closed-form output
+    Fisher, the GGN; costs one backward pass per output column and position),
+    ``"mc"`` (``mc_samples`` labels sampled from the model per observation, averaged),
+    ``"empirical"`` (observed labels; per-row gradients squared — for a sequence the
+    row's gradient sums its tokens before squaring).
+
+    Structures: ``"dense"``, ``"diagonal"``, ``"block"`` (one block per module) are
+    exact sums of per-row outer products. ``"kfac"``: ``G ⊗ A`` per Linear/Conv/
+    Embedding/Conv1D/attention projection, exact diagonal for the rest; for layers
+    shared over positions (sequences, conv patches) or applied several times the
+    ``convention`` is ``"expand"`` (every position and use is an input vector:
+    ``A`` = their mean ``a aᵀ``, ``G`` = sum of ``δ δᵀ``) or ``"reduce"`` (``a``
+    averaged and ``δ`` summed over a row's positions first); a weight tied across
+    layers of different kinds keeps an exact diagonal. ``"ekfac"``: a second pass
+    over ``data`` computes the eigenvalues in the K-FAC eigenbasis (``data`` must be
+    re-iterable). ``"lowrank"``: top-``rank`` eigenpairs of a streaming sketch.
+
+    The model is switched to ``eval()`` during estimation (and restored), so dropout
+    is off. Statistics accumulate in float64 for float64 models, float32 otherwise.
+
+    Args:
+        model: A ``torch.nn.Module``.
+        data: Iterable of ``(inputs, targets)`` or dicts with ``"labels"`` (streamed
+            once; twice for EKFAC).
+        likelihood: ``"categorical"``, ``"bernoulli"``, ``"gaussian"``, ``"poisson"``,
+            a registered name or a :class:`Likelihood`.
+        kind: ``"exact"``, ``"mc"`` or ``"empirical"``.
+        structure: ``"dense"``, ``"diagonal"``, ``"block"``, ``"kfac"``, ``"ekfac"`` or
+            ``"lowrank"``.
+        mc_samples: Sampled labels per observation (``"mc"``).
+        rank: Rank of ``"lowrank"``.
+        params: Names of the parameters to estimate over (default all trainable).
+        convention: ``"expand"`` or ``"reduce"`` (K-FAC on shared layers).
+        forward: ``forward(model, inputs) -> output`` for models not called as
+            ``model(inputs)`` / ``model(**inputs)``.
+        shift_labels: Shift dict labels for causal LMs (``None``: automatic, see
+            :func:`fisherflow.estimate.data.split_batch`).
+        seed: Seed of the MC label sampler (same seed → same labels as
+            :func:`fisherflow.reference_fisher`).
+        distributed: If ``True`` and a process group is initialised, each rank
+            estimates on its own ``data`` (its shard) and the sums are all-reduced:
+            every rank returns the estimate on the union of the shards.
+        group: The process group (default the world).
+        progress: Show a tqdm progress bar.
+        **likelihood_options: Likelihood options (e.g. ``variance=0.5``).
+
+    Returns:
+        A :class:`~fisherflow.matrices.FisherMatrix` of the requested structure.
+
+    Raises:
+        ValueError: For an unknown kind/structure/likelihood/convention, a bad
+            ``mc_samples``/``rank``, empty data, NaN/Inf outputs, or EKFAC on a
+            one-shot iterator.
+        TypeError: If ``model`` is not a module or a batch has the wrong form.
+
+    Example:
+        >>> model = nn.Linear(2, 1, bias=False)
+        >>> x = torch.tensor([[1.0, 2.0]])
+        >>> F = estimate(model, [(x, None)], "gaussian", kind="exact",
+        ...              structure="dense", progress=False)
+        >>> F.to_dense().tolist()  # x xᵀ / σ²
+        [[1.0, 2.0], [2.0, 4.0]]
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check(kind, structure, mc_samples, rank, convention)
+    lik = get_likelihood(likelihood, **likelihood_options)
+    layout = ParamLayout.from_model(model, params)
+    if layout.size == 0:
+        raise ValueError("params selects no trainable parameters")
+    p0 = next(p for n, p in model.named_parameters() if n in layout)
+    stat = torch.float64 if p0.dtype == torch.float64 else torch.float32
+    device = p0.device
+    fwd = forward or default_forward
+    iterator = iter(data)
+    if structure == "ekfac" and iterator is data:
+        raise ValueError("structure='ekfac' needs re-iterable data (a list or DataLoader), "
+                         "got a one-shot iterator")
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise ValueError("data is empty") from None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0 if seed is None else seed)
+    use_dist = want_distributed(distributed)
+    training = model.training
+    model.eval()
+    try:
+        capture = Capture(model, layout, stat)
+        common = dict(lik=lik, forward=fwd, shift_labels=shift_labels, device=device, stat=stat)
+        probe(model, first, capture, **common)  # type: ignore[arg-type]
+        plan = build_plan(capture, layout, stat, device, CONVENTIONS[convention])
+        stream = itertools.chain([first], iterator)
+        first_structure = "kfac" if structure == "ekfac" else structure
+        acc = _make(first_structure, plan, rank)
+        bar = _progress(progress, data, f"Fisher ({kind}, {structure})")
+        count = run_pass(model, stream, capture, [acc], kind=kind, mc_samples=mc_samples,
+                         generator=gen, progress=bar, **common)  # type: ignore[arg-type]
+        count = reduce_accumulators([acc], count, group) if use_dist else count
+        meta = {"num_samples": float(count), "kind": kind, "likelihood": lik.name}
+        result = acc.build(**meta)
+        if structure == "ekfac":
+            assert isinstance(result, KFAC)
+            acc2 = ACCUMULATORS["ekfac"](plan, kfac=result)
+            run_pass(model, iter(data), capture, [acc2], kind=kind, mc_samples=mc_samples,
+                     generator=gen, progress=bar, **common)  # type: ignore[arg-type]
+            if use_dist:
+                reduce_accumulators([acc2], 0, group)
+            result = acc2.build(**meta)
+        if bar is not None:
+            bar.close()
+    finally:
+        model.train(training)
+    return result
+
+
+def _make(structure: str, plan: Plan, rank: int) -> Accumulator:
+    if structure == "dense":
+        return ACCUMULATORS["dense"](plan, dense=True)
+    if structure == "lowrank":
+        return ACCUMULATORS["lowrank"](plan, rank=rank)
+    return ACCUMULATORS[structure](plan)

@@ -1,0 +1,289 @@
+"""Per-layer capture: saved inputs and output gradients → per-row gradients and factors.
+
+A :class:`Record` is one use of a layer in one forward pass: the input-side data
+(activations ``a`` as ``(B, S, n_in)``, token indices, or normalised inputs) and
+the layer's output tensor, whose gradient ``δ`` autograd supplies. ``B`` is the
+batch (row) dimension, ``S`` the positions sharing the weight (sequence positions,
+convolution patches). Per-row gradients are ``Σ_s δ_s a_sᵀ`` — summed over positions
+*before* any squaring.
+
+K-FAC statistics follow the *expand* convention by default (Eschenhagen et al.,
+2023, "Kronecker-Factored Approximate Curvature for Modern Neural Network
+Architectures"): every position (and every use of a layer) is an input vector,
+``A = mean_m a_m a_mᵀ`` over all of them and ``G = Σ_m δ_m δ_mᵀ``. The *reduce*
+convention first averages ``a`` and sums ``δ`` over positions within a row.
+Embeddings always use expand (their input factor stays diagonal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as Fn
+from torch import Tensor, nn
+
+__all__ = [
+    "ConvHandler",
+    "EmbeddingHandler", "Handler", "LayerNormHandler", "LinearHandler", "Record"]
+
+
+@dataclass
+class Record:
+    """One use of a layer: its handler, parameters, saved input data and output."""
+
+    handler: Handler
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    data: Tensor
+    output: Tensor
+    rows: slice | None = None  # weight rows (outputs) this use covers, if not all
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Handler:
+    """How one kind of layer turns a record and its output gradient into statistics."""
+
+    #: Whether the weight is modelled by a Kronecker factor pair in K-FAC.
+    kron: bool = True
+    #: Whether the weight is stored ``(n_in, n_out)``.
+    input_major: bool = False
+
+    def delta(self, rec: Record, grad: Tensor) -> Tensor:
+        """Output gradient as ``(B, S, n_out)``."""
+        return grad.reshape(grad.shape[0], -1, grad.shape[-1])
+
+    def per_row(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Per-row gradients of (weight, bias): ``(B, *w.shape)``, ``(B, n_out)``."""
+        raise NotImplementedError
+
+    def batch_grad(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Sum over rows of :meth:`per_row` (cheap; used to verify the capture)."""
+        w, b = self.per_row(rec, d)
+        return w.sum(0), None if b is None else b.sum(0)
+
+    def diag(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None] | None:
+        """``Σ_rows per_row²`` without materialising per-row gradients, or ``None``."""
+        return None
+
+    def matrix(self, rec: Record, d: Tensor) -> Tensor:
+        """Per-row gradients in the K-FAC matrix view ``(B, n_out, n_cols)``."""
+        raise NotImplementedError
+
+    def factor_a(self, rec: Record, reduce: bool) -> tuple[Tensor, int]:
+        """``(Σ a aᵀ, number of input vectors)`` for the input-side factor."""
+        raise NotImplementedError
+
+    def factor_g(self, rec: Record, d: Tensor, reduce: bool) -> Tensor:
+        """``Σ δ δᵀ`` for the output-side factor."""
+        if reduce:
+            d = d.sum(1, keepdim=True)
+        flat = d.reshape(-1, d.shape[-1])
+        return flat.T @ flat
+
+    def ekfac(self, rec: Record, d: Tensor, qa: Tensor | None, qg: Tensor | None) -> Tensor:
+        """``Σ_rows (Q_Gᵀ X_n Q_A)²`` for per-row matrix views ``X_n``."""
+        x = self.matrix(rec, d)
+        if qg is not None:
+            x = qg.T @ x
+        if qa is not None:
+            x = x @ qa
+        return (x * x).sum(0)
+
+
+def _augment(a: Tensor) -> Tensor:
+    return torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+
+
+class LinearHandler(Handler):
+    """Linear maps ``y_s = W a_s + b`` at S positions (Linear, Conv via patches, Conv1D).
+
+    Args:
+        input_major: ``True`` for weights stored ``(n_in, n_out)`` (HF ``Conv1D``).
+    """
+
+    def __init__(self, input_major: bool = False) -> None:
+        self.input_major = input_major
+
+    def per_row(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None]:
+        g = torch.einsum("bso,bsi->boi", d, rec.data)
+        if self.input_major:
+            g = g.transpose(1, 2)
+        return g.reshape(g.shape[0], *self._shape(rec)), (
+            d.sum(1) if rec.bias is not None else None
+        )
+
+    def _shape(self, rec: Record) -> tuple[int, ...]:
+        shape = tuple(rec.weight.shape)
+        if rec.rows is not None:
+            n = rec.rows.stop - rec.rows.start
+            shape = (shape[0], n) if self.input_major else (n, *shape[1:])
+        return shape
+
+    def batch_grad(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None]:
+        g = torch.einsum("bso,bsi->oi", d, rec.data)
+        if self.input_major:
+            g = g.T
+        return g.reshape(self._shape(rec)), d.sum((0, 1)) if rec.bias is not None else None
+
+    def diag(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None] | None:
+        if d.shape[1] != 1:
+            return None
+        d2, a2 = d[:, 0] ** 2, rec.data[:, 0] ** 2
+        g = d2.T @ a2
+        if self.input_major:
+            g = g.T
+        return g.reshape(self._shape(rec)), d2.sum(0) if rec.bias is not None else None
+
+    def matrix(self, rec: Record, d: Tensor) -> Tensor:
+        g = torch.einsum("bso,bsi->boi", d, rec.data)
+        return g if rec.bias is None else torch.cat([g, d.sum(1)[:, :, None]], dim=2)
+
+    def factor_a(self, rec: Record, reduce: bool) -> tuple[Tensor, int]:
+        a = rec.data
+        if reduce:
+            a = a.mean(1, keepdim=True)
+        if rec.bias is not None:
+            a = _augment(a)
+        flat = a.reshape(-1, a.shape[-1])
+        return flat.T @ flat, flat.shape[0]
+
+    def ekfac(self, rec: Record, d: Tensor, qa: Tensor | None, qg: Tensor | None) -> Tensor:
+        if d.shape[1] != 1:
+            return super().ekfac(rec, d, qa, qg)
+        a = rec.data[:, 0]
+        if rec.bias is not None:
+            a = _augment(a)
+        dd = d[:, 0]
+        if qg is not None:
+            dd = dd @ qg
+        if qa is not None:
+            a = a @ qa
+        return (dd * dd).T @ (a * a)
+
+
+class ConvHandler(LinearHandler):
+    """Conv1d/Conv2d as a linear map on unfolded patches (one position per patch)."""
+
+    def delta(self, rec: Record, grad: Tensor) -> Tensor:
+        return grad.reshape(grad.shape[0], grad.shape[1], -1).transpose(1, 2)
+
+
+class EmbeddingHandler(Handler):
+    """``nn.Embedding``: weight ``(V, d)`` stored input-major (one-hot inputs)."""
+
+    input_major = True
+
+    def _keys(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        idx = rec.data  # (B, S)
+        n_rows, vocab = idx.shape[0], rec.weight.shape[0]
+        keys = (torch.arange(n_rows, device=idx.device)[:, None] * vocab + idx).reshape(-1)
+        flat = d.reshape(-1, d.shape[-1])
+        pad = rec.extra.get("padding_idx")
+        if pad is not None:
+            keep = idx.reshape(-1) != pad
+            keys, flat = keys[keep], flat[keep]
+        return keys, flat, idx
+
+    def per_row(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None]:
+        keys, flat, idx = self._keys(rec, d)
+        vocab = rec.weight.shape[0]
+        out = torch.zeros(idx.shape[0] * vocab, d.shape[-1], dtype=d.dtype, device=d.device)
+        out.index_add_(0, keys, flat)
+        return out.reshape(idx.shape[0], vocab, d.shape[-1]), None
+
+    def matrix(self, rec: Record, d: Tensor) -> Tensor:
+        return self.per_row(rec, d)[0].transpose(1, 2)
+
+    def batch_grad(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None]:
+        keys, flat, _ = self._keys(rec, d)
+        vocab = rec.weight.shape[0]
+        out = torch.zeros(vocab, d.shape[-1], dtype=d.dtype, device=d.device)
+        return out.index_add_(0, keys % vocab, flat), None
+
+    def _unique_sums(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor]:
+        keys, flat, _ = self._keys(rec, d)
+        uniq, inv = torch.unique(keys, return_inverse=True)
+        sums = torch.zeros(uniq.shape[0], d.shape[-1], dtype=d.dtype, device=d.device)
+        return uniq % rec.weight.shape[0], sums.index_add_(0, inv, flat)
+
+    def diag(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None] | None:
+        tokens, sums = self._unique_sums(rec, d)
+        out = torch.zeros(rec.weight.shape, dtype=d.dtype, device=d.device)
+        return out.index_add_(0, tokens, sums * sums), None
+
+    def factor_a(self, rec: Record, reduce: bool) -> tuple[Tensor, int]:
+        idx = rec.data.reshape(-1)
+        counts = torch.bincount(idx, minlength=rec.weight.shape[0]).to(rec.extra["dtype"])
+        pad = rec.extra.get("padding_idx")
+        if pad is not None:
+            counts[pad] = 0
+        return counts, idx.numel()
+
+    def factor_g(self, rec: Record, d: Tensor, reduce: bool) -> Tensor:
+        _, flat, _ = self._keys(rec, d)
+        return flat.T @ flat
+
+    def ekfac(self, rec: Record, d: Tensor, qa: Tensor | None, qg: Tensor | None) -> Tensor:
+        tokens, sums = self._unique_sums(rec, d)
+        if qg is not None:
+            sums = sums @ qg
+        out = torch.zeros(rec.weight.shape, dtype=d.dtype, device=d.device)
+        out.index_add_(0, tokens, sums * sums)
+        return out.T if qa is None else (out.T @ (qa * qa))
+
+
+class LayerNormHandler(Handler):
+    """Elementwise affine layers ``y = w ⊙ x̂ + b`` (LayerNorm, RMSNorm); never Kronecker."""
+
+    kron = False
+
+    def delta(self, rec: Record, grad: Tensor) -> Tensor:
+        return grad.reshape(grad.shape[0], -1, rec.data.shape[-1])
+
+    def per_row(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None]:
+        w = (d * rec.data).sum(1).reshape(d.shape[0], *rec.weight.shape)
+        return w, d.sum(1).reshape(d.shape[0], *rec.weight.shape) if rec.bias is not None else None
+
+    def batch_grad(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None]:
+        w = (d * rec.data).sum((0, 1)).reshape(rec.weight.shape)
+        return w, d.sum((0, 1)).reshape(rec.weight.shape) if rec.bias is not None else None
+
+    def diag(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None] | None:
+        if d.shape[1] != 1:
+            return None
+        w = ((d[:, 0] * rec.data[:, 0]) ** 2).sum(0).reshape(rec.weight.shape)
+        b = (d[:, 0] ** 2).sum(0).reshape(rec.weight.shape) if rec.bias is not None else None
+        return w, b
+
+
+def unfold(module: nn.Module, x: Tensor) -> Tensor | None:
+    """Patches ``(B, L, C_in·k…)`` of a Conv1d/Conv2d input, or ``None`` if unsupported."""
+    if isinstance(module, nn.Conv2d):
+        if x.dim() != 4:
+            return None
+        pad = module.padding
+        if isinstance(pad, str):
+            if pad != "valid":
+                return None
+            pad = (0, 0)
+        cols = Fn.unfold(x, module.kernel_size, module.dilation, pad, module.stride)
+        return cols.transpose(1, 2)
+    if isinstance(module, nn.Conv1d):
+        if x.dim() != 3:
+            return None
+        pad1 = module.padding
+        if isinstance(pad1, str):
+            if pad1 != "valid":
+                return None
+            pad1 = (0,)
+        cols = Fn.unfold(
+            x[:, :, None, :],
+            (1, module.kernel_size[0]),
+            (1, module.dilation[0]),
+            (0, pad1[0]),
+            (1, module.stride[0]),
+        )
+        return cols.transpose(1, 2)
+    return None

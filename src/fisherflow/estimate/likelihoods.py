@@ -1,0 +1,316 @@
+"""Likelihoods: negative log-likelihood, label sampling and the closed-form output Fisher.
+
+Every likelihood here has a canonical link, so the Fisher of the model's output
+``f`` (the natural parameter) equals the Hessian of the negative log-likelihood in
+``f``, and the exact Fisher of the parameters is the generalised Gauss-Newton
+``Jᵀ Λ J`` (Martens, 2020, "New insights and perspectives on the natural gradient
+method", JMLR 21, §9).
+
+| name | model output | Λ (per observation) |
+|---|---|---|
+| ``"categorical"`` | logits, classes in the last dimension | ``diag(p) - p pᵀ`` |
+| ``"bernoulli"`` | logits | ``p (1 - p)`` |
+| ``"gaussian"`` | mean, known variance σ² (default 1) | ``1 / σ²`` |
+| ``"poisson"`` | log-rate η | ``exp(η)`` |
+
+Observation unit: for ``"categorical"`` every entry of the target (every token of a
+sequence, ``-100`` masked); for the others every row of the output's leading
+dimensions, with the last dimension as the event when the output has two or more
+dimensions (a ``(B,)`` output has B scalar observations).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LIKELIHOODS",
+    "Bernoulli",
+    "Categorical",
+    "Gaussian",
+    "Likelihood",
+    "Poisson",
+    "Prepared",
+    "get_likelihood",
+    "register_likelihood",
+]
+
+#: Targets equal to this value are excluded from categorical likelihoods.
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Prepared:
+    """A batch's outputs and targets flattened to observations.
+
+    Attributes:
+        output: ``(N, C)`` outputs, one row per observation (float32 or better).
+        target: ``(N,)`` class indices or ``(N, C)`` values; ``None`` when unknown.
+        mask: ``(N,)`` boolean, ``False`` for excluded (masked) observations.
+        shape: Shape of the original model output (to map back).
+    """
+
+    output: Tensor
+    target: Tensor | None
+    mask: Tensor
+    shape: tuple[int, ...]
+
+    @property
+    def count(self) -> int:
+        """Number of observations kept by the mask."""
+        return int(self.mask.sum().item())
+
+
+class Likelihood(abc.ABC):
+    """A likelihood ``p(y | f)`` for a model output ``f`` (natural parameter).
+
+    A subclass provides the per-observation negative log-likelihood, label sampling
+    and a square root ``R`` of the output Fisher (``R Rᵀ = Λ``). Register it with
+    :func:`register_likelihood` to use it by name.
+    """
+
+    #: Name used in Fisher metadata.
+    name: str = "custom"
+
+    def prepare(self, output: Tensor, target: Tensor | None) -> Prepared:
+        """Flatten a batch to ``(N, C)`` observations (last dimension is the event).
+
+        Args:
+            output: Model output, at least 1-D.
+            target: Targets with the output's shape (or its number of elements), or
+                ``None``.
+
+        Raises:
+            ValueError: If the target does not match the output.
+        """
+        shape = tuple(output.shape)
+        out = output.reshape(-1, shape[-1]) if output.dim() >= 2 else output.reshape(-1, 1)
+        tgt = None
+        if target is not None:
+            if target.numel() != output.numel():
+                raise ValueError(
+                    f"targets must have one value per output entry for {self.name!r}, got "
+                    f"output shape {shape} and target shape {tuple(target.shape)}"
+                )
+            tgt = target.reshape(out.shape).to(out.dtype)
+        mask = torch.ones(out.shape[0], dtype=torch.bool, device=out.device)
+        return Prepared(out, tgt, mask, shape)
+
+    @abc.abstractmethod
+    def nll(self, output: Tensor, target: Tensor) -> Tensor:
+        """Per-observation negative log-likelihood ``(N,)`` of prepared tensors."""
+
+    @abc.abstractmethod
+    def sample(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Draw one label per observation from ``p(y | output)`` (prepared ``(N, C)``)."""
+
+    @abc.abstractmethod
+    def fisher_sqrt(self, output: Tensor) -> Tensor:
+        """``R`` with ``R Rᵀ = Λ`` for each observation: ``(N, C, K)`` or ``(N, C)`` diagonal."""
+
+    def output_fisher(self, output: Tensor) -> Tensor:
+        """The output Fisher ``Λ`` as ``(N, C, C)`` (from :meth:`fisher_sqrt`)."""
+        r = self.fisher_sqrt(output)
+        if r.dim() == 2:
+            return torch.diag_embed(r * r)
+        return r @ r.transpose(-1, -2)
+
+
+class Categorical(Likelihood):
+    """Categorical over the last dimension of logits; targets are class indices.
+
+    Sequence outputs ``(B, T, V)`` with targets ``(B, T)`` are supported; targets equal
+    to ``-100`` are masked out (no information, not counted).
+
+    Example:
+        >>> lik = Categorical()
+        >>> p = lik.prepare(torch.zeros(1, 2), torch.tensor([0]))
+        >>> lik.output_fisher(p.output)[0].tolist()  # diag(p) - p pᵀ at p = (1/2, 1/2)
+        [[0.25, -0.25], [-0.25, 0.25]]
+    """
+
+    name = "categorical"
+
+    def prepare(self, output: Tensor, target: Tensor | None) -> Prepared:
+        shape = tuple(output.shape)
+        if output.dim() < 1:
+            raise ValueError("categorical outputs must have a class dimension, got a scalar")
+        out = output.reshape(-1, shape[-1])
+        tgt = None
+        mask = torch.ones(out.shape[0], dtype=torch.bool, device=out.device)
+        if target is not None:
+            if target.dtype.is_floating_point or target.dtype == torch.bool:
+                raise TypeError(
+                    f"categorical targets must be integer class indices, got {target.dtype}"
+                )
+            if target.numel() != out.shape[0]:
+                raise ValueError(
+                    "categorical targets must have one class index per output row, got output "
+                    f"shape {shape} and target shape {tuple(target.shape)}"
+                )
+            tgt = target.reshape(-1).to(out.device)
+            mask = tgt != IGNORE_INDEX
+            bad = mask & ((tgt < 0) | (tgt >= shape[-1]))
+            if bool(bad.any()):
+                raise ValueError(
+                    f"categorical targets must be in [0, {shape[-1]}) or -100, "
+                    f"got {tgt[bad][:5].tolist()}"
+                )
+            tgt = torch.where(mask, tgt, torch.zeros_like(tgt))
+        return Prepared(out, tgt, mask, shape)
+
+    def nll(self, output: Tensor, target: Tensor) -> Tensor:
+        return -torch.log_softmax(output, -1).gather(-1, target.long()[:, None])[:, 0]
+
+    def sample(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        probs = torch.softmax(output.double(), -1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+    def fisher_sqrt(self, output: Tensor) -> Tensor:
+        p = torch.softmax(output, -1)
+        sq = p.sqrt()
+        # column c: sqrt(p_c) (e_c - p); R Rᵀ = diag(p) - p pᵀ.
+        return torch.diag_embed(sq) - p[:, :, None] * sq[:, None, :]
+
+
+class Bernoulli(Likelihood):
+    """Independent Bernoulli per output entry, parameterised by logits; targets in {0, 1}.
+
+    Example:
+        >>> lik = Bernoulli()
+        >>> lik.output_fisher(torch.zeros(1, 1)).item()  # p (1 - p) at p = 1/2
+        0.25
+    """
+
+    name = "bernoulli"
+
+    def nll(self, output: Tensor, target: Tensor) -> Tensor:
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            output, target, reduction="none"
+        )
+        return loss.sum(-1)
+
+    def sample(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return torch.bernoulli(torch.sigmoid(output), generator=generator)
+
+    def fisher_sqrt(self, output: Tensor) -> Tensor:
+        p = torch.sigmoid(output)
+        return (p * (1 - p)).sqrt()
+
+
+class Gaussian(Likelihood):
+    """Gaussian with the model output as mean and a known variance.
+
+    Args:
+        variance: σ² > 0 (default 1).
+
+    Raises:
+        ValueError: If ``variance`` is not a finite positive number.
+
+    Example:
+        >>> Gaussian(variance=0.5).output_fisher(torch.zeros(1, 1)).item()  # 1 / σ²
+        2.0
+    """
+
+    name = "gaussian"
+
+    def __init__(self, variance: float = 1.0) -> None:
+        if not isinstance(variance, (int, float)) or not math.isfinite(variance) or variance <= 0:
+            raise ValueError(f"variance must be a finite number > 0, got {variance!r}")
+        self.variance = float(variance)
+
+    def nll(self, output: Tensor, target: Tensor) -> Tensor:
+        sq = (output - target) ** 2 / (2 * self.variance)
+        return (sq + 0.5 * math.log(2 * math.pi * self.variance)).sum(-1)
+
+    def sample(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        noise = torch.randn(output.shape, generator=generator, dtype=output.dtype,
+                            device=output.device)
+        return output + math.sqrt(self.variance) * noise
+
+    def fisher_sqrt(self, output: Tensor) -> Tensor:
+        return torch.full_like(output, 1.0 / math.sqrt(self.variance))
+
+
+class Poisson(Likelihood):
+    """Poisson with the model output as log-rate η; targets are counts.
+
+    Example:
+        >>> Poisson().output_fisher(torch.zeros(1, 1)).item()  # exp(η)
+        1.0
+    """
+
+    name = "poisson"
+
+    def nll(self, output: Tensor, target: Tensor) -> Tensor:
+        return (output.exp() - target * output + torch.lgamma(target + 1)).sum(-1)
+
+    def sample(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return torch.poisson(output.exp(), generator=generator)
+
+    def fisher_sqrt(self, output: Tensor) -> Tensor:
+        return (0.5 * output).exp()
+
+
+#: Registered likelihoods by name: factories taking keyword options (e.g. ``variance``).
+LIKELIHOODS: dict[str, Callable[..., Likelihood]] = {
+    "categorical": Categorical,
+    "bernoulli": Bernoulli,
+    "gaussian": Gaussian,
+    "poisson": Poisson,
+}
+
+
+def register_likelihood(name: str, factory: Callable[..., Likelihood]) -> None:
+    """Register a custom likelihood under ``name``.
+
+    Args:
+        name: The name ``estimate(..., likelihood=name)`` will accept.
+        factory: A :class:`Likelihood` subclass or a callable returning an instance.
+
+    Raises:
+        ValueError: If ``name`` is empty or already registered.
+        TypeError: If ``factory`` is not callable.
+
+    Example:
+        >>> class Unit(Gaussian):
+        ...     name = "unit"
+        >>> register_likelihood("unit", Unit)
+        >>> get_likelihood("unit").name
+        'unit'
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    if name in LIKELIHOODS:
+        raise ValueError(f"likelihood {name!r} is already registered; names: {sorted(LIKELIHOODS)}")
+    if not callable(factory):
+        raise TypeError(f"factory must be callable, got {type(factory).__name__}")
+    LIKELIHOODS[name] = factory
+
+
+def get_likelihood(likelihood: str | Likelihood, **options: float) -> Likelihood:
+    """Resolve a likelihood name (or instance) to a :class:`Likelihood`.
+
+    Args:
+        likelihood: A registered name or an instance.
+        **options: Keyword options for the factory (e.g. ``variance=0.1`` for gaussian).
+
+    Raises:
+        ValueError: If the name is not registered (the error lists the valid names).
+        TypeError: If ``likelihood`` is neither a string nor a :class:`Likelihood`.
+    """
+    if isinstance(likelihood, Likelihood):
+        return likelihood
+    if not isinstance(likelihood, str):
+        raise TypeError(
+            f"likelihood must be a name or a Likelihood, got {type(likelihood).__name__}"
+        )
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {sorted(LIKELIHOODS)}, got {likelihood!r}")
+    return LIKELIHOODS[likelihood](**options)

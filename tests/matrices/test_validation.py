@@ -1,0 +1,105 @@
+"""Bad inputs raise errors that name the argument, the rule and the value."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fisherflow.matrices import Dense, Diagonal, KronGroup, ParamLayout
+
+from .cases import LAYOUTS, STRUCTURE_NAMES, make
+
+
+@pytest.mark.parametrize("structure", STRUCTURE_NAMES)
+@pytest.mark.parametrize(
+    ("damping", "error", "message"),
+    [
+        (-0.1, ValueError, "damping must be finite and >= 0, got -0.1"),
+        (float("nan"), ValueError, "damping must be finite and >= 0, got nan"),
+        (float("inf"), ValueError, "damping must be finite"),
+        ("0.1", TypeError, "damping must be a real number, got str"),
+    ],
+)
+def test_bad_damping(structure, damping, error, message):
+    F = make(structure, "tiny")
+    v = torch.ones(F.size, dtype=torch.float64)
+    for call in (
+        lambda: F.solve(v, damping),
+        lambda: F.inverse(damping),
+        lambda: F.logdet(damping),
+        lambda: F.sample(2, damping),
+        lambda: F.power(-0.5, damping),
+    ):
+        with pytest.raises(error, match=message):
+            call()
+
+
+@pytest.mark.parametrize("structure", STRUCTURE_NAMES)
+def test_wrong_vector(structure):
+    F = make(structure, "tiny")
+    with pytest.raises(ValueError, match=f"v must have length P={F.size}"):
+        F.mv(torch.ones(F.size + 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="v contains NaN or Inf"):
+        F.mv(torch.full((F.size,), float("nan"), dtype=torch.float64))
+    with pytest.raises(ValueError, match="missing \\['b'\\]"):
+        F.mv({"w": torch.ones(2, 3)})
+    with pytest.raises(ValueError, match="vector\\['w'\\] must have shape \\(2, 3\\)"):
+        F.mv({"w": torch.ones(3, 2), "b": torch.ones(2)})
+    with pytest.raises(TypeError, match="v must be a Tensor or a dict"):
+        F.mv([1.0] * F.size)
+
+
+def test_singular_inverse_needs_damping():
+    F = Diagonal(torch.tensor([1.0, 0.0], dtype=torch.float64), LAYOUTS["tiny"].subset(["b"]))
+    with pytest.raises(ValueError, match="singular.*pass damping > 0"):
+        F.solve(torch.ones(2, dtype=torch.float64), 0.0)
+    assert F.logdet(0.0) == float("-inf")
+    torch.testing.assert_close(
+        F.solve(torch.ones(2, dtype=torch.float64), 1.0), torch.tensor([0.5, 1.0], dtype=torch.float64)
+    )
+
+
+@pytest.mark.parametrize("structure", STRUCTURE_NAMES)
+def test_mismatched_layouts_in_addition(structure):
+    with pytest.raises(ValueError, match="different layouts"):
+        make(structure, "tiny") + make(structure, "wide")
+
+
+def test_mismatched_kinds_in_addition():
+    with pytest.raises(ValueError, match="different kind: 'mc' and 'exact'"):
+        make("dense", "tiny", kind="mc") + make("dense", "tiny", kind="exact")
+    prior = make("dense", "tiny", kind=None, likelihood=None)
+    assert (prior + make("dense", "tiny", kind="exact")).kind == "exact"
+
+
+@pytest.mark.parametrize("factor", [-1.0, float("nan"), float("inf")])
+def test_bad_scale(factor):
+    with pytest.raises(ValueError, match="finite factor >= 0"):
+        factor * make("dense", "tiny")
+
+
+def test_bad_constructor_inputs():
+    layout = LAYOUTS["tiny"]
+    with pytest.raises(ValueError, match="matrix must have shape \\(8, 8\\), got \\(7, 7\\)"):
+        Dense(torch.eye(7), layout)
+    with pytest.raises(ValueError, match="matrix contains NaN"):
+        Dense(torch.full((8, 8), float("nan")), layout)
+    with pytest.raises(ValueError, match="values must be >= 0"):
+        Diagonal(-torch.ones(8), layout)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        Diagonal(torch.ones(8), layout, kind="true")
+    with pytest.raises(ValueError, match="num_samples must be finite and >= 0"):
+        Diagonal(torch.ones(8), layout, num_samples=-1)
+    with pytest.raises(ValueError, match="bias 'w' must have shape \\(2,\\)"):
+        KronGroup("b", "w").dims(layout)
+    with pytest.raises(ValueError, match="names must be unique"):
+        ParamLayout(("a", "a"), ((1,), (1,)))
+    with pytest.raises(ValueError, match="eigvalsh|k must be an integer in \\[1, 8\\], got 9"):
+        make("dense", "tiny").eigvalsh(k=9)
+
+
+def test_nan_matrix_cannot_be_eigendecomposed():
+    from fisherflow.matrices import eigh
+
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        eigh(torch.tensor([[float("nan")]]))
