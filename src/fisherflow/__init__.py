@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from fisherflow import matrices  # noqa: E402
-from fisherflow.matrices import (  # noqa: E402
+from fisherflow import matrices
+from fisherflow.matrices import (
     EKFAC,
     KFAC,
     Block,

@@ -31,3 +31,13 @@ def lg():
 
 def dense(mat, name="theta"):
     return Dense(mat, ParamLayout.from_shapes({name: (mat.shape[0],)}))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Small float64 matmuls are dominated by OpenMP contention with 2+ threads on
+    # shared CI cores (30 ms instead of 30 µs); the maths does not depend on it.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
 
-from tests.matrices.cases import LAYOUTS, STRUCTURE_NAMES, make  # noqa: E402
+from tests.matrices.cases import LAYOUTS, STRUCTURE_NAMES, make
 
 
 def main() -> None:

@@ -152,7 +152,9 @@ def test_ekfac_addition_exact_in_shared_basis_and_projects_otherwise(layout):
     _, Q = torch.linalg.eigh(F.to_dense())
     Go = other.to_dense()
     projected = (Q * torch.diagonal(Q.T @ Go @ Q)) @ Q.T
-    torch.testing.assert_close((F + other).to_dense(), F.to_dense() + projected, atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(
+        (F + other).to_dense(), F.to_dense() + projected, atol=1e-8, rtol=1e-8
+    )
     torch.testing.assert_close((F + other).trace(), F.trace() + other.trace(), **TOL)
 
 

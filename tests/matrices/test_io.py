@@ -22,7 +22,10 @@ def test_round_trip_is_exact(tmp_path, structure, layout):
     G = ff.load(path)
     assert type(G) is type(F)
     assert (G.kind, G.likelihood, G.num_samples, G.layout) == (
-        "empirical", "gaussian", 12.5, F.layout
+        "empirical",
+        "gaussian",
+        12.5,
+        F.layout,
     )
     (saved, extra), (loaded, extra2) = F._state(), G._state()
     assert extra == extra2 and saved.keys() == loaded.keys()

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fisherflow.matrices import KFAC, KronGroup, ParamLayout
-from fisherflow.matrices import linalg
+from fisherflow.matrices import KFAC, KronGroup, ParamLayout, linalg
 
 from .cases import DT, spd
 
@@ -34,7 +33,7 @@ def test_input_major_weight_is_kron_A_G():
 
 
 def test_bias_is_the_last_input_column():
-    """With a bias, the block is kron(G, A) over [W | b] viewed row-major, permuted to layout order."""
+    """With a bias the block is kron(G, A) over [W | b] row-major, permuted to layout order."""
     layout = ParamLayout.from_shapes({"w": (3, 2), "b": (3,)})
     A, G = spd(3, GEN), spd(3, GEN)
     F = KFAC({"l": KronGroup("w", "b")}, {"l": A}, {"l": G}, layout)
@@ -50,8 +49,13 @@ def test_gradient_outer_products_give_factors_of_a_one_sample_fisher():
     a, delta = torch.randn(4, generator=GEN, dtype=DT), torch.randn(3, generator=GEN, dtype=DT)
     layout = ParamLayout.from_shapes({"w": (3, 4)})
     g = torch.outer(delta, a).reshape(-1)
-    F = KFAC({"l": KronGroup("w")}, {"l": torch.outer(a, a)}, {"l": torch.outer(delta, delta)},
-             layout, num_samples=1)
+    F = KFAC(
+        {"l": KronGroup("w")},
+        {"l": torch.outer(a, a)},
+        {"l": torch.outer(delta, delta)},
+        layout,
+        num_samples=1,
+    )
     torch.testing.assert_close(F.to_dense(), torch.outer(g, g))
 
 
@@ -66,7 +70,7 @@ def test_eigh_retries_in_float64(monkeypatch):
         return real(m)
 
     monkeypatch.setattr(torch.linalg, "eigh", flaky)
-    vals, vecs = linalg.eigh(torch.diag(torch.tensor([3.0, 1.0])))
+    vals, _ = linalg.eigh(torch.diag(torch.tensor([3.0, 1.0])))
     assert calls == [torch.float32, torch.float64]
     assert vals.dtype == torch.float32 and vals.tolist() == [1.0, 3.0]
 

@@ -34,8 +34,11 @@ def gradients(draw):
     n_params = draw(st.integers(1, 6))
     n_obs = draw(st.integers(1, 8))
     values = draw(
-        st.lists(st.floats(-10, 10, allow_nan=False), min_size=n_params * n_obs,
-                 max_size=n_params * n_obs)
+        st.lists(
+            st.floats(-10, 10, allow_nan=False),
+            min_size=n_params * n_obs,
+            max_size=n_params * n_obs,
+        )
     )
     return torch.tensor(values, dtype=DT).reshape(n_obs, n_params)
 
@@ -65,14 +68,20 @@ def test_information_is_additive_over_observations(g1, split):
 
 
 @SETTINGS
-@given(structure=st.sampled_from(STRUCTURE_NAMES), seed=st.integers(0, 1000),
-       gamma=st.floats(0.01, 10.0))
+@given(
+    structure=st.sampled_from(STRUCTURE_NAMES),
+    seed=st.integers(0, 1000),
+    gamma=st.floats(0.01, 10.0),
+)
 def test_forgetting_then_adding_matches_dense(structure, seed, gamma):
     F, G = make(structure, "tiny", seed=seed), make(structure, "tiny", seed=seed)
     total = gamma * F + G
     if structure in ("dense", "diagonal", "block", "kfac", "ekfac"):
         # same factors / basis: addition is exact for every structure here
-        torch.testing.assert_close(total.to_dense(), (gamma + 1) * F.to_dense(), atol=1e-8,
-                                   rtol=1e-8)
-    assert total.num_samples == (gamma + 1) * F.num_samples or abs(
-        total.num_samples - (gamma + 1) * F.num_samples) < 1e-9
+        torch.testing.assert_close(
+            total.to_dense(), (gamma + 1) * F.to_dense(), atol=1e-8, rtol=1e-8
+        )
+    assert (
+        total.num_samples == (gamma + 1) * F.num_samples
+        or abs(total.num_samples - (gamma + 1) * F.num_samples) < 1e-9
+    )

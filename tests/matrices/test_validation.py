@@ -55,7 +55,8 @@ def test_singular_inverse_needs_damping():
         F.solve(torch.ones(2, dtype=torch.float64), 0.0)
     assert F.logdet(0.0) == float("-inf")
     torch.testing.assert_close(
-        F.solve(torch.ones(2, dtype=torch.float64), 1.0), torch.tensor([0.5, 1.0], dtype=torch.float64)
+        F.solve(torch.ones(2, dtype=torch.float64), 1.0),
+        torch.tensor([0.5, 1.0], dtype=torch.float64),
     )
 
 

@@ -73,7 +73,7 @@ def per_row_grads(
         xs = _slice(inputs, start, stop)
         cots = cotangents[:, start:stop].transpose(0, 1)
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore", UserWarning)
                 parts.append(vmap(one_row, in_dims=(_in_dims(xs), 0))(xs, cots))
         except Exception as err:  # pragma: no cover - depends on the model

@@ -15,7 +15,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fisherflow.matrices import Block, Dense, Diagonal, FisherMatrix, ParamLayout, Vector
+from fisherflow.matrices import (
+    Block,
+    Dense,
+    Diagonal,
+    FisherMatrix,
+    ParamLayout,
+    Vector,
+    eigh,
+)
 
 __all__ = [
     "STRUCTURES",
@@ -44,8 +52,13 @@ class ConvergenceWarning(UserWarning):
     """An iterative fit stopped before meeting its tolerance."""
 
 
-#: Relative eigenvalue cut-off below which a direction counts as unidentified.
-RCOND = 1e-12
+#: Relative eigenvalue cut-off below which a direction counts as unidentified; ``None``
+#: means ``P * eps(dtype)`` (numpy's ``matrix_rank`` tolerance).
+RCOND: float | None = None
+
+
+def _rcond(rcond: float | None, size: int, dtype: torch.dtype) -> float:
+    return rcond if rcond is not None else max(size, 1) * torch.finfo(dtype).eps
 
 
 def check_real(
@@ -226,15 +239,38 @@ def as_information(
     return out
 
 
-def _spectral_pinv(vals: Tensor, damping: float, rcond: float) -> Tensor:
+def _spectral_pinv(vals: Tensor, damping: float, rcond: float | None) -> Tensor:
+    rcond = _rcond(rcond, vals.numel(), vals.dtype)
     shifted = vals.clamp_min(0) + damping
     top = shifted.max() if shifted.numel() else shifted.new_tensor(0.0)
     keep = shifted > rcond * top.clamp_min(torch.finfo(vals.dtype).tiny)
     return torch.where(keep, 1.0 / torch.where(keep, shifted, 1.0), torch.zeros_like(shifted))
 
 
+def _equilibrated_pinv_solve(
+    mat: Tensor, cols: Tensor, damping: float, rcond: float | None
+) -> tuple[Tensor, bool]:
+    """``(A + λI)⁺ cols`` via the eigendecomposition of the Jacobi-scaled ``D⁻½ A D⁻½``.
+
+    Scaling by the diagonal first (van der Sluis 1969) removes the ill-conditioning
+    that comes from parameters on very different scales, which is most of it for
+    regression designs; the rank cut-off is applied to the scaled spectrum.
+    """
+    a = mat + damping * torch.eye(mat.shape[0], dtype=mat.dtype, device=mat.device)
+    d = a.diagonal().clamp_min(0)
+    pos = d > 0
+    s = torch.where(pos, d.rsqrt(), torch.zeros_like(d))
+    scaled = s[:, None] * a * s[None, :]
+    vals, vecs = eigh(scaled)
+    inv = _spectral_pinv(vals, 0.0, rcond)
+    inv = torch.where(vals.clamp_min(0) > 0, inv, torch.zeros_like(inv))
+    singular = bool((inv == 0).any())
+    out = s[:, None] * (vecs @ (inv[:, None] * (vecs.T @ (s[:, None] * cols))))
+    return out, singular
+
+
 def pinv_solve(
-    info: FisherMatrix, v: Tensor, damping: float = 0.0, rcond: float = RCOND
+    info: FisherMatrix, v: Tensor, damping: float = 0.0, rcond: float | None = RCOND
 ) -> tuple[Tensor, bool]:
     """``(F + λI)⁺ v`` with a relative eigenvalue cut-off; also whether F + λI is singular.
 
@@ -256,24 +292,26 @@ def pinv_solve(
         inv = _spectral_pinv(info.values, damping, rcond)
         out = inv[:, None] * cols
         singular = bool((inv == 0).any())
-    elif isinstance(info, Dense):
-        vals, vecs = info.eigh()
-        inv = _spectral_pinv(vals, damping, rcond)
-        out = vecs @ (inv[:, None] * (vecs.T @ cols))
-        singular = bool((inv == 0).any())
-    elif isinstance(info, Block):
+    elif isinstance(info, (Dense, Block)):
         out = torch.empty_like(cols)
-        vals_all = torch.cat([info.eigh(g)[0] for g in info.groups()]).clamp_min(0) + damping
-        top = float(vals_all.max()) if vals_all.numel() else 0.0
         singular = False
-        for g, names in info.groups().items():
-            idx = info.layout.indices(names).to(cols.device)
-            vals, vecs = info.eigh(g)
-            shifted = vals.clamp_min(0) + damping
-            keep = shifted > rcond * max(top, torch.finfo(vals.dtype).tiny)
-            inv = torch.where(keep, 1.0 / torch.where(keep, shifted, 1.0), 0.0)
-            singular = singular or bool((~keep).any())
-            out[idx] = vecs @ (inv[:, None] * (vecs.T @ cols[idx]))
+        groups = (
+            {"all": list(info.layout.names)} if isinstance(info, Dense) else info.groups()
+        )
+        dense = info.matrix if isinstance(info, Dense) else None
+        for g, names in groups.items():
+            if dense is not None:
+                idx, mat = None, dense
+            else:
+                assert isinstance(info, Block)
+                idx, mat = info.layout.indices(names).to(cols.device), info.blocks[g]
+            sol, sing = _equilibrated_pinv_solve(mat, cols if idx is None else cols[idx],
+                                                 damping, rcond)
+            singular = singular or sing
+            if idx is None:
+                out = sol
+            else:
+                out[idx] = sol
     else:
         out = info.solve(cols, damping=damping)
         singular = False
@@ -290,8 +328,19 @@ def pinv_dense(
     return 0.5 * (out + out.T), singular
 
 
-def matrix_rank(info: FisherMatrix, rcond: float = RCOND) -> int:
-    """Numerical rank of ``info`` (eigenvalues above ``rcond`` times the largest)."""
+def matrix_rank(info: FisherMatrix, rcond: float | None = RCOND) -> int:
+    """Numerical rank of ``info`` (of its Jacobi-scaled form for dense/block)."""
+    rcond = _rcond(rcond, info.size, info.dtype)
+    if isinstance(info, (Dense, Block)):
+        mats = [info.matrix] if isinstance(info, Dense) else list(info.blocks.values())
+        rank = 0
+        for mat in mats:
+            d = mat.diagonal().clamp_min(0)
+            s = torch.where(d > 0, d.rsqrt(), torch.zeros_like(d))
+            vals = eigh(s[:, None] * mat * s[None, :])[0].clamp_min(0)
+            top = float(vals.max()) if vals.numel() else 0.0
+            rank += int((vals > rcond * top).sum()) if top > 0 else 0
+        return rank
     vals = info.eigvalsh().clamp_min(0)
     if vals.numel() == 0 or float(vals[0]) <= 0:
         return 0

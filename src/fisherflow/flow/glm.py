@@ -284,17 +284,29 @@ class OnlineGLM:
         beta = self.flow.flat_params if self.flow is not None else None
         names = self.feature_names
         lam = self.prior_precision
-        converged = False
+        converged = separated = False
         it = 0
         acc: dict[str, Any] = {}
+        # With a prior the penalised fit stays finite on separated data; an unpenalised
+        # probe iterate run alongside reveals the separation (it classifies everything).
+        probe = beta.clone() if beta is not None and self.family.binary and lam > 0 else None
         for it in range(1, n_iter + 1):
-            acc = self._pass(passes(), beta, names)
+            acc = self._pass(passes(), beta, names, probe)
             if beta is None:
                 beta = torch.zeros(acc["p"], dtype=DTYPE)
+                probe = beta.clone() if self.family.binary and lam > 0 else None
                 names = acc["names"]
-                acc = self._pass(passes(), beta, names)
+                acc = self._pass(passes(), beta, names, probe)
             if group is not None:
                 acc = _all_reduce(acc, group)
+            separated = separated or (
+                self.family.binary
+                and acc["binary"]
+                and (acc["correct"] == acc["rows"] or acc["correct_p"] == acc["rows"])
+            )
+            if probe is not None:
+                p_step = pinv_dense(Dense(acc["Jp"], FisherFlow(probe).layout))[0] @ acc["Up"]
+                probe = probe + p_step if torch.isfinite(p_step).all() else probe
             p = beta.shape[0]
             U = acc["U"] - lam * beta
             J = acc["J"] + lam * torch.eye(p, dtype=DTYPE)
@@ -323,10 +335,10 @@ class OnlineGLM:
         self.nobs = float(acc["n"])
         self.llf = float(acc["ll"])
         self.converged, self.n_iter = converged, it
-        if self.family.binary and acc["binary"] and acc["correct"] == acc["rows"]:
+        if separated:
             warnings.warn(
-                "perfect separation: the coefficients classify every outcome correctly, so "
-                "the unpenalised MLE does not exist"
+                "perfect separation: a linear predictor classifies every outcome correctly, "
+                "so the unpenalised MLE does not exist"
                 + (
                     f"; estimates are finite only through prior_precision={lam:g}"
                     if lam > 0
@@ -351,11 +363,18 @@ class OnlineGLM:
         return self
 
     def _pass(
-        self, batches: Iterable[Any], beta: Tensor | None, names: list[str] | None
+        self,
+        batches: Iterable[Any],
+        beta: Tensor | None,
+        names: list[str] | None,
+        probe: Tensor | None = None,
     ) -> dict[str, Any]:
         acc: dict[str, Any] = {
             "U": 0.0,
             "J": 0.0,
+            "Up": 0.0,
+            "Jp": 0.0,
+            "correct_p": -1,
             "ll": 0.0,
             "n": 0.0,
             "yy": 0.0,
@@ -396,7 +415,11 @@ class OnlineGLM:
             active = w > 0
             acc["rows"] += int(active.sum())
             acc["binary"] = acc["binary"] and bool(((yt == 0) | (yt == 1))[active].all())
-            acc["correct"] += int((((yt == 1) & (eta > 0)) | ((yt == 0) & (eta < 0)))[active].sum())
+            acc["correct"] += _correct(yt, eta, active)
+            if probe is not None:
+                Up, Jp, _, eta_p = glm_score_information(self.family, Xt, yt, w, probe)
+                acc["Up"], acc["Jp"] = acc["Up"] + Up, acc["Jp"] + Jp
+                acc["correct_p"] = max(acc["correct_p"], 0) + _correct(yt, eta_p, active)
         if acc["rows"] == 0:
             raise ValueError("refine got no observations (empty data)")
         return acc
@@ -551,6 +574,11 @@ class OnlineGLM:
         )
 
 
+def _correct(y: Tensor, eta: Tensor, active: Tensor) -> int:
+    """Observations strictly on the correct side of ``η = 0``."""
+    return int((((y == 1) & (eta > 0)) | ((y == 0) & (eta < 0)))[active].sum())
+
+
 def _kind_of(X: Any) -> str:
     if isinstance(X, Tensor):
         return "torch"
@@ -563,17 +591,19 @@ def _all_reduce(acc: dict[str, Any], group: Any) -> dict[str, Any]:
     import torch.distributed as dist
 
     out = dict(acc)
-    for key in ("U", "J", "yy", "xy"):
+    for key in ("U", "J", "yy", "xy", "Up", "Jp"):
         t = torch.as_tensor(acc[key], dtype=DTYPE).clone()
         dist.all_reduce(t, group=group)
         out[key] = t
     scalars = torch.tensor(
-        [acc["ll"], acc["n"], acc["rows"], acc["correct"], float(acc["binary"])], dtype=DTYPE
+        [acc["ll"], acc["n"], acc["rows"], acc["correct"], acc["correct_p"], float(acc["binary"])],
+        dtype=DTYPE,
     )
-    sums, b = scalars[:4].clone(), scalars[4:].clone()
+    sums, b = scalars[:5].clone(), scalars[5:].clone()
     dist.all_reduce(sums, group=group)
     dist.all_reduce(b, op=dist.ReduceOp.MIN, group=group)
     scalars = sums
     out["ll"], out["n"] = float(scalars[0]), float(scalars[1])
     out["rows"], out["correct"], out["binary"] = int(scalars[2]), int(scalars[3]), bool(b[0])
+    out["correct_p"] = int(scalars[4]) if acc["correct_p"] >= 0 else -1
     return out

@@ -52,6 +52,10 @@ class FisherMatrix(abc.ABC):
 
     #: The structure name used in files and by ``fisherflow.estimate``.
     structure: ClassVar[str]
+    layout: ParamLayout
+    num_samples: float
+    kind: str | None
+    likelihood: str | None
 
     def __init__(
         self,
@@ -245,9 +249,7 @@ class FisherMatrix(abc.ABC):
         out = (cols * self._matmat(cols)).sum(0)
         return out[0] if vector else out
 
-    def sample(
-        self, n: int, damping: float, generator: torch.Generator | None = None
-    ) -> Tensor:
+    def sample(self, n: int, damping: float, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``n`` samples from ``N(0, (F + damping I)^-1)``.
 
         Uses the symmetric square root: ``x = (F + λI)^{-1/2} z`` with ``z ~ N(0, I)``.
@@ -261,9 +263,7 @@ class FisherMatrix(abc.ABC):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         lam = check_damping(damping)
-        z = torch.randn(
-            self.size, n, generator=generator, dtype=self.dtype, device=self.device
-        )
+        z = torch.randn(self.size, n, generator=generator, dtype=self.dtype, device=self.device)
         return self._inv_sqrt_matmat(z, lam).T
 
     def _inv_sqrt_matmat(self, z: Tensor, damping: float) -> Tensor:
@@ -285,7 +285,10 @@ class FisherMatrix(abc.ABC):
             return out.detach().cpu().double().numpy().reshape(np.shape(x))
 
         return LinearOperator(
-            (self.size, self.size), matvec=matmat, matmat=matmat, rmatvec=matmat,
+            (self.size, self.size),
+            matvec=matmat,
+            matmat=matmat,
+            rmatvec=matmat,
             dtype=np.float64,
         )
 
@@ -340,9 +343,9 @@ class FisherMatrix(abc.ABC):
                 "convert one first (e.g. Dense.from_fisher)"
             )
         out = self._add(other)
-        out.num_samples, out.kind, out.likelihood = (
-            meta["num_samples"], meta["kind"], meta["likelihood"]
-        )
+        out.num_samples = meta["num_samples"]
+        out.kind = meta["kind"]
+        out.likelihood = meta["likelihood"]
         return out
 
     def __mul__(self, factor: object) -> FisherMatrix:
@@ -350,7 +353,9 @@ class FisherMatrix(abc.ABC):
             return NotImplemented
         value = float(factor)
         if not math.isfinite(value) or value < 0:
-            raise ValueError(f"a Fisher matrix can only be scaled by a finite factor >= 0, got {value}")
+            raise ValueError(
+                f"a Fisher matrix can only be scaled by a finite factor >= 0, got {value}"
+            )
         return self._scale(value)
 
     __rmul__ = __mul__

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from fisherflow.matrices.base import FisherMatrix
 from fisherflow.matrices.dense import check_matrix
@@ -87,14 +88,17 @@ class Block(FisherMatrix):
         }
         self._eig: dict[str, tuple[Tensor, Tensor]] = {}
 
+    @override
     def groups(self) -> dict[str, list[str]]:
         return {g: list(n) for g, n in self._groups.items()}
 
     @property
+    @override
     def dtype(self) -> torch.dtype:
         return self._dtype
 
     @property
+    @override
     def device(self) -> torch.device:
         return self._device
 
@@ -137,6 +141,7 @@ class Block(FisherMatrix):
             blocks[g] = 0.5 * (mat + mat.T)
         return Block(blocks, self._groups, self.layout, **self.meta)
 
+    @override
     def to_dense(self) -> Tensor:
         out = torch.zeros(self.size, self.size, dtype=self.dtype, device=self.device)
         for g, idx in self._index.items():

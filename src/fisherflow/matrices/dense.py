@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from fisherflow.matrices.base import FisherMatrix
 from fisherflow.matrices.layout import ParamLayout
@@ -61,10 +62,12 @@ class Dense(FisherMatrix):
         return cls(fisher.to_dense(), fisher.layout, **fisher.meta)
 
     @property
+    @override
     def dtype(self) -> torch.dtype:
         return self.matrix.dtype
 
     @property
+    @override
     def device(self) -> torch.device:
         return self.matrix.device
 
@@ -92,6 +95,7 @@ class Dense(FisherMatrix):
         mat = (vecs * spectral_power(vals, p, damping)) @ vecs.T
         return Dense(0.5 * (mat + mat.T), self.layout, **self.meta)
 
+    @override
     def to_dense(self) -> Tensor:
         return self.matrix.clone()
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from fisherflow.matrices.base import FisherMatrix
 from fisherflow.matrices.layout import ParamLayout
@@ -55,10 +56,12 @@ class Diagonal(FisherMatrix):
         self.values = check_vector(values, layout.size, "values")
 
     @property
+    @override
     def dtype(self) -> torch.dtype:
         return self.values.dtype
 
     @property
+    @override
     def device(self) -> torch.device:
         return self.values.device
 
@@ -77,6 +80,7 @@ class Diagonal(FisherMatrix):
     def _power(self, p: float, damping: float) -> Diagonal:
         return Diagonal(spectral_power(self.values, p, damping), self.layout, **self.meta)
 
+    @override
     def to_dense(self) -> Tensor:
         return torch.diag(self.values)
 

@@ -40,17 +40,17 @@ def all_reduce(fisher: FisherMatrix, group: Any = None) -> FisherMatrix:
         raise ValueError(f"ranks hold different Fisher structures or layouts: {signatures}")
     gathered: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
     for key, value in tensors.items():
-        parts = [torch.empty_like(value) for _ in range(world)]
-        dist.all_gather(parts, value.contiguous(), group=group)
-        for rank, part in enumerate(parts):
-            gathered[rank][key] = part
+        pieces = [torch.empty_like(value) for _ in range(world)]
+        dist.all_gather(pieces, value.contiguous(), group=group)
+        for rank, piece in enumerate(pieces):
+            gathered[rank][key] = piece
     counts = torch.tensor([fisher.num_samples], dtype=torch.float64)
     all_counts = [torch.empty_like(counts) for _ in range(world)]
     dist.all_gather(all_counts, counts, group=group)
     cls = STRUCTURES[fisher.structure]
     total: FisherMatrix | None = None
     for rank in range(world):
-        part = cls._from_state(
+        part: FisherMatrix = cls._from_state(
             fisher.layout,
             gathered[rank],
             extra,

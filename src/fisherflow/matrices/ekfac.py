@@ -86,7 +86,9 @@ class EKFAC(KronStructure):
             n_out, n_cols = self.dims[g]
             for name, q, n in (("QA", self.QA[g], n_cols), ("QG", self.QG[g], n_out)):
                 if q is not None and tuple(q.shape) != (n, n):
-                    raise ValueError(f"{name}[{g!r}] must have shape ({n}, {n}), got {tuple(q.shape)}")
+                    raise ValueError(
+                        f"{name}[{g!r}] must have shape ({n}, {n}), got {tuple(q.shape)}"
+                    )
             s = self.S[g]
             if not isinstance(s, Tensor) or tuple(s.shape) != (n_out, n_cols):
                 raise ValueError(f"S[{g!r}] must be a tensor of shape ({n_out}, {n_cols})")
@@ -139,9 +141,9 @@ class EKFAC(KronStructure):
             m = a.T @ b
             return m * m
 
-        return overlap(self.QG[g], other.QG[g], n_out) @ s @ overlap(
-            self.QA[g], other.QA[g], n_cols
-        ).T
+        return (
+            overlap(self.QG[g], other.QG[g], n_out) @ s @ overlap(self.QA[g], other.QA[g], n_cols).T
+        )
 
     def _add(self, other: FisherMatrix) -> EKFAC:
         assert isinstance(other, EKFAC)

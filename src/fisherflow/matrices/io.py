@@ -79,7 +79,15 @@ def _header(path: Path, raw: dict[str, str] | None) -> dict[str, Any]:
         header = json.loads(raw["fisherflow"])
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: metadata is not valid JSON ({err})") from err
-    required = ("format_version", "structure", "kind", "likelihood", "num_samples", "layout", "extra")
+    required = (
+        "format_version",
+        "structure",
+        "kind",
+        "likelihood",
+        "num_samples",
+        "layout",
+        "extra",
+    )
     missing = [k for k in required if not isinstance(header, dict) or k not in header]
     if missing:
         raise ValueError(f"{path}: metadata is missing {missing}")
@@ -116,7 +124,7 @@ def load(path: str | os.PathLike[str], device: str | None = None) -> FisherMatri
     try:
         with safe_open(str(file), framework="pt", device=device or "cpu") as handle:
             header = _header(file, handle.metadata())
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     except SafetensorError as err:
         raise ValueError(f"{file} is corrupt or not a safetensors file: {err}") from err
     cls = STRUCTURES[header["structure"]]

@@ -99,9 +99,7 @@ class KFAC(KronStructure):
                 eg, qg = factor_eigh(self.G[g])
                 QA[g], QG[g] = qa, qg
                 S[g] = torch.outer(eg.clamp_min(0), ea.clamp_min(0))
-            self._basis = EKFAC(
-                self.kron_groups, QA, QG, S, self.layout, self.rest, **self.meta
-            )
+            self._basis = EKFAC(self.kron_groups, QA, QG, S, self.layout, self.rest, **self.meta)
         return self._basis
 
     def _group_matmat(self, g: str, x: Tensor) -> Tensor:

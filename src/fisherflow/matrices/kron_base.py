@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from fisherflow.matrices.base import FisherMatrix
 from fisherflow.matrices.block import check_partition
@@ -54,7 +55,8 @@ class KronStructure(FisherMatrix):
         if rest is None:
             if self.rest_names:
                 raise ValueError(
-                    f"rest must give the diagonal of parameters outside the groups: {self.rest_names}"
+                    "rest must give the diagonal of parameters outside the groups: "
+                    f"{self.rest_names}"
                 )
             rest = torch.zeros(0, dtype=self._group_dtype(), device=self._group_device())
         self.rest = check_vector(rest, rest_layout.size, "rest")
@@ -85,14 +87,17 @@ class KronStructure(FisherMatrix):
         """Apply ``(block + damping I)^p`` to ``(k, n_out, n_cols)`` views."""
 
     # derived ----------------------------------------------------------------------
+    @override
     def groups(self) -> dict[str, list[str]]:
         return {g: s.names for g, s in self.kron_groups.items()}
 
     @property
+    @override
     def dtype(self) -> torch.dtype:
         return self.rest.dtype
 
     @property
+    @override
     def device(self) -> torch.device:
         return self.rest.device
 

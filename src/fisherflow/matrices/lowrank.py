@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from fisherflow.matrices.base import FisherMatrix
 from fisherflow.matrices.dense import Dense
@@ -112,10 +113,12 @@ class LowRank(FisherMatrix):
         return self.s.shape[0]
 
     @property
+    @override
     def dtype(self) -> torch.dtype:
         return self.U.dtype
 
     @property
+    @override
     def device(self) -> torch.device:
         return self.U.device
 

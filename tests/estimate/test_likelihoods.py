@@ -1,0 +1,77 @@
+"""Likelihoods: NLL against torch.distributions, output Fisher against the NLL Hessian."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fisherflow.estimate.likelihoods import (
+    LIKELIHOODS,
+    Gaussian,
+    get_likelihood,
+    register_likelihood,
+)
+
+NAMES = ["categorical", "bernoulli", "gaussian", "poisson"]
+
+
+def _data(name):
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    lik = get_likelihood(name)
+    y = lik.sample(lik.prepare(out, None).output, g)
+    return lik, out, y
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_output_fisher_is_nll_hessian(name):
+    lik, out, y = _data(name)
+    for n in range(out.shape[0]):
+        H = torch.autograd.functional.hessian(lambda f: lik.nll(f[None], y[n : n + 1]).sum(), out[n])
+        torch.testing.assert_close(lik.output_fisher(out[n : n + 1])[0], H)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nll_matches_torch_distributions(name):
+    lik, out, y = _data(name)
+    dists = {
+        "categorical": lambda: torch.distributions.Categorical(logits=out).log_prob(y),
+        "bernoulli": lambda: torch.distributions.Bernoulli(logits=out).log_prob(y).sum(-1),
+        "gaussian": lambda: torch.distributions.Normal(out, 1.0).log_prob(y).sum(-1),
+        "poisson": lambda: torch.distributions.Poisson(out.exp()).log_prob(y).sum(-1),
+    }
+    torch.testing.assert_close(lik.nll(out, y), -dists[name]())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fisher_is_expected_score_outer_product(name):
+    lik, out, _ = _data(name)
+    f = out[:1].repeat(20000, 1)
+    g = torch.Generator().manual_seed(1)
+    y = lik.sample(f, g)
+    f = f.clone().requires_grad_(True)
+    (s,) = torch.autograd.grad(lik.nll(f, y).sum(), f)
+    emp = s.T @ s / s.shape[0]
+    torch.testing.assert_close(emp, lik.output_fisher(out[:1])[0], atol=0.1, rtol=0.1)
+
+
+def test_categorical_masking_and_validation():
+    lik = get_likelihood("categorical")
+    p = lik.prepare(torch.zeros(2, 3, 4), torch.tensor([[1, -100, 2], [0, 3, -100]]))
+    assert p.count == 4
+    with pytest.raises(ValueError, match="in \\[0, 4\\)"):
+        lik.prepare(torch.zeros(1, 4), torch.tensor([7]))
+    with pytest.raises(TypeError, match="integer"):
+        lik.prepare(torch.zeros(1, 4), torch.tensor([0.5]))
+
+
+def test_registry():
+    with pytest.raises(ValueError, match="already registered"):
+        register_likelihood("gaussian", Gaussian)
+    with pytest.raises(ValueError, match="variance"):
+        Gaussian(variance=0.0)
+    register_likelihood("_test_half", lambda: Gaussian(0.5))
+    try:
+        assert get_likelihood("_test_half").variance == 0.5
+    finally:
+        del LIKELIHOODS["_test_half"]
