@@ -20,7 +20,7 @@ def register(subparsers: Any) -> None:
     """Add the ``demo`` subcommand."""
     p = subparsers.add_parser("demo", help="Fisher approximations on digits: a report with plots")
     p.add_argument("--out", default="fisherflow-report", help="output directory")
-    p.add_argument("--rows", type=int, default=256, help="examples used for the Fisher")
+    p.add_argument("--rows", type=int, default=128, help="examples used for the Fisher")
     p.add_argument("--rank", type=int, default=20, help="rank of the low-rank structure")
     p.set_defaults(func=run)
 
@@ -35,7 +35,7 @@ def _models() -> dict[str, nn.Module]:
     return {"MLP": mlp, "CNN": cnn}
 
 
-def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 30) -> float:
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 15) -> float:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(epochs):
         for i in range(0, len(x), 128):
@@ -46,7 +46,7 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 30)
         return float((model(x).argmax(1) == y).float().mean())
 
 
-def run_demo(out: str | Path, rows: int = 256, rank: int = 20) -> Path:
+def run_demo(out: str | Path, rows: int = 128, rank: int = 20) -> Path:
     """Train, estimate every kind × structure, and write ``out/README.md`` with PNGs.
 
     Returns:

@@ -1,0 +1,29 @@
+"""The examples in the matrices docstrings run and give the closed-form answers shown."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+import torch
+
+MODULES = [
+    "fisherflow.matrices.layout",
+    "fisherflow.matrices.linalg",
+    "fisherflow.matrices.dense",
+    "fisherflow.matrices.diagonal",
+    "fisherflow.matrices.block",
+    "fisherflow.matrices.kfac",
+    "fisherflow.matrices.ekfac",
+    "fisherflow.matrices.lowrank",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    globs = {**vars(module), "torch": torch}
+    result = doctest.testmod(module, globs=globs, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0, f"{name} has no example"
+    assert result.failed == 0
