@@ -179,3 +179,17 @@ def test_cross_structure_addition_is_refused_with_a_hint():
     torch.testing.assert_close(
         total.to_dense(), make("dense", "tiny").to_dense() + make("kfac", "tiny").to_dense()
     )
+
+
+def test_to_changes_dtype_and_keeps_metadata(fisher):
+    low = fisher.to(dtype=torch.float32)
+    assert low.dtype == torch.float32 and type(low) is type(fisher)
+    assert (low.kind, low.likelihood, low.num_samples, low.layout) == (
+        fisher.kind,
+        fisher.likelihood,
+        fisher.num_samples,
+        fisher.layout,
+    )
+    torch.testing.assert_close(low.to_dense(), fisher.to_dense().float(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="floating-point dtype"):
+        fisher.to(dtype=torch.int64)

@@ -128,3 +128,12 @@ def test_nan_tensor_in_file(tmp_path):
     _rewrite(path, {"values": values}, header)
     with pytest.raises(ValueError, match="NaN or Inf"):
         ff.load(path)
+
+
+def test_low_rank_file_with_non_orthonormal_factor(tmp_path):
+    tensors, header = _header_of(make("lowrank", "tiny"))
+    tensors = {**tensors, "U": 2 * tensors["U"]}
+    path = tmp_path / "f.safetensors"
+    _rewrite(path, tensors, header)
+    with pytest.raises(ValueError, match="orthonormal"):
+        ff.load(path)

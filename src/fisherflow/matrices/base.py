@@ -360,6 +360,20 @@ class FisherMatrix(abc.ABC):
 
     __rmul__ = __mul__
 
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> FisherMatrix:
+        """A copy on another device and/or floating dtype (metadata kept).
+
+        Raises:
+            ValueError: If ``dtype`` is not a floating-point dtype.
+        """
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        tensors, extra = self._state()
+        moved = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+        return type(self)._from_state(self.layout, moved, extra, **self.meta)
+
     # -------------------------------------------------------------- files
     def save(self, path: str) -> None:
         """Write F to a safetensors file with JSON metadata, atomically."""

@@ -242,4 +242,9 @@ class LowRank(FisherMatrix):
     def _from_state(
         cls, layout: ParamLayout, tensors: dict[str, Tensor], extra: dict[str, Any], **meta: Any
     ) -> LowRank:
-        return cls(tensors["U"], tensors["s"], layout, tensors["diag"], _canonical=True, **meta)
+        U = tensors["U"]
+        if U.dim() == 2:
+            gram = U.T.double() @ U.double()
+            if not torch.allclose(gram, torch.eye(U.shape[1], dtype=torch.float64), atol=1e-4):
+                raise ValueError("U of a stored low-rank Fisher must have orthonormal columns")
+        return cls(U, tensors["s"], layout, tensors["diag"], _canonical=True, **meta)
