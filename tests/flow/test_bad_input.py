@@ -44,7 +44,7 @@ def fitted_glm():
 def test_glm_bad_batch_leaves_state_unchanged(bad):
     glm, X, y = fitted_glm()
     before = snapshot(glm)
-    name, make = bad
+    _name, make = bad
     with pytest.raises(ValueError) as info:
         glm.partial_fit(*make(X[:50], y[:50]))
     assert any(k in str(info.value) for k in ("NaN", "features", "shape", "[0, 1]"))

@@ -78,9 +78,7 @@ def test_adaptive_false_alarm_rate():
     # more often — measured 7.1% instead of 5% with discount=0.)
     g = torch.Generator().manual_seed(1)
     beta = torch.tensor([1.0, -1.0, 0.5], dtype=DT)
-    flow = FisherFlow(
-        torch.zeros(3, dtype=DT), forgetting=Adaptive(alpha=0.05, discount=0.999)
-    )
+    flow = FisherFlow(torch.zeros(3, dtype=DT), forgetting=Adaptive(alpha=0.05, discount=0.999))
     n = 1000
     for _ in range(n):
         X = torch.randn(20, 3, generator=g, dtype=DT)

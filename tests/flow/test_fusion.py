@@ -72,7 +72,10 @@ def test_robust_fuse_bounded_under_attack(method, kind):
     bound = float(sps.chi2.isf(1e-3, P)) ** 0.5  # the outlier-test radius, 4.03
     d_rob = metric_dist(robust.params, clean.params, M)
     d_plain = metric_dist(plain.params, clean.params, M)
-    print(f"{method:16s} {kind:16s} f={f}: robust {d_rob:.3f}  plain {d_plain:.3g}  (bound {bound:.2f})")
+    print(
+        f"{method:16s} {kind:16s} f={f}: robust {d_rob:.3f}  plain {d_plain:.3g}  "
+        f"(bound {bound:.2f})"
+    )
     assert d_rob <= bound
     # tiny information claims only hurt themselves; a subtle shift hides in the noise
     if kind not in ("subtle_shift", "tiny_claim_far"):
@@ -106,8 +109,12 @@ def test_weiszfeld_closed_forms():
 
 def test_fuse_forms_and_errors():
     lay = ParamLayout.from_shapes({"a": (1,), "b": (1,)})
-    e1 = Estimate({"a": torch.tensor([0.0]), "b": torch.tensor([1.0])}, Diagonal(torch.ones(2), lay))
-    e2 = Estimate({"a": torch.tensor([2.0]), "b": torch.tensor([1.0])}, Diagonal(torch.ones(2), lay))
+    e1 = Estimate(
+        {"a": torch.tensor([0.0]), "b": torch.tensor([1.0])}, Diagonal(torch.ones(2), lay)
+    )
+    e2 = Estimate(
+        {"a": torch.tensor([2.0]), "b": torch.tensor([1.0])}, Diagonal(torch.ones(2), lay)
+    )
     out = fuse([e1, e2])
     assert out.params["a"].item() == 1.0 and isinstance(out.information, Diagonal)
     with pytest.raises(ValueError, match="non-empty"):

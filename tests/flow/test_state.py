@@ -44,9 +44,7 @@ def test_sequential_equals_pooled_and_posterior(sizes, order_seed, rule):
     m0 = torch.linspace(-1, 1, p, dtype=DT)
     L0 = torch.diag(torch.linspace(0.5, 2.0, p, dtype=DT))
     for prior in (False, True):
-        flow = (
-            FisherFlow(m0.clone(), L0.clone()) if prior else FisherFlow(torch.zeros(p, dtype=DT))
-        )
+        flow = FisherFlow(m0.clone(), L0.clone()) if prior else FisherFlow(torch.zeros(p, dtype=DT))
         for sl in splits(X.shape[0], sizes):
             Xb, yb = X[sl], y[sl]
             if rule == "update_estimate":

@@ -19,7 +19,7 @@ COMMANDS = ("demo", "estimate", "inspect", "stats")
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level argument parser with every subcommand registered."""
-    from fisherflow import __version__
+    from fisherflow._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="fisherflow", description="Fisher information for PyTorch models and data."

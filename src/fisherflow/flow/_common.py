@@ -295,9 +295,7 @@ def pinv_solve(
     elif isinstance(info, (Dense, Block)):
         out = torch.empty_like(cols)
         singular = False
-        groups = (
-            {"all": list(info.layout.names)} if isinstance(info, Dense) else info.groups()
-        )
+        groups = {"all": list(info.layout.names)} if isinstance(info, Dense) else info.groups()
         dense = info.matrix if isinstance(info, Dense) else None
         for g, names in groups.items():
             if dense is not None:
@@ -305,22 +303,23 @@ def pinv_solve(
             else:
                 assert isinstance(info, Block)
                 idx, mat = info.layout.indices(names).to(cols.device), info.blocks[g]
-            sol, sing = _equilibrated_pinv_solve(mat, cols if idx is None else cols[idx],
-                                                 damping, rcond)
+            sol, sing = _equilibrated_pinv_solve(
+                mat, cols if idx is None else cols[idx], damping, rcond
+            )
             singular = singular or sing
             if idx is None:
                 out = sol
             else:
                 out[idx] = sol
     else:
-        out = info.solve(cols, damping=damping)
-        singular = False
-        assert isinstance(out, Tensor)
+        solved = info.solve(cols, damping=damping)
+        assert isinstance(solved, Tensor)
+        out, singular = solved, False
     return out.reshape(v.shape), singular
 
 
 def pinv_dense(
-    info: FisherMatrix, damping: float = 0.0, rcond: float = RCOND
+    info: FisherMatrix, damping: float = 0.0, rcond: float | None = RCOND
 ) -> tuple[Tensor, bool]:
     """The dense ``(P, P)`` pseudo-inverse of ``F + λI`` and whether it was singular."""
     eye = torch.eye(info.size, dtype=info.dtype, device=info.device)

@@ -112,7 +112,9 @@ def score_and_information(
         def total(flat: Tensor) -> Tensor:
             return log_likelihood(form(flat), data).sum()
 
-        mat = -torch.func.jacrev(torch.func.jacrev(total))(theta).reshape(theta.shape[0], theta.shape[0])
+        mat = -torch.func.jacrev(torch.func.jacrev(total))(theta).reshape(
+            theta.shape[0], theta.shape[0]
+        )
     else:
         assert sampler is not None
         mat = torch.zeros(theta.shape[0], theta.shape[0], dtype=theta.dtype)

@@ -157,8 +157,8 @@ def glm_score_information(
 
     Example:
         >>> X = torch.ones(2, 1, dtype=torch.float64); y = torch.tensor([0.0, 1.0], dtype=X.dtype)
-        >>> U, J, _, _ = glm_score_information(FAMILIES["logistic"], X, y, torch.ones(2, dtype=X.dtype),
-        ...                                    torch.zeros(1, dtype=X.dtype))
+        >>> w, b = torch.ones(2, dtype=X.dtype), torch.zeros(1, dtype=X.dtype)
+        >>> U, J, _, _ = glm_score_information(FAMILIES["logistic"], X, y, w, b)
         >>> U.tolist(), J.tolist()  # score Σ(y - 1/2) = 0, information Σ 1/4 = 1/2
         ([0.0], [[0.5]])
     """

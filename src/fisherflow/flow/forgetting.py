@@ -150,6 +150,7 @@ class NoForgetting(ForgettingPolicy):
     name = "none"
 
     def decide(self, score: Tensor, info: FisherMatrix, info_batch: FisherMatrix) -> Decision:
+        """See :meth:`ForgettingPolicy.decide`."""
         return Decision()
 
 
@@ -174,6 +175,7 @@ class Exponential(ForgettingPolicy):
         self.rho = check_real(rho, "rho", low=0.0, high=1.0, low_open=True)
 
     def decide(self, score: Any, info: Any, info_batch: Any) -> Decision:
+        """See :meth:`ForgettingPolicy.decide`."""
         return Decision(factor=self.rho)
 
     def __repr__(self) -> str:
@@ -203,6 +205,7 @@ class Window(ForgettingPolicy):
         self.window = int(k)
 
     def decide(self, score: Any, info: Any, info_batch: Any) -> Decision:
+        """See :meth:`ForgettingPolicy.decide`."""
         return Decision()
 
     def __repr__(self) -> str:
@@ -242,6 +245,7 @@ class Adaptive(ForgettingPolicy):
         return float(sps.chi2.isf(self.alpha, df))
 
     def decide(self, score: Tensor, info: FisherMatrix, info_batch: FisherMatrix) -> Decision:
+        """See :meth:`ForgettingPolicy.decide`."""
         result = score_drift_statistic(score, info, info_batch)
         if result is None:
             return Decision()

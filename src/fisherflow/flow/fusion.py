@@ -117,7 +117,7 @@ def _fuse_flat(
 
 
 def fuse(estimates: Iterable[Any]) -> Estimate:
-    """Information-weighted fusion of independent estimates.
+    r"""Information-weighted fusion of independent estimates.
 
     ``I = Σᵢ Iᵢ`` and ``θ = I⁻¹ Σᵢ Iᵢ θᵢ`` (sums in the order given; a pseudo-inverse,
     with a :class:`RankDeficiencyWarning`, when ``I`` is singular).
@@ -181,7 +181,7 @@ def weiszfeld(
     z = points @ chol  # rows zᵢ = Lᵀ xᵢ, so ‖zᵢ - zⱼ‖ = ‖xᵢ - xⱼ‖_M
     c = z.mean(0)
     it = 0
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007
         diff = z - c
         dist = diff.norm(dim=1)
         at = dist <= 1e-15 * (1 + c.norm())
@@ -209,7 +209,8 @@ def coordinate_median(points: Tensor) -> Tensor:
     Breakdown point ``⌊(n-1)/2⌋ / n``; not affine equivariant.
 
     Example:
-        >>> coordinate_median(torch.tensor([[0.0, 5.0], [1.0, 6.0], [9.0, 7.0], [2.0, 0.0]])).tolist()
+        >>> pts = torch.tensor([[0.0, 5.0], [1.0, 6.0], [9.0, 7.0], [2.0, 0.0]])
+        >>> coordinate_median(pts).tolist()
         [1.5, 5.5]
     """
     return torch.from_numpy(np.median(points.numpy(), axis=0)).to(points.dtype)

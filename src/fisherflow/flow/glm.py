@@ -100,7 +100,9 @@ class OnlineGLM:
         ValueError: If an option is invalid (the message lists valid values).
 
     Example:
-        >>> X = np.array([[0.0], [1.0], [2.0], [3.0]]); y = np.array([1.0, 3.0, 5.0, 7.0]) + [0.1, -0.1, -0.1, 0.1]
+        >>> import numpy as np
+        >>> X = np.array([[0.0], [1.0], [2.0], [3.0]])
+        >>> y = np.array([1.0, 3.0, 5.0, 7.0]) + [0.1, -0.1, -0.1, 0.1]
         >>> glm = OnlineGLM("gaussian").partial_fit(X[:2], y[:2]).partial_fit(X[2:], y[2:])
         >>> np.round(glm.params, 6).tolist()  # least squares: intercept 1, slope 2
         [1.0, 2.0]
@@ -255,8 +257,10 @@ class OnlineGLM:
                 returning a fresh iterable per pass.
             n_iter: Maximum number of passes (>= 1).
             tol: Stop when every step is below ``tol * (1 + |β|)``.
-            group: A ``torch.distributed`` process group: each rank passes its shard
-                and the score and information are all-reduced per pass.
+            group: A ``torch.distributed`` process group: each rank passes its shard,
+                starts from the fusion of the per-rank estimates, and the score and
+                information are all-reduced per pass (every rank, or none, must have
+                called ``partial_fit`` first).
 
         Returns:
             ``self``.
@@ -289,8 +293,13 @@ class OnlineGLM:
         acc: dict[str, Any] = {}
         # With a prior the penalised fit stays finite on separated data; an unpenalised
         # probe iterate run alongside reveals the separation (it classifies everything).
+        if group is not None and self.flow is not None:
+            from fisherflow.flow.distributed import fuse_across_ranks
+
+            # every rank must iterate from the same point: the fused per-rank estimates
+            beta = fuse_across_ranks(self.flow, group).params.reshape(-1)  # type: ignore[union-attr]
         probe = beta.clone() if beta is not None and self.family.binary and lam > 0 else None
-        for it in range(1, n_iter + 1):
+        for it in range(1, n_iter + 1):  # noqa: B007
             acc = self._pass(passes(), beta, names, probe)
             if beta is None:
                 beta = torch.zeros(acc["p"], dtype=DTYPE)
@@ -388,7 +397,8 @@ class OnlineGLM:
         for batch in batches:
             if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
                 raise ValueError(
-                    f"each batch must be (X, y) or (X, y, sample_weight), got {type(batch).__name__}"
+                    "each batch must be (X, y) or (X, y, sample_weight), "
+                    f"got {type(batch).__name__}"
                 )
             X, y = batch[0], batch[1]
             sw = batch[2] if len(batch) == 3 else None

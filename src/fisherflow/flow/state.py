@@ -179,7 +179,9 @@ class FisherFlow:
     def _set_state(self, theta: Tensor, info: FisherMatrix) -> None:
         self._theta = theta
         self.information = info
-        self._base = (info, info.mv(theta))
+        h0 = info.mv(theta)
+        assert isinstance(h0, Tensor)
+        self._base: tuple[FisherMatrix, Tensor] = (info, h0)
         self._window: deque[tuple[FisherMatrix, Tensor | None, dict[str, Tensor]]] = deque()
         self.totals: dict[str, Tensor] = {}
         self.num_updates = 0
@@ -271,7 +273,8 @@ class FisherFlow:
             hist.append((info_batch, h_batch, totals))
             while len(hist) > window:
                 hist.popleft()
-            info, h = self._base[0], self._base[1] if h_batch is not None else None
+            info = self._base[0]
+            h: Tensor | None = self._base[1] if h_batch is not None else None
             new_totals: dict[str, Tensor] = {}
             for i_b, h_b, t_b in hist:
                 info = info + i_b
@@ -284,7 +287,9 @@ class FisherFlow:
         info = (self.information * f if f != 1.0 else self.information) + info_batch
         h = None
         if h_batch is not None:
-            h = f * self.information.mv(self._theta) + h_batch  # type: ignore[operator]
+            old_h = self.information.mv(self._theta)
+            assert isinstance(old_h, Tensor)
+            h = f * old_h + h_batch
         new_totals = {k: f * v for k, v in self.totals.items()}
         for k, v in totals.items():
             new_totals[k] = new_totals[k] + v if k in new_totals else v

@@ -44,7 +44,7 @@ def save(fisher: FisherMatrix, path: str | os.PathLike[str]) -> None:
     Raises:
         TypeError: If ``fisher`` is not a :class:`FisherMatrix`.
     """
-    from fisherflow import __version__
+    from fisherflow._version import __version__
 
     if not isinstance(fisher, FisherMatrix):
         raise TypeError(f"fisher must be a FisherMatrix, got {type(fisher).__name__}")
