@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from fisherflow.matrices.base import FisherMatrix
 from fisherflow.matrices.dense import Dense
-from fisherflow.matrices.diagonal import Diagonal
 from fisherflow.matrices.kron import KronGroup, left, right
 from fisherflow.matrices.kron_base import KronStructure
 from fisherflow.matrices.layout import ParamLayout
@@ -156,30 +156,21 @@ class EKFAC(KronStructure):
         meta = {**self.meta, "num_samples": self.num_samples * factor}
         return self._with({g: s * factor for g, s in self.S.items()}, self.rest * factor, **meta)
 
-    def _restrict(self, names: list[str]) -> FisherMatrix:
-        try:
-            groups, rest = self._split(names)
-        except KeyError:
-            # Part of a layer: the sub-block is not of EKFAC form; materialise the
-            # layer's block (n_out·n_cols square) and cut it.
-            (name,) = names
-            g = next(g for g, s in self.kron_groups.items() if name in s.names)
-            block = self._restrict(self.kron_groups[g].names)
-            sub = block.layout.indices([name]).to(self.device)
-            return Dense(block.to_dense()[sub][:, sub], self.layout.subset([name]), **self.meta)
-        order = [n for s in groups.values() for n in s.names] + rest
-        layout = self.layout.subset(order)
-        if not groups:
-            return Diagonal(self._rest_of(rest), layout, **self.meta)
-        return EKFAC(
-            groups,
-            {g: self.QA[g] for g in groups},
-            {g: self.QG[g] for g in groups},
-            {g: self.S[g] for g in groups},
-            layout,
-            self._rest_of(rest) if rest else None,
-            **self.meta,
-        )
+    @override
+    def _restrict_partial(self, group: str, name: str) -> Dense:
+        # The sub-block is not of EKFAC form: materialise the layer's block
+        # (n_out·n_cols square) and cut it.
+        block = self._restrict(self.kron_groups[group].names)
+        sub = block.layout.indices([name]).to(self.device)
+        return Dense(block.to_dense()[sub][:, sub], self.layout.subset([name]), **self.meta)
+
+    @override
+    def _subset(
+        self, groups: dict[str, KronGroup], layout: ParamLayout, rest: Tensor | None
+    ) -> EKFAC:
+        QA, QG = {g: self.QA[g] for g in groups}, {g: self.QG[g] for g in groups}
+        S = {g: self.S[g] for g in groups}
+        return EKFAC(groups, QA, QG, S, layout, rest, **self.meta)
 
     def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors = {"rest": self.rest}

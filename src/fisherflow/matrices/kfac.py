@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from fisherflow.matrices.base import FisherMatrix
-from fisherflow.matrices.diagonal import Diagonal
 from fisherflow.matrices.kron import KronGroup, check_factor, factor_diag, factor_eigh, left, right
 from fisherflow.matrices.kron_base import KronStructure
 from fisherflow.matrices.layout import ParamLayout
@@ -132,33 +132,25 @@ class KFAC(KronStructure):
         G = {g: factor * f for g, f in self.G.items()}
         return KFAC(self.kron_groups, self.A, G, self.layout, self.rest * factor, **meta)
 
-    def _restrict(self, names: list[str]) -> FisherMatrix:
-        try:
-            groups, rest = self._split(names)
-        except KeyError:
-            # Part of a layer (the weight or the bias alone): its block is a
-            # sub-matrix of A times G, again a Kronecker product.
-            (name,) = names
-            g, spec = next((g, s) for g, s in self.kron_groups.items() if name in s.names)
-            a = self.A[g] if self.A[g].dim() == 2 else torch.diag(self.A[g])
-            if name == spec.bias:
-                sub, a_sub = KronGroup(name), a[-1:, -1:]
-            else:
-                sub, a_sub = KronGroup(name, None, spec.input_major), a[:-1, :-1]
-            layout = self.layout.subset([name])
-            return KFAC({g: sub}, {g: a_sub}, {g: self.G[g]}, layout, None, **self.meta)
-        order = [n for s in groups.values() for n in s.names] + rest
-        layout = self.layout.subset(order)
-        if not groups:
-            return Diagonal(self._rest_of(rest), layout, **self.meta)
-        return KFAC(
-            groups,
-            {g: self.A[g] for g in groups},
-            {g: self.G[g] for g in groups},
-            layout,
-            self._rest_of(rest) if rest else None,
-            **self.meta,
-        )
+    @override
+    def _restrict_partial(self, group: str, name: str) -> KFAC:
+        # The weight's or the bias's block alone is a sub-matrix of A times G: again
+        # a Kronecker product.
+        spec = self.kron_groups[group]
+        a = self.A[group] if self.A[group].dim() == 2 else torch.diag(self.A[group])
+        if name == spec.bias:
+            sub, a_sub = KronGroup(name), a[-1:, -1:]
+        else:
+            sub, a_sub = KronGroup(name, None, spec.input_major), a[:-1, :-1]
+        layout = self.layout.subset([name])
+        return KFAC({group: sub}, {group: a_sub}, {group: self.G[group]}, layout, None, **self.meta)
+
+    @override
+    def _subset(
+        self, groups: dict[str, KronGroup], layout: ParamLayout, rest: Tensor | None
+    ) -> KFAC:
+        A = {g: self.A[g] for g in groups}
+        return KFAC(groups, A, {g: self.G[g] for g in groups}, layout, rest, **self.meta)
 
     def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors = {"rest": self.rest}

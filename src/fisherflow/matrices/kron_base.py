@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from fisherflow.matrices.base import FisherMatrix
 from fisherflow.matrices.block import check_partition
-from fisherflow.matrices.diagonal import check_vector
+from fisherflow.matrices.diagonal import Diagonal, check_vector
 from fisherflow.matrices.kron import KronGroup
 from fisherflow.matrices.layout import ParamLayout
 from fisherflow.matrices.linalg import spectral_power
@@ -137,14 +137,33 @@ class KronStructure(FisherMatrix):
         idx = sub.indices(names).to(self.device)
         return self.rest[idx]
 
-    def _split(self, names: list[str]) -> tuple[dict[str, KronGroup], list[str]]:
-        """Split requested names into whole groups and rest parameters (or fail)."""
-        groups = {g: s for g, s in self.kron_groups.items() if set(s.names) <= set(names)}
+    @abc.abstractmethod
+    def _subset(
+        self, groups: dict[str, KronGroup], layout: ParamLayout, rest: Tensor | None
+    ) -> FisherMatrix:
+        """The same structure over whole ``groups`` plus the given ``rest`` diagonal."""
+
+    @abc.abstractmethod
+    def _restrict_partial(self, group: str, name: str) -> FisherMatrix:
+        """The block of one parameter of a layer (its weight or its bias alone)."""
+
+    @override
+    def _restrict(self, names: list[str]) -> FisherMatrix:
+        wanted = set(names)
+        groups = {g: s for g, s in self.kron_groups.items() if set(s.names) <= wanted}
         taken = {n for s in groups.values() for n in s.names}
         rest = [n for n in names if n not in taken]
-        if any(n not in self.rest_names for n in rest):
-            raise KeyError("partial group")
-        return groups, rest
+        partial = [n for n in rest if n not in self.rest_names]
+        if partial:
+            (name,) = partial if len(names) == 1 else (None,)
+            if name is None:
+                raise KeyError(f"{partial} are parts of layers; ask for one parameter or layer")
+            g = next(g for g, s in self.kron_groups.items() if name in s.names)
+            return self._restrict_partial(g, name)
+        layout = self.layout.subset([n for s in groups.values() for n in s.names] + rest)
+        if not groups:
+            return Diagonal(self._rest_of(rest), layout, **self.meta)
+        return self._subset(groups, layout, self._rest_of(rest) if rest else None)
 
     def _extra(self) -> dict[str, Any]:
         return {"groups": [[g, s.to_json()] for g, s in self.kron_groups.items()]}
