@@ -12,7 +12,7 @@ from typing_extensions import override
 from fisherflow.matrices.base import FisherMatrix
 from fisherflow.matrices.dense import check_matrix
 from fisherflow.matrices.layout import ParamLayout
-from fisherflow.matrices.linalg import eigh, spectral_power
+from fisherflow.matrices.linalg import eigh, equilibrated_solve, spectral_power
 
 __all__ = ["Block", "check_partition"]
 
@@ -128,6 +128,8 @@ class Block(FisherMatrix):
 
     def _power_matmat(self, v: Tensor, p: float, damping: float) -> Tensor:
         def apply(g: str, x: Tensor) -> Tensor:
+            if p == -1:
+                return equilibrated_solve(self.blocks[g], x, damping)
             vals, vecs = self.eigh(g)
             return vecs @ (spectral_power(vals, p, damping)[:, None] * (vecs.T @ x))
 
@@ -136,6 +138,11 @@ class Block(FisherMatrix):
     def _power(self, p: float, damping: float) -> Block:
         blocks = {}
         for g in self._groups:
+            if p == -1:
+                eye = torch.eye(self.blocks[g].shape[0], dtype=self.dtype, device=self.device)
+                mat = equilibrated_solve(self.blocks[g], eye, damping)
+                blocks[g] = 0.5 * (mat + mat.T)
+                continue
             vals, vecs = self.eigh(g)
             mat = (vecs * spectral_power(vals, p, damping)) @ vecs.T
             blocks[g] = 0.5 * (mat + mat.T)

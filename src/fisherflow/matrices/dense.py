@@ -10,7 +10,7 @@ from typing_extensions import override
 
 from fisherflow.matrices.base import FisherMatrix
 from fisherflow.matrices.layout import ParamLayout
-from fisherflow.matrices.linalg import eigh, spectral_power
+from fisherflow.matrices.linalg import eigh, equilibrated_solve, spectral_power
 
 __all__ = ["Dense", "check_matrix"]
 
@@ -34,7 +34,8 @@ def check_matrix(matrix: Tensor, size: int, name: str) -> Tensor:
 class Dense(FisherMatrix):
     """The full P×P Fisher matrix.
 
-    Costs: ``mv`` O(P²); ``solve``/``power``/``logdet``/``eigvalsh``/``sample`` one
+    Costs: ``mv`` O(P²); ``solve``/``inverse`` an equilibrated Cholesky (O(P³), accurate
+    for badly scaled parameters); ``power``/``logdet``/``eigvalsh``/``sample`` one
     ``eigh`` of P×P (O(P³), cached) then O(P²) per vector; memory P².
 
     Args:
@@ -44,8 +45,8 @@ class Dense(FisherMatrix):
 
     Example:
         >>> layout = ParamLayout.from_shapes({"theta": (2,)})
-        >>> F = Dense(torch.tensor([[2.0, 0.0], [0.0, 4.0]]), layout)
-        >>> F.solve(torch.tensor([2.0, 4.0]), damping=0.0).tolist()
+        >>> F = Dense(torch.tensor([[2.0, 0.0], [0.0, 4.0]], dtype=torch.float64), layout)
+        >>> F.solve(torch.tensor([2.0, 4.0], dtype=torch.float64), damping=0.0).tolist()
         [1.0, 1.0]
     """
 
@@ -87,10 +88,16 @@ class Dense(FisherMatrix):
         return self.eigh()[0]
 
     def _power_matmat(self, v: Tensor, p: float, damping: float) -> Tensor:
+        if p == -1:
+            return equilibrated_solve(self.matrix, v, damping)
         vals, vecs = self.eigh()
         return vecs @ (spectral_power(vals, p, damping)[:, None] * (vecs.T @ v))
 
     def _power(self, p: float, damping: float) -> Dense:
+        if p == -1:
+            eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
+            inv = equilibrated_solve(self.matrix, eye, damping)
+            return Dense(0.5 * (inv + inv.T), self.layout, **self.meta)
         vals, vecs = self.eigh()
         mat = (vecs * spectral_power(vals, p, damping)) @ vecs.T
         return Dense(0.5 * (mat + mat.T), self.layout, **self.meta)
