@@ -45,8 +45,8 @@ class Dense(FisherMatrix):
 
     Example:
         >>> layout = ParamLayout.from_shapes({"theta": (2,)})
-        >>> F = Dense(torch.tensor([[2.0, 0.0], [0.0, 4.0]], dtype=torch.float64), layout)
-        >>> F.solve(torch.tensor([2.0, 4.0], dtype=torch.float64), damping=0.0).tolist()
+        >>> F = Dense(torch.tensor([[4.0, 0.0], [0.0, 16.0]]), layout)
+        >>> F.solve(torch.tensor([4.0, 16.0]), damping=0.0).tolist()
         [1.0, 1.0]
     """
 
