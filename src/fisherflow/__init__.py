@@ -2,6 +2,13 @@
 
 from fisherflow import distributed, flow, matrices
 from fisherflow._version import __version__
+from fisherflow.estimate import (
+    FallbackNotice,
+    Likelihood,
+    estimate,
+    reference_fisher,
+    register_likelihood,
+)
 from fisherflow.flow import FisherFlow, OnlineGLM, fuse, robust_fuse
 from fisherflow.matrices import (
     EKFAC,
@@ -22,17 +29,22 @@ __all__ = [
     "Block",
     "Dense",
     "Diagonal",
+    "FallbackNotice",
     "FisherFlow",
     "FisherMatrix",
     "KronGroup",
+    "Likelihood",
     "LowRank",
     "OnlineGLM",
     "ParamLayout",
     "__version__",
     "distributed",
+    "estimate",
     "flow",
     "fuse",
     "load",
     "matrices",
+    "reference_fisher",
+    "register_likelihood",
     "robust_fuse",
 ]

@@ -55,8 +55,16 @@ def _gpt2():
 
     hf_logging.set_verbosity_error()
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    cfg = GPT2Config(vocab_size=11, n_embd=8, n_layer=1, n_head=2, n_positions=8,
-                     bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+    cfg = GPT2Config(
+        vocab_size=11,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        n_positions=8,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="eager",
+    )
     return GPT2LMHeadModel(cfg)
 
 
@@ -70,14 +78,20 @@ def make_case(name: str, seed: int = 0):
         y = torch.randint(0, 3, (6,), generator=g)
         data = [(x[:3], y[:3]), (x[3:], y[3:])]
     elif name == "cnn":
-        model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 2, stride=2),
-                              nn.Flatten(), nn.Linear(8, 3))
+        model = nn.Sequential(
+            nn.Conv2d(1, 2, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2, 2, 2, stride=2),
+            nn.Flatten(),
+            nn.Linear(8, 3),
+        )
         x = torch.randn(4, 1, 4, 4, generator=g)
         y = torch.randint(0, 3, (4,), generator=g)
         data = [(x[:2], y[:2]), (x[2:], y[2:])]
     elif name == "conv1d":
-        model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
-                              nn.Linear(12, 2))
+        model = nn.Sequential(
+            nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(12, 2)
+        )
         x = torch.randn(4, 2, 4, generator=g)
         y = torch.randint(0, 2, (4,), generator=g)
         data = [(x, y)]
@@ -90,7 +104,10 @@ def make_case(name: str, seed: int = 0):
     elif name == "gpt2":
         model = _gpt2()
         ids = torch.randint(0, 11, (3, 6), generator=g)
-        data = [{"input_ids": ids[:2], "labels": ids[:2]}, {"input_ids": ids[2:], "labels": ids[2:]}]
+        data = [
+            {"input_ids": ids[:2], "labels": ids[:2]},
+            {"input_ids": ids[2:], "labels": ids[2:]},
+        ]
     elif name == "twice":
         model = TwiceNet()
         x = torch.randn(5, 4, generator=g)

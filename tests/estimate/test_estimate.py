@@ -26,8 +26,9 @@ def _est(case: str, kind: str, structure: str, **kw):
     model, data, lik = make_case(case)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FallbackNotice)
-        return estimate(model, data, lik, kind, structure, seed=3, mc_samples=2, progress=False,
-                        **kw)
+        return estimate(
+            model, data, lik, kind, structure, seed=3, mc_samples=2, progress=False, **kw
+        )
 
 
 def _block_part(F, R):
@@ -113,7 +114,6 @@ def test_params_subset_and_metadata():
 
 
 def test_masked_tokens_not_counted():
-    model, data, lik = make_case("transformer")
     F = _est("transformer", "empirical", "diagonal")
     assert F.num_samples == 4 * 5 - 2
 

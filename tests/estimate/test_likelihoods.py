@@ -27,7 +27,9 @@ def _data(name):
 def test_output_fisher_is_nll_hessian(name):
     lik, out, y = _data(name)
     for n in range(out.shape[0]):
-        H = torch.autograd.functional.hessian(lambda f: lik.nll(f[None], y[n : n + 1]).sum(), out[n])
+        H = torch.autograd.functional.hessian(
+            lambda f, yn=y[n : n + 1]: lik.nll(f[None], yn).sum(), out[n]
+        )
         torch.testing.assert_close(lik.output_fisher(out[n : n + 1])[0], H)
 
 

@@ -29,8 +29,12 @@ def _models() -> dict[str, nn.Module]:
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
     cnn = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, padding=1),
-        nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 10),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 4 * 4, 10),
     )
     return {"MLP": mlp, "CNN": cnn}
 
@@ -74,18 +78,23 @@ def run_demo(out: str | Path, rows: int = 128, rank: int = 20) -> Path:
         for kind in KINDS:
             for structure in STRUCTURES:
                 t = time.perf_counter()
-                F = estimate(model, data, "categorical", kind, structure, rank=rank, seed=0,
-                             progress=False)
+                F = estimate(
+                    model, data, "categorical", kind, structure, rank=rank, seed=0, progress=False
+                )
                 results[kind, structure] = (F, time.perf_counter() - t)
         exact = results["exact", "dense"][0].to_dense()
         ex_norm, ex_tr = exact.norm(), exact.trace()
-        lines += ["| kind | structure | rel. Frobenius error | trace recovery | time (s) |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "| kind | structure | rel. Frobenius error | trace recovery | time (s) |",
+            "|---|---|---|---|---|",
+        ]
         for (kind, structure), (F, secs) in results.items():
             D = F.to_dense()
             err = float((D - exact).norm() / ex_norm)
-            lines.append(f"| {kind} | {structure} | {err:.3g} | {float(D.trace() / ex_tr):.3f} "
-                         f"| {secs:.2f} |")
+            lines.append(
+                f"| {kind} | {structure} | {err:.3g} | {float(D.trace() / ex_tr):.3f} "
+                f"| {secs:.2f} |"
+            )
         panels = {
             "true Fisher (exact, dense)": exact,
             "empirical Fisher": results["empirical", "dense"][0].to_dense(),
@@ -95,10 +104,12 @@ def run_demo(out: str | Path, rows: int = 128, rank: int = 20) -> Path:
             f"low-rank (r={rank})": results["exact", "lowrank"][0].to_dense(),
         }
         heat = heatmaps(panels, out / f"{name.lower()}_heatmaps.png", f"{name}: log10 |F_ij|")
-        spec = spectra({k: torch.linalg.eigvalsh(v) for k, v in panels.items()},
-                       out / f"{name.lower()}_spectra.png", f"{name}: spectra")
-        lines += ["", f"![{name} heatmaps]({heat.name})", "", f"![{name} spectra]({spec.name})",
-                  ""]
+        spec = spectra(
+            {k: torch.linalg.eigvalsh(v) for k, v in panels.items()},
+            out / f"{name.lower()}_spectra.png",
+            f"{name}: spectra",
+        )
+        lines += ["", f"![{name} heatmaps]({heat.name})", "", f"![{name} spectra]({spec.name})", ""]
     report = out / "README.md"
     report.write_text("\n".join(lines) + "\n")
     return report

@@ -16,12 +16,18 @@ __all__ = ["load_data", "load_model", "register", "run"]
 def register(subparsers: Any) -> None:
     """Add the ``estimate`` subcommand."""
     p = subparsers.add_parser("estimate", help="estimate a model's Fisher and save it")
-    p.add_argument("--model", required=True,
-                   help="module:factory (a callable returning an nn.Module) or a local "
-                        "Hugging Face model directory")
-    p.add_argument("--data", default="digits",
-                   help="'digits' (scikit-learn, bundled) or a .safetensors/.pt-free .npz file "
-                        "with 'inputs' and 'targets' (or 'input_ids' for causal LMs)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="module:factory (a callable returning an nn.Module) or a local "
+        "Hugging Face model directory",
+    )
+    p.add_argument(
+        "--data",
+        default="digits",
+        help="'digits' (scikit-learn, bundled) or a .safetensors/.pt-free .npz file "
+        "with 'inputs' and 'targets' (or 'input_ids' for causal LMs)",
+    )
     p.add_argument("--likelihood", default="categorical")
     p.add_argument("--kind", default="mc", choices=["exact", "mc", "empirical"])
     p.add_argument("--structure", default="diagonal")
@@ -63,8 +69,10 @@ def load_data(spec: str, batch_size: int, limit: int | None = None) -> list[Any]
         from sklearn.datasets import load_digits
 
         d = load_digits()
-        arrays = {"inputs": torch.tensor(d.data / 16.0, dtype=torch.float32),
-                  "targets": torch.tensor(d.target)}
+        arrays = {
+            "inputs": torch.tensor(d.data / 16.0, dtype=torch.float32),
+            "targets": torch.tensor(d.target),
+        }
     elif spec.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -80,8 +88,10 @@ def load_data(spec: str, batch_size: int, limit: int | None = None) -> list[Any]
     n = n if limit is None else min(n, limit)
     if "input_ids" in arrays:
         ids = arrays["input_ids"].long()
-        return [{"input_ids": ids[i : i + batch_size], "labels": ids[i : i + batch_size]}
-                for i in range(0, n, batch_size)]
+        return [
+            {"input_ids": ids[i : i + batch_size], "labels": ids[i : i + batch_size]}
+            for i in range(0, n, batch_size)
+        ]
     if "inputs" not in arrays or "targets" not in arrays:
         raise ValueError(f"data file needs 'inputs' and 'targets' arrays, got {sorted(arrays)}")
     x, y = arrays["inputs"], arrays["targets"]
@@ -94,8 +104,15 @@ def run(args: argparse.Namespace) -> int:
 
     model = load_model(args.model)
     data = load_data(args.data, args.batch_size, args.limit)
-    F = estimate(model, data, args.likelihood, args.kind, args.structure,
-                 mc_samples=args.mc_samples, rank=args.rank)
+    F = estimate(
+        model,
+        data,
+        args.likelihood,
+        args.kind,
+        args.structure,
+        mc_samples=args.mc_samples,
+        rank=args.rank,
+    )
     F.save(args.out)
     print(f"wrote {args.out}: {F!r}, trace {float(F.trace()):.6g}")
     return 0

@@ -15,8 +15,13 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("inspect", help="summarise a saved Fisher (.safetensors)")
     p.add_argument("file")
     p.add_argument("--top", type=int, default=10, help="number of top eigenvalues")
-    p.add_argument("--damping", type=float, nargs="+", default=[1e-3, 1e-1, 1.0],
-                   help="λ values for the effective dimension tr F(F+λI)^-1")
+    p.add_argument(
+        "--damping",
+        type=float,
+        nargs="+",
+        default=[1e-3, 1e-1, 1.0],
+        help="λ values for the effective dimension tr F(F+λI)^-1",
+    )
     p.add_argument("--plots", default=None, help="directory for a heatmap and a spectrum PNG")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
@@ -40,8 +45,13 @@ def run(args: argparse.Namespace) -> int:
         if "top_eigenvalues" in info:
             info["spectrum"] = str(spectra({stem: F.eigvalsh()}, out / f"{stem}_spectrum.png"))
         else:
-            info["spectrum"] = str(spectra({stem: torch.sort(F.diagonal()).values},
-                                           out / f"{stem}_spectrum.png", "diagonal entries"))
+            info["spectrum"] = str(
+                spectra(
+                    {stem: torch.sort(F.diagonal()).values},
+                    out / f"{stem}_spectrum.png",
+                    "diagonal entries",
+                )
+            )
     if args.json:
         print(json.dumps(info, indent=2))
     else:

@@ -27,7 +27,7 @@ from fisherflow.matrices import (
 )
 from fisherflow.matrices.kron import factor_eigh
 
-__all__ = ["Plan", "per_row_dict", "ACCUMULATORS"]
+__all__ = ["ACCUMULATORS", "Plan", "per_row_dict"]
 
 Pairs = Sequence[tuple[Record, Tensor]]
 
@@ -67,8 +67,14 @@ class Plan:
         return torch.zeros(*shape, dtype=self.dtype, device=self.device)
 
 
-def _place(acc: dict[str, Tensor], name: str, g: Tensor, rows: slice | None, major: bool,
-           shape: tuple[int, ...]) -> None:
+def _place(
+    acc: dict[str, Tensor],
+    name: str,
+    g: Tensor,
+    rows: slice | None,
+    major: bool,
+    shape: tuple[int, ...],
+) -> None:
     if rows is None:
         acc[name] = acc[name] + g if name in acc else g
         return
@@ -80,8 +86,9 @@ def _place(acc: dict[str, Tensor], name: str, g: Tensor, rows: slice | None, maj
         acc[name][:, rows] += g
 
 
-def per_row_dict(plan: Plan, pairs: Pairs, func: Mapping[str, Tensor],
-                 names: set[str] | None = None) -> dict[str, Tensor]:
+def per_row_dict(
+    plan: Plan, pairs: Pairs, func: Mapping[str, Tensor], names: set[str] | None = None
+) -> dict[str, Tensor]:
     """``{name: (B, *shape)}`` per-row gradients summed over every use of a parameter."""
     acc: dict[str, Tensor] = {}
     for rec, d in pairs:
@@ -174,8 +181,9 @@ class GroupAcc(Accumulator):
         rowd = per_row_dict(self.plan, pairs, func)
         for g, names in self.groups.items():
             parts = [
-                rowd[n].reshape(rows, -1) if n in rowd else self.plan.zeros(
-                    rows, self.plan.layout.subset([n]).size)
+                rowd[n].reshape(rows, -1)
+                if n in rowd
+                else self.plan.zeros(rows, self.plan.layout.subset([n]).size)
                 for n in names
             ]
             v = torch.cat(parts, 1)
@@ -205,7 +213,8 @@ class LowRankAcc(Accumulator):
     def add(self, pairs: Pairs, func: Mapping[str, Tensor], rows: int) -> None:
         rowd = per_row_dict(self.plan, pairs, func)
         parts = [
-            rowd[n].reshape(rows, -1) if n in rowd
+            rowd[n].reshape(rows, -1)
+            if n in rowd
             else self.plan.zeros(rows, self.plan.layout.subset([n]).size)
             for n in self.plan.layout.names
         ]
@@ -275,8 +284,11 @@ class KFACAcc(Accumulator):
         for g, spec in self.plan.kron.items():
             n_out, n_cols = spec.dims(self.plan.layout)
             emb = g in self.A and self.A[g].dim() == 1
-            A[g] = self.A[g] / max(self.counts.get(g, 0), 1) if g in self.A else (
-                self.plan.zeros(n_cols) if emb else self.plan.zeros(n_cols, n_cols))
+            A[g] = (
+                self.A[g] / max(self.counts.get(g, 0), 1)
+                if g in self.A
+                else (self.plan.zeros(n_cols) if emb else self.plan.zeros(n_cols, n_cols))
+            )
             G[g] = self.G.get(g, self.plan.zeros(n_out, n_out))
         return A, G
 

@@ -154,8 +154,10 @@ def estimate(
     fwd = forward or default_forward
     iterator = iter(data)
     if structure == "ekfac" and iterator is data:
-        raise ValueError("structure='ekfac' needs re-iterable data (a list or DataLoader), "
-                         "got a one-shot iterator")
+        raise ValueError(
+            "structure='ekfac' needs re-iterable data (a list or DataLoader), "
+            "got a one-shot iterator"
+        )
     try:
         first = next(iterator)
     except StopIteration:
@@ -167,23 +169,43 @@ def estimate(
     model.eval()
     try:
         capture = Capture(model, layout, stat)
-        common = dict(lik=lik, forward=fwd, shift_labels=shift_labels, device=device, stat=stat)
+        common: dict[str, Any] = dict(
+            lik=lik, forward=fwd, shift_labels=shift_labels, device=device, stat=stat
+        )
         probe(model, first, capture, **common)  # type: ignore[arg-type]
         plan = build_plan(capture, layout, stat, device, CONVENTIONS[convention])
         stream = itertools.chain([first], iterator)
         first_structure = "kfac" if structure == "ekfac" else structure
         acc = _make(first_structure, plan, rank)
         bar = _progress(progress, data, f"Fisher ({kind}, {structure})")
-        count = run_pass(model, stream, capture, [acc], kind=kind, mc_samples=mc_samples,
-                         generator=gen, progress=bar, **common)  # type: ignore[arg-type]
+        count = run_pass(
+            model,
+            stream,
+            capture,
+            [acc],
+            kind=kind,
+            mc_samples=mc_samples,
+            generator=gen,
+            progress=bar,
+            **common,
+        )  # type: ignore[arg-type]
         count = reduce_accumulators([acc], count, group) if use_dist else count
         meta = {"num_samples": float(count), "kind": kind, "likelihood": lik.name}
         result = acc.build(**meta)
         if structure == "ekfac":
             assert isinstance(result, KFAC)
             acc2 = ACCUMULATORS["ekfac"](plan, kfac=result)
-            run_pass(model, iter(data), capture, [acc2], kind=kind, mc_samples=mc_samples,
-                     generator=gen, progress=bar, **common)  # type: ignore[arg-type]
+            run_pass(
+                model,
+                iter(data),
+                capture,
+                [acc2],
+                kind=kind,
+                mc_samples=mc_samples,
+                generator=gen,
+                progress=bar,
+                **common,
+            )  # type: ignore[arg-type]
             if use_dist:
                 reduce_accumulators([acc2], 0, group)
             result = acc2.build(**meta)

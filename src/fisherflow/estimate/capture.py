@@ -36,7 +36,7 @@ from fisherflow.estimate.layers import (
 )
 from fisherflow.matrices.layout import ParamLayout
 
-__all__ = ["Capture", "FallbackNotice", "LAYER_HANDLERS"]
+__all__ = ["LAYER_HANDLERS", "Capture", "FallbackNotice"]
 
 
 class FallbackNotice(UserWarning):
@@ -136,22 +136,26 @@ class Capture:
                 self.owner.setdefault(pname, mname)
                 uses.setdefault(pname, []).append((module, handler))
                 if handler is None and pname in layout:
-                    reasons.setdefault(mname or type(module).__name__, f"{type(module).__name__}"
-                                       f" ({reason})")
+                    reasons.setdefault(
+                        mname or type(module).__name__, f"{type(module).__name__} ({reason})"
+                    )
         for module in model.modules():
             if isinstance(module, nn.MultiheadAttention) and id(module) not in self.handlers:
                 for p in module.out_proj.parameters():
                     uses.setdefault(names[id(p)], []).append((module, None))
         self.uses = uses
-        self.hooked = {n for n in layout.names if all(h is not None for _, h in uses.get(n, []))
-                       and uses.get(n)}
+        self.hooked = {
+            n
+            for n in layout.names
+            if all(h is not None for _, h in uses.get(n, [])) and uses.get(n)
+        }
         self.fallback = [n for n in layout.names if n not in self.hooked]
         self.rows = 0
         self.records: list[Record] = []
         self.failed: set[str] = set()
         self._handles: list[Any] = []
         self._patched: list[nn.Module] = []
-        self._notices = set()
+        self._notices: set[str] = set()
         for where, why in reasons.items():
             self.notice(where, why)
 
@@ -210,15 +214,26 @@ class Capture:
         for p in module.parameters():
             self.failed.add(self.name_of[id(p)])
 
-    def _add(self, handler: Handler, module: nn.Module, data: Tensor | None, out: Any,
-             weight: Tensor, bias: Tensor | None, **kw: Any) -> None:
+    def _add(
+        self,
+        handler: Handler,
+        module: nn.Module,
+        data: Tensor | None,
+        out: Any,
+        weight: Tensor,
+        bias: Tensor | None,
+        **kw: Any,
+    ) -> None:
         w, b = self._param(weight), self._param(bias)
         if w is None:
             if b is not None:
                 self.failed.add(self.name_of[id(b)])
             return
-        if data is None or not isinstance(out, Tensor) or out.grad_fn is None or (
-            out.dim() == 0 or out.shape[0] != self.rows
+        if (
+            data is None
+            or not isinstance(out, Tensor)
+            or out.grad_fn is None
+            or (out.dim() == 0 or out.shape[0] != self.rows)
         ):
             self._fail(module)
             return
@@ -232,7 +247,8 @@ class Capture:
                 self._fail(module)
             return
         xd = x.detach()
-        weight, bias = module.weight, getattr(module, "bias", None)
+        weight: Tensor = module.weight  # type: ignore[assignment]
+        bias = getattr(module, "bias", None)
         extra: dict[str, Any] = {}
         data: Tensor | None
         if isinstance(handler, EmbeddingHandler):
@@ -253,15 +269,29 @@ class Capture:
             data = xd.to(self.stat).reshape(xd.shape[0], -1, n_in) if xd.dim() >= 2 else None
         self._add(handler, module, data, out, weight, bias, extra=extra)
 
-    def linear(self, module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None,
-               rows: slice | None = None, param: Tensor | None = None,
-               param_bias: Tensor | None = None) -> Tensor:
+    def linear(
+        self,
+        module: nn.Module,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        rows: slice | None = None,
+        param: Tensor | None = None,
+        param_bias: Tensor | None = None,
+    ) -> Tensor:
         """``F.linear`` recorded as a use of ``param`` (``weight`` may be a row slice)."""
         out = Fn.linear(x, weight, bias)
         data = x.detach().to(self.stat).reshape(x.shape[0], -1, x.shape[-1])
         handler = LinearHandler()
-        self._add(handler, module, data, out, param if param is not None else weight,
-                  param_bias if param is not None else bias, rows=rows)
+        self._add(
+            handler,
+            module,
+            data,
+            out,
+            param if param is not None else weight,
+            param_bias if param is not None else bias,
+            rows=rows,
+        )
         return out
 
 
@@ -279,8 +309,17 @@ def _make_mha_forward(capture: Capture) -> Callable[..., Any]:
     ) -> tuple[Tensor, Tensor | None]:
         if query.dim() != 3 or (m.training and m.dropout > 0):
             capture._fail(m)
-            return type(m).forward(m, query, key, value, key_padding_mask, need_weights,
-                                   attn_mask, average_attn_weights, is_causal)
+            return type(m).forward(
+                m,
+                query,
+                key,
+                value,
+                key_padding_mask,
+                need_weights,
+                attn_mask,
+                average_attn_weights,
+                is_causal,
+            )
         same = query is key and key is value
         if not m.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))

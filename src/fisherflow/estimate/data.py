@@ -42,9 +42,7 @@ def split_batch(batch: Any, shift_labels: bool | None = None) -> Batch:
     """
     if isinstance(batch, Mapping):
         if "labels" not in batch:
-            raise TypeError(
-                f"a dict batch must have a 'labels' key, got keys {sorted(batch)}"
-            )
+            raise TypeError(f"a dict batch must have a 'labels' key, got keys {sorted(batch)}")
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         labels = batch["labels"]
         if shift_labels is None:
@@ -56,9 +54,7 @@ def split_batch(batch: Any, shift_labels: bool | None = None) -> Batch:
                 and bool(((labels == ids) | (labels == -100)).all())
             )
         if shift_labels:
-            labels = torch.cat(
-                [labels[..., 1:], torch.full_like(labels[..., :1], -100)], dim=-1
-            )
+            labels = torch.cat([labels[..., 1:], torch.full_like(labels[..., :1], -100)], dim=-1)
         return Batch(inputs, labels)
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         inputs, targets = batch

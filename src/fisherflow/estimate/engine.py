@@ -33,7 +33,10 @@ def _roles(module: nn.Module) -> tuple[str, str | None]:
 
 
 def build_plan(
-    capture: Capture, layout: ParamLayout, dtype: torch.dtype, device: torch.device,
+    capture: Capture,
+    layout: ParamLayout,
+    dtype: torch.dtype,
+    device: torch.device,
     reduce: bool = False,
 ) -> Plan:
     """Groups (one per owning module) and Kronecker layers of the captured parameters.
@@ -61,13 +64,17 @@ def build_plan(
         bn = capture.name_of[id(b)] if isinstance(b, Tensor) else None
         users = capture.uses[wn]
         if any(
-            h is None or not h.kron or h.input_major != handler.input_major
+            h is None
+            or not h.kron
+            or h.input_major != handler.input_major
             or getattr(m, _roles(m)[1] or "", None) is not b
             for m, h in users
         ):
             continue
-        if bn is not None and (bn not in capture.hooked or {id(m) for m, _ in capture.uses[bn]}
-                               != {id(m) for m, _ in users}):
+        if bn is not None and (
+            bn not in capture.hooked
+            or {id(m) for m, _ in capture.uses[bn]} != {id(m) for m, _ in users}
+        ):
             continue
         kron[mname or "model"] = KronGroup(wn, bn, handler.input_major)
     return Plan(layout, capture.name_of, groups, kron, dtype, device, reduce)
@@ -75,10 +82,12 @@ def build_plan(
 
 def _verify(capture: Capture, out: Tensor, cot: Tensor, pairs: list[Any]) -> set[str]:
     """Names whose captured batch gradient disagrees with autograd's (missed uses)."""
-    params = {n: p for p in capture.model.parameters() if (n := capture.name_of[id(p)])
-              in capture.hooked}
-    grads = torch.autograd.grad(out, list(params.values()), cot, retain_graph=True,
-                                allow_unused=True)
+    params = {
+        n: p for p in capture.model.parameters() if (n := capture.name_of[id(p)]) in capture.hooked
+    }
+    grads = torch.autograd.grad(
+        out, list(params.values()), cot, retain_graph=True, allow_unused=True
+    )
     mine: dict[str, Tensor] = {}
     for rec, d in pairs:
         w, b = rec.handler.batch_grad(rec, d)
@@ -138,8 +147,9 @@ def run_pass(
                 capture.start(rows)
                 with torch.enable_grad():
                     out = output_tensor(forward(model, inputs))
-            records = [r for r in capture.records if capture.name_of[id(r.weight)]
-                       in capture.hooked]
+            records = [
+                r for r in capture.records if capture.name_of[id(r.weight)] in capture.hooked
+            ]
             scores = make_scores(lik, out, targets, kind, rows, mc_samples, generator, stat)
             total += scores.count
             for acc in accs:
@@ -155,11 +165,16 @@ def run_pass(
                 outs = [r.output for r in records]
                 grads = (
                     torch.autograd.grad(out, outs, cot, retain_graph=True, allow_unused=True)
-                    if outs else []
+                    if outs
+                    else []
                 )
                 pairs = [
-                    (r, r.handler.delta(r, (g if g is not None else torch.zeros_like(r.output))
-                                        .to(stat)))
+                    (
+                        r,
+                        r.handler.delta(
+                            r, (g if g is not None else torch.zeros_like(r.output)).to(stat)
+                        ),
+                    )
                     for r, g in zip(records, grads, strict=True)
                 ]
                 func = {n: g[k].to(stat) for n, g in func_all.items()}

@@ -26,7 +26,12 @@ from torch import Tensor, nn
 
 __all__ = [
     "ConvHandler",
-    "EmbeddingHandler", "Handler", "LayerNormHandler", "LinearHandler", "Record"]
+    "EmbeddingHandler",
+    "Handler",
+    "LayerNormHandler",
+    "LinearHandler",
+    "Record",
+]
 
 
 @dataclass
@@ -106,7 +111,7 @@ class LinearHandler(Handler):
     def __init__(self, input_major: bool = False) -> None:
         self.input_major = input_major
 
-    def per_row(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None]:
+    def per_row(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None]:  # noqa: D102
         g = torch.einsum("bso,bsi->boi", d, rec.data)
         if self.input_major:
             g = g.transpose(1, 2)
@@ -121,13 +126,13 @@ class LinearHandler(Handler):
             shape = (shape[0], n) if self.input_major else (n, *shape[1:])
         return shape
 
-    def batch_grad(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None]:
+    def batch_grad(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None]:  # noqa: D102
         g = torch.einsum("bso,bsi->oi", d, rec.data)
         if self.input_major:
             g = g.T
         return g.reshape(self._shape(rec)), d.sum((0, 1)) if rec.bias is not None else None
 
-    def diag(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None] | None:
+    def diag(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None] | None:  # noqa: D102
         if d.shape[1] != 1:
             return None
         d2, a2 = d[:, 0] ** 2, rec.data[:, 0] ** 2
@@ -136,11 +141,11 @@ class LinearHandler(Handler):
             g = g.T
         return g.reshape(self._shape(rec)), d2.sum(0) if rec.bias is not None else None
 
-    def matrix(self, rec: Record, d: Tensor) -> Tensor:
+    def matrix(self, rec: Record, d: Tensor) -> Tensor:  # noqa: D102
         g = torch.einsum("bso,bsi->boi", d, rec.data)
         return g if rec.bias is None else torch.cat([g, d.sum(1)[:, :, None]], dim=2)
 
-    def factor_a(self, rec: Record, reduce: bool) -> tuple[Tensor, int]:
+    def factor_a(self, rec: Record, reduce: bool) -> tuple[Tensor, int]:  # noqa: D102
         a = rec.data
         if reduce:
             a = a.mean(1, keepdim=True)
@@ -149,7 +154,7 @@ class LinearHandler(Handler):
         flat = a.reshape(-1, a.shape[-1])
         return flat.T @ flat, flat.shape[0]
 
-    def ekfac(self, rec: Record, d: Tensor, qa: Tensor | None, qg: Tensor | None) -> Tensor:
+    def ekfac(self, rec: Record, d: Tensor, qa: Tensor | None, qg: Tensor | None) -> Tensor:  # noqa: D102
         if d.shape[1] != 1:
             return super().ekfac(rec, d, qa, qg)
         a = rec.data[:, 0]
@@ -166,7 +171,7 @@ class LinearHandler(Handler):
 class ConvHandler(LinearHandler):
     """Conv1d/Conv2d as a linear map on unfolded patches (one position per patch)."""
 
-    def delta(self, rec: Record, grad: Tensor) -> Tensor:
+    def delta(self, rec: Record, grad: Tensor) -> Tensor:  # noqa: D102
         return grad.reshape(grad.shape[0], grad.shape[1], -1).transpose(1, 2)
 
 
@@ -186,17 +191,17 @@ class EmbeddingHandler(Handler):
             keys, flat = keys[keep], flat[keep]
         return keys, flat, idx
 
-    def per_row(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None]:
+    def per_row(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None]:  # noqa: D102
         keys, flat, idx = self._keys(rec, d)
         vocab = rec.weight.shape[0]
         out = torch.zeros(idx.shape[0] * vocab, d.shape[-1], dtype=d.dtype, device=d.device)
         out.index_add_(0, keys, flat)
         return out.reshape(idx.shape[0], vocab, d.shape[-1]), None
 
-    def matrix(self, rec: Record, d: Tensor) -> Tensor:
+    def matrix(self, rec: Record, d: Tensor) -> Tensor:  # noqa: D102
         return self.per_row(rec, d)[0].transpose(1, 2)
 
-    def batch_grad(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None]:
+    def batch_grad(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None]:  # noqa: D102
         keys, flat, _ = self._keys(rec, d)
         vocab = rec.weight.shape[0]
         out = torch.zeros(vocab, d.shape[-1], dtype=d.dtype, device=d.device)
@@ -208,12 +213,12 @@ class EmbeddingHandler(Handler):
         sums = torch.zeros(uniq.shape[0], d.shape[-1], dtype=d.dtype, device=d.device)
         return uniq % rec.weight.shape[0], sums.index_add_(0, inv, flat)
 
-    def diag(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None] | None:
+    def diag(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None] | None:  # noqa: D102
         tokens, sums = self._unique_sums(rec, d)
         out = torch.zeros(rec.weight.shape, dtype=d.dtype, device=d.device)
         return out.index_add_(0, tokens, sums * sums), None
 
-    def factor_a(self, rec: Record, reduce: bool) -> tuple[Tensor, int]:
+    def factor_a(self, rec: Record, reduce: bool) -> tuple[Tensor, int]:  # noqa: D102
         idx = rec.data.reshape(-1)
         counts = torch.bincount(idx, minlength=rec.weight.shape[0]).to(rec.extra["dtype"])
         pad = rec.extra.get("padding_idx")
@@ -221,11 +226,11 @@ class EmbeddingHandler(Handler):
             counts[pad] = 0
         return counts, idx.numel()
 
-    def factor_g(self, rec: Record, d: Tensor, reduce: bool) -> Tensor:
+    def factor_g(self, rec: Record, d: Tensor, reduce: bool) -> Tensor:  # noqa: D102
         _, flat, _ = self._keys(rec, d)
         return flat.T @ flat
 
-    def ekfac(self, rec: Record, d: Tensor, qa: Tensor | None, qg: Tensor | None) -> Tensor:
+    def ekfac(self, rec: Record, d: Tensor, qa: Tensor | None, qg: Tensor | None) -> Tensor:  # noqa: D102
         tokens, sums = self._unique_sums(rec, d)
         if qg is not None:
             sums = sums @ qg
@@ -239,18 +244,18 @@ class LayerNormHandler(Handler):
 
     kron = False
 
-    def delta(self, rec: Record, grad: Tensor) -> Tensor:
+    def delta(self, rec: Record, grad: Tensor) -> Tensor:  # noqa: D102
         return grad.reshape(grad.shape[0], -1, rec.data.shape[-1])
 
-    def per_row(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None]:
+    def per_row(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None]:  # noqa: D102
         w = (d * rec.data).sum(1).reshape(d.shape[0], *rec.weight.shape)
         return w, d.sum(1).reshape(d.shape[0], *rec.weight.shape) if rec.bias is not None else None
 
-    def batch_grad(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None]:
+    def batch_grad(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None]:  # noqa: D102
         w = (d * rec.data).sum((0, 1)).reshape(rec.weight.shape)
         return w, d.sum((0, 1)).reshape(rec.weight.shape) if rec.bias is not None else None
 
-    def diag(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None] | None:
+    def diag(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None] | None:  # noqa: D102
         if d.shape[1] != 1:
             return None
         w = ((d[:, 0] * rec.data[:, 0]) ** 2).sum(0).reshape(rec.weight.shape)

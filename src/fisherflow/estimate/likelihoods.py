@@ -137,7 +137,7 @@ class Categorical(Likelihood):
 
     name = "categorical"
 
-    def prepare(self, output: Tensor, target: Tensor | None) -> Prepared:
+    def prepare(self, output: Tensor, target: Tensor | None) -> Prepared:  # noqa: D102
         shape = tuple(output.shape)
         if output.dim() < 1:
             raise ValueError("categorical outputs must have a class dimension, got a scalar")
@@ -165,14 +165,14 @@ class Categorical(Likelihood):
             tgt = torch.where(mask, tgt, torch.zeros_like(tgt))
         return Prepared(out, tgt, mask, shape)
 
-    def nll(self, output: Tensor, target: Tensor) -> Tensor:
+    def nll(self, output: Tensor, target: Tensor) -> Tensor:  # noqa: D102
         return -torch.log_softmax(output, -1).gather(-1, target.long()[:, None])[:, 0]
 
-    def sample(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:  # noqa: D102
         probs = torch.softmax(output.double(), -1)
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
-    def fisher_sqrt(self, output: Tensor) -> Tensor:
+    def fisher_sqrt(self, output: Tensor) -> Tensor:  # noqa: D102
         p = torch.softmax(output, -1)
         sq = p.sqrt()
         # column c: sqrt(p_c) (e_c - p); R Rᵀ = diag(p) - p pᵀ.
@@ -190,16 +190,16 @@ class Bernoulli(Likelihood):
 
     name = "bernoulli"
 
-    def nll(self, output: Tensor, target: Tensor) -> Tensor:
+    def nll(self, output: Tensor, target: Tensor) -> Tensor:  # noqa: D102
         loss = torch.nn.functional.binary_cross_entropy_with_logits(
             output, target, reduction="none"
         )
         return loss.sum(-1)
 
-    def sample(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:  # noqa: D102
         return torch.bernoulli(torch.sigmoid(output), generator=generator)
 
-    def fisher_sqrt(self, output: Tensor) -> Tensor:
+    def fisher_sqrt(self, output: Tensor) -> Tensor:  # noqa: D102
         p = torch.sigmoid(output)
         return (p * (1 - p)).sqrt()
 
@@ -225,16 +225,17 @@ class Gaussian(Likelihood):
             raise ValueError(f"variance must be a finite number > 0, got {variance!r}")
         self.variance = float(variance)
 
-    def nll(self, output: Tensor, target: Tensor) -> Tensor:
+    def nll(self, output: Tensor, target: Tensor) -> Tensor:  # noqa: D102
         sq = (output - target) ** 2 / (2 * self.variance)
         return (sq + 0.5 * math.log(2 * math.pi * self.variance)).sum(-1)
 
-    def sample(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        noise = torch.randn(output.shape, generator=generator, dtype=output.dtype,
-                            device=output.device)
+    def sample(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:  # noqa: D102
+        noise = torch.randn(
+            output.shape, generator=generator, dtype=output.dtype, device=output.device
+        )
         return output + math.sqrt(self.variance) * noise
 
-    def fisher_sqrt(self, output: Tensor) -> Tensor:
+    def fisher_sqrt(self, output: Tensor) -> Tensor:  # noqa: D102
         return torch.full_like(output, 1.0 / math.sqrt(self.variance))
 
 
@@ -248,13 +249,13 @@ class Poisson(Likelihood):
 
     name = "poisson"
 
-    def nll(self, output: Tensor, target: Tensor) -> Tensor:
+    def nll(self, output: Tensor, target: Tensor) -> Tensor:  # noqa: D102
         return (output.exp() - target * output + torch.lgamma(target + 1)).sum(-1)
 
-    def sample(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:  # noqa: D102
         return torch.poisson(output.exp(), generator=generator)
 
-    def fisher_sqrt(self, output: Tensor) -> Tensor:
+    def fisher_sqrt(self, output: Tensor) -> Tensor:  # noqa: D102
         return (0.5 * output).exp()
 
 

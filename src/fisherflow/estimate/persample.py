@@ -58,13 +58,16 @@ def per_row_grads(
 
         def f(p: dict[str, Tensor]) -> Tensor:
             out = functional_call(
-                wrapped, {f"model.{n}": v for n, v in p.items()}, (x1,), strict=False,
+                wrapped,
+                {f"model.{n}": v for n, v in p.items()},
+                (x1,),
+                strict=False,
                 tie_weights=True,
             )
             return out
 
-        _, pull = vjp(f, sub)
-        (g,) = vmap(pull)(cot.unsqueeze(1))
+        _, pull = vjp(f, sub)  # type: ignore[misc]
+        (g,) = vmap(pull)(cot.unsqueeze(1))  # type: ignore[misc]
         return g  # type: ignore[no-any-return]
 
     parts: list[dict[str, Tensor]] = []
@@ -92,4 +95,3 @@ def _slice(inputs: Any, start: int, stop: int) -> Any:
     if isinstance(inputs, (list, tuple)):
         return type(inputs)(_slice(v, start, stop) for v in inputs)
     return inputs
-

@@ -37,8 +37,10 @@ def row_slice(inputs: Any, n: int) -> Any:
 
 
 class Wrapped(nn.Module):
-    """``forward(model, inputs)`` as a module, so ``torch.func.functional_call`` can swap
-    the model's parameters (keys prefixed ``"model."``)."""
+    """``forward(model, inputs)`` as a module whose parameters ``functional_call`` swaps.
+
+    Parameter keys are the model's, prefixed ``"model."``.
+    """
 
     def __init__(self, model: nn.Module, forward: Forward) -> None:
         super().__init__()
@@ -54,7 +56,10 @@ def _row_jacobian(wrapped: Wrapped, names: list[str], params: dict[str, Tensor],
 
     def f(p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         out = functional_call(
-            wrapped, {f"model.{k}": v for k, v in p.items()}, (x,), strict=False,
+            wrapped,
+            {f"model.{k}": v for k, v in p.items()},
+            (x,),
+            strict=False,
             tie_weights=True,
         )
         return out, out

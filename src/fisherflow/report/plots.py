@@ -30,13 +30,24 @@ def effective_dimension(eigvals: Tensor, damping: float) -> float:
     return float((ev / (ev + damping)).sum())
 
 
-def summary(F: FisherMatrix, top: int = 10, dampings: Sequence[float] = (1e-3, 1e-1, 1.0),
-            max_dense: int = 4000) -> dict[str, Any]:
-    """Trace, top eigenvalues and effective dimensions of ``F`` (eigenvalues need P ≤ max_dense
-    for dense-only structures; K-FAC, EKFAC, diagonal and block are cheap at any size)."""
+def summary(
+    F: FisherMatrix,
+    top: int = 10,
+    dampings: Sequence[float] = (1e-3, 1e-1, 1.0),
+    max_dense: int = 4000,
+) -> dict[str, Any]:
+    """Trace, top eigenvalues and effective dimensions of ``F``.
+
+    Eigenvalues are cheap for diagonal, block, K-FAC and EKFAC at any size; dense and
+    low-rank structures with a general diagonal need a P×P ``eigh``.
+    """
     out: dict[str, Any] = {
-        "structure": F.structure, "kind": F.kind, "likelihood": F.likelihood,
-        "num_samples": F.num_samples, "parameters": F.size, "trace": float(F.trace()),
+        "structure": F.structure,
+        "kind": F.kind,
+        "likelihood": F.likelihood,
+        "num_samples": F.num_samples,
+        "parameters": F.size,
+        "trace": float(F.trace()),
     }
     try:
         ev = F.eigvalsh()
