@@ -14,7 +14,7 @@ from collections.abc import Sequence
 __all__ = ["build_parser", "main"]
 
 #: Subcommand modules, in the order ``fisherflow --help`` lists them.
-COMMANDS = ("demo", "estimate", "inspect", "stats")
+COMMANDS = ("demo", "estimate", "inspect")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,9 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fisherflow`` script."""
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    """Entry point of the ``fisherflow`` script.
+
+    Errors in what the user passed (a bad argument, a missing or corrupt file) are
+    printed as one ``fisherflow: error: ...`` line with exit code 2, not a traceback.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as err:
+        parser.exit(2, f"fisherflow: error: {err}\n")
 
 
 if __name__ == "__main__":  # pragma: no cover

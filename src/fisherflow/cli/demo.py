@@ -59,7 +59,7 @@ def run_demo(out: str | Path, rows: int = 128, rank: int = 20) -> Path:
     from sklearn.datasets import load_digits
 
     from fisherflow.estimate import estimate
-    from fisherflow.report import heatmaps, spectra
+    from fisherflow.report import heatmaps, spectra, write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,9 +110,7 @@ def run_demo(out: str | Path, rows: int = 128, rank: int = 20) -> Path:
             f"{name}: spectra",
         )
         lines += ["", f"![{name} heatmaps]({heat.name})", "", f"![{name} spectra]({spec.name})", ""]
-    report = out / "README.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
+    return write_text(out / "README.md", "\n".join(lines) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:

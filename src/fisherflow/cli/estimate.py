@@ -86,6 +86,7 @@ def load_data(spec: str, batch_size: int, limit: int | None = None) -> list[Any]
         raise ValueError(f"--data must be 'digits', a .npz or a .safetensors file, got {spec!r}")
     n = len(next(iter(arrays.values())))
     n = n if limit is None else min(n, limit)
+    arrays = {k: v[:n] for k, v in arrays.items()}
     if "input_ids" in arrays:
         ids = arrays["input_ids"].long()
         return [

@@ -1,5 +1,6 @@
-"""Reports and plots of Fisher matrices (matplotlib, Agg backend)."""
+"""Reports and plots of Fisher matrices (matplotlib, Agg backend), written atomically."""
 
+from fisherflow.report.files import atomic_path, write_text
 from fisherflow.report.plots import effective_dimension, heatmaps, spectra, summary
 
-__all__ = ["effective_dimension", "heatmaps", "spectra", "summary"]
+__all__ = ["atomic_path", "effective_dimension", "heatmaps", "spectra", "summary", "write_text"]

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from fisherflow.matrices import FisherMatrix
+from fisherflow.report.files import atomic_path
 
 __all__ = ["effective_dimension", "heatmaps", "spectra", "summary"]
 
@@ -85,7 +86,8 @@ def heatmaps(mats: Mapping[str, Tensor], path: str | Path, title: str = "") -> P
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="log10 |F_ij|")
     fig.suptitle(title)
     path = Path(path)
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
     return path
 
@@ -107,6 +109,7 @@ def spectra(eigs: Mapping[str, Tensor], path: str | Path, title: str = "") -> Pa
     ax.legend(fontsize=8)
     path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
     return path
