@@ -1,6 +1,6 @@
 """fisherflow: Fisher information as a first-class object for PyTorch."""
 
-from fisherflow import distributed, flow, matrices
+from fisherflow import distributed, flow, matrices, stats
 from fisherflow._version import __version__
 from fisherflow.estimate import (
     FallbackNotice,
@@ -47,4 +47,5 @@ __all__ = [
     "reference_fisher",
     "register_likelihood",
     "robust_fuse",
+    "stats",
 ]

@@ -206,7 +206,6 @@ def test_observed_empirical_and_expected_agree_on_large_sample_at_truth():
 def test_observed_and_empirical_differ_under_misspecification():
     # Laplace data fitted with a Normal: at the MLE observed ≠ empirical (scale block)
     g = torch.Generator().manual_seed(1)
-    x = Laplace(t(0.0), t(1.0)).sample((50_000,)) if False else None
     u = torch.rand(50_000, generator=g, dtype=D) - 0.5
     x = -torch.sign(u) * torch.log1p(-2 * u.abs())
     mle = t([float(x.mean()), float(x.std(unbiased=False))])

@@ -191,7 +191,8 @@ class Family:
         """Construct the distribution at θ (leading dims broadcast as batch)."""
         kwargs: dict[str, Any] = dict(self.fixed)
         kwargs.update(self.unflatten(theta))
-        return self.dist_cls(**kwargs, validate_args=False)
+        ctor: Any = self.dist_cls
+        return ctor(**kwargs, validate_args=False)
 
 
 def _scatter_tril(m: Tensor, v: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -240,7 +241,8 @@ def prepare_family(
     for dt in floats[1:]:
         dtype = torch.promote_types(dtype, dt)
     try:
-        probe = cls(**_floats(cls, tensors, dtype), validate_args=False)
+        ctor: Any = cls
+        probe = ctor(**_floats(cls, tensors, dtype), validate_args=False)
     except (ValueError, TypeError, RuntimeError) as exc:
         raise ValueError(f"cannot construct {cls.__name__} from {sorted(tensors)}: {exc}") from exc
     constraints = probe.arg_constraints
@@ -280,7 +282,8 @@ def prepare_family(
             )
         if _constraint_is_discrete(constraints[n]):
             raise ValueError(
-                f"wrt names {n!r}, a discrete parameter of {cls.__name__} ({_describe(constraints[n])});"
+                f"wrt names {n!r}, a discrete parameter of {cls.__name__} "
+                f"({_describe(constraints[n])});"
                 f" Fisher information needs continuous parameters; valid names: {continuous}"
             )
         if n not in tensors and names[n] is None:
@@ -319,8 +322,9 @@ def prepare_family(
     )
     fam.theta = fam.flatten(values).to(dtype)
     # Regularity: the support must not move with θ.
-    theta = fam.theta.detach().clone().requires_grad_(True)
-    support = fam.build(theta).support
+    with torch.enable_grad():
+        theta = fam.theta.detach().clone().requires_grad_(True)
+        support = fam.build(theta).support
     moving = [t for t in _support_tensors(support) if t.requires_grad]
     if moving:
         raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor
 from torch.distributions import Distribution
@@ -15,7 +16,7 @@ __all__ = ["CLOSED_FORMS", "ClosedForm", "register_fisher"]
 #: parameters the user gave; it returns the parameter names it covers, in
 #: order, and the Fisher matrix over them (shape ``batch + (m, m)``) in the
 #: layout of :mod:`fisherflow.stats._params`.
-ClosedForm = Callable[[Distribution, frozenset[str]], tuple[tuple[str, ...], Tensor]]
+ClosedForm = Callable[[Any, frozenset[str]], tuple[tuple[str, ...], Tensor]]
 
 CLOSED_FORMS: dict[type[Distribution], ClosedForm] = {}
 

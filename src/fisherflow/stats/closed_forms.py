@@ -14,6 +14,8 @@ References:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torch.distributions import (
@@ -21,7 +23,6 @@ from torch.distributions import (
     Beta,
     Binomial,
     Categorical,
-    Distribution,
     Exponential,
     Gamma,
     Geometric,
@@ -53,7 +54,7 @@ def _logit_param(given: frozenset[str]) -> bool:
 
 
 @register_fisher(Bernoulli)
-def _bernoulli(dist: Distribution, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
+def _bernoulli(dist: Any, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
     p = dist.probs
     if _logit_param(given):
         return ("logits",), _scalar(p * (1 - p))
@@ -61,7 +62,7 @@ def _bernoulli(dist: Distribution, given: frozenset[str]) -> tuple[tuple[str, ..
 
 
 @register_fisher(Binomial)
-def _binomial(dist: Distribution, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
+def _binomial(dist: Any, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
     p, n = dist.probs, dist.total_count.to(dist.probs.dtype)
     if _logit_param(given):
         return ("logits",), _scalar(n * p * (1 - p))
@@ -69,7 +70,7 @@ def _binomial(dist: Distribution, given: frozenset[str]) -> tuple[tuple[str, ...
 
 
 @register_fisher(Categorical)
-def _categorical(dist: Distribution, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
+def _categorical(dist: Any, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
     # torch normalises its inputs (probs ↦ probs / Σ probs, logits ↦ softmax),
     # so the Fisher is wrt the raw input at Σ probs = 1: diag(1/p) − 11ᵀ, whose
     # null direction p is the scaling torch removes. logits: diag(p) − ppᵀ.
@@ -81,7 +82,7 @@ def _categorical(dist: Distribution, given: frozenset[str]) -> tuple[tuple[str, 
 
 
 @register_fisher(Geometric)
-def _geometric(dist: Distribution, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
+def _geometric(dist: Any, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
     # torch's Geometric counts failures before the first success.
     p = dist.probs
     if _logit_param(given):
@@ -90,42 +91,42 @@ def _geometric(dist: Distribution, given: frozenset[str]) -> tuple[tuple[str, ..
 
 
 @register_fisher(Poisson)
-def _poisson(dist: Distribution, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
+def _poisson(dist: Any, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
     return ("rate",), _scalar(1.0 / dist.rate)
 
 
 @register_fisher(Exponential)
-def _exponential(dist: Distribution, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
+def _exponential(dist: Any, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
     return ("rate",), _scalar(dist.rate**-2)
 
 
 @register_fisher(Gamma)
-def _gamma(dist: Distribution, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
+def _gamma(dist: Any, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
     a, b = dist.concentration, dist.rate
     return ("concentration", "rate"), _diag2(trigamma(a), a / b**2, -1.0 / b)
 
 
 @register_fisher(Beta)
-def _beta(dist: Distribution, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
+def _beta(dist: Any, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
     a, b = dist.concentration1, dist.concentration0
     ab = trigamma(a + b)
     return ("concentration1", "concentration0"), _diag2(trigamma(a) - ab, trigamma(b) - ab, -ab)
 
 
 @register_fisher(Normal)
-def _normal(dist: Distribution, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
+def _normal(dist: Any, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
     s = dist.scale
     return ("loc", "scale"), _diag2(s**-2, 2.0 * s**-2)
 
 
 @register_fisher(Laplace)
-def _laplace(dist: Distribution, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
+def _laplace(dist: Any, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
     s = dist.scale
     return ("loc", "scale"), _diag2(s**-2, s**-2)
 
 
 @register_fisher(StudentT)
-def _student_t(dist: Distribution, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
+def _student_t(dist: Any, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
     nu, s = dist.df, dist.scale
     nu, s = torch.broadcast_tensors(nu, s)
     f_loc = (nu + 1) / ((nu + 3) * s**2)
@@ -154,7 +155,7 @@ def _sym_basis(d: int, dtype: torch.dtype) -> Tensor:
 
 
 @register_fisher(MultivariateNormal)
-def _mvn(dist: Distribution, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
+def _mvn(dist: Any, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
     # Fisher wrt (μ, vech Σ): [[Σ⁻¹, 0], [0, ½ tr(Σ⁻¹ E_a Σ⁻¹ E_b)]].
     prec = dist.precision_matrix
     d = prec.shape[-1]

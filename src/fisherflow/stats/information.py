@@ -26,7 +26,7 @@ from torch.distributions import constraints as C
 
 from fisherflow.stats import closed_forms as _closed_forms  # noqa: F401  (registers)
 from fisherflow.stats._params import Family, prepare_family
-from fisherflow.stats._quadrature import de_integrate
+from fisherflow.stats._quadrature import de_integrate, support_transform
 from fisherflow.stats._registry import CLOSED_FORMS
 
 __all__ = [
@@ -146,7 +146,7 @@ INTEGRATIONS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
 
 def _auto_integration(fam: Family) -> str:
     d = fam.dist
-    support = d.support
+    support: Any = d.support
     if support.is_discrete:
         if d.has_enumerate_support:
             return "exact"
@@ -155,7 +155,7 @@ def _auto_integration(fam: Family) -> str:
         return "mc"
     if d.event_shape == torch.Size([]):
         try:
-            torch.distributions.transform_to(support)
+            support_transform(support)
         except NotImplementedError:
             return "mc"
         return "quadrature"
@@ -238,7 +238,7 @@ def _name_slices(dist: Distribution, names: tuple[str, ...]) -> dict[str, slice]
         con = dist.arg_constraints[n]
         edim = int(getattr(con, "event_dim", 0))
         v = torch.as_tensor(getattr(dist, n))
-        ev = v.shape[v.dim() - edim :] if edim else ()
+        ev: tuple[int, ...] = tuple(v.shape[v.dim() - edim :]) if edim else ()
         if isinstance(con, (type(C.positive_definite), type(C.lower_cholesky))):
             size = ev[-1] * (ev[-1] + 1) // 2
         else:

@@ -79,8 +79,8 @@ def kl_quadratic(
     return 0.5 * (d[..., None, :] @ f @ d[..., :, None])[..., 0, 0]
 
 
-def _given(fam: Family) -> dict[str, Tensor]:
-    vals = dict(fam.fixed)
+def _given(fam: Family) -> dict[str, Any]:
+    vals: dict[str, Any] = dict(fam.fixed)
     vals.update(fam.unflatten(fam.theta))
     return vals
 
@@ -115,7 +115,8 @@ def kl_quadratic_check(
     vals = dict(fam.fixed)
     vals.update(fam.unflatten(fam.theta + d))
     try:
-        q = fam.dist_cls(**vals, validate_args=True)
+        ctor: Any = fam.dist_cls
+        q = ctor(**vals, validate_args=True)
     except ValueError as exc:
         raise ValueError(f"θ + δ is not a valid {fam.dist_cls.__name__}: {exc}") from exc
     p = fam.build(fam.theta)

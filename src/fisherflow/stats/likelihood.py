@@ -111,5 +111,20 @@ def empirical_fisher(log_likelihood: LogLikelihood, theta: Tensor, data: Any) ->
             "log_likelihood must return per-observation log-likelihoods of shape (n,) for the "
             f"empirical Fisher, got {getattr(probe, 'shape', type(probe).__name__)}"
         )
-    jac = torch.autograd.functional.jacobian(lambda p: log_likelihood(p, data), t)  # (n, k)
+    jac = _per_example_scores(log_likelihood, t, data)  # (n, k)
     return jac.transpose(0, 1) @ jac
+
+
+def _per_example_scores(log_likelihood: LogLikelihood, theta: Tensor, data: Any) -> Tensor:
+    # k backward passes instead of n: the columns of J = ∂y/∂θ are
+    # ∂(Jᵀu)ᵢ/∂u for a dummy u (the "double-backward" trick).
+    x = theta.clone().requires_grad_(True)
+    with torch.enable_grad():
+        y = log_likelihood(x, data)
+        u = torch.zeros_like(y, requires_grad=True)
+        (jtu,) = torch.autograd.grad(y, x, grad_outputs=u, create_graph=True)
+        cols = []
+        for i in range(x.shape[0]):
+            (c,) = torch.autograd.grad(jtu[i], u, retain_graph=True, allow_unused=True)
+            cols.append(torch.zeros_like(y) if c is None else c)
+    return torch.stack(cols, -1).detach()

@@ -202,7 +202,7 @@ def model_fisher_information(
     if not callable(param_fn):
         raise TypeError(f"param_fn must be callable, got {param_fn!r}")
     with torch.no_grad():
-        values = dict(param_fn(theta.detach()))
+        values: dict[str, Any] = dict(param_fn(theta.detach()))
     x = theta.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         out = dict(param_fn(x))
