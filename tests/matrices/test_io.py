@@ -137,3 +137,13 @@ def test_low_rank_file_with_non_orthonormal_factor(tmp_path):
     _rewrite(path, tensors, header)
     with pytest.raises(ValueError, match="orthonormal"):
         ff.load(path)
+
+
+def test_saved_file_has_the_usual_mode(tmp_path):
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    path = tmp_path / "f.safetensors"
+    make("dense", "tiny").save(path)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask

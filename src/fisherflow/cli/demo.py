@@ -66,7 +66,20 @@ def run_demo(out: str | Path, rows: int = 128, rank: int = 20) -> Path:
     digits = load_digits()
     x = torch.tensor(digits.images / 16.0, dtype=torch.float32)[:, None]
     y = torch.tensor(digits.target)
-    lines = ["# fisherflow demo: Fisher approximations on digits", ""]
+    lines = [
+        "# fisherflow demo: Fisher approximations on digits",
+        "",
+        "A small MLP and a small CNN are trained on scikit-learn's digits (1797 images, "
+        "8×8, 10 classes). fisherflow then estimates each model's Fisher information on "
+        f"the first {rows} images with every kind (exact = the model's own predictive "
+        "distribution in closed form, mc = one sampled label per image, empirical = the "
+        "observed labels) and every structure. Each approximation is compared with the "
+        "exact dense Fisher: the relative Frobenius error ‖F̂ − F‖/‖F‖ and the trace "
+        "recovery tr F̂ / tr F (1 is perfect), with the wall-clock time of the estimate. "
+        "The heatmaps show log10 |F_ij| over all parameters (layers in order); the "
+        "spectra show each approximation's eigenvalues.",
+        "",
+    ]
     for name, model in _models().items():
         acc = _train(model, x, y)
         model = model.double()

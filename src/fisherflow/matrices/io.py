@@ -66,6 +66,9 @@ def save(fisher: FisherMatrix, path: str | os.PathLike[str]) -> None:
     try:
         payload = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
         save_file(payload, tmp, metadata={"fisherflow": json.dumps(header)})
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0o600; give the usual file mode
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
