@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fisherflow.estimate.layers import Record
+from fisherflow.estimate.layers import ConvHandler, LayerNormHandler, LinearHandler, Record
 from fisherflow.matrices import (
     EKFAC,
     KFAC,
@@ -119,9 +119,28 @@ class Accumulator:
         """Consume one score's per-record output gradients and fallback gradients."""
         raise NotImplementedError
 
+    def add_many(self, pairs: Pairs, k: int, rows: int) -> None:
+        """Consume ``k`` scores at once: each ``d`` is ``(k·rows, …)``, score-major.
+
+        The default slices the scores apart and calls :meth:`add` for each.
+        """
+        for i in range(k):
+            sl = [(rec, d[i * rows : (i + 1) * rows]) for rec, d in pairs]
+            self.add(sl, {}, rows)
+
     def build(self, **meta: Any) -> FisherMatrix:
         """The Fisher matrix from the accumulated sums."""
         raise NotImplementedError
+
+
+def _one_position(rec: Record, d: Tensor) -> bool:
+    """Whether the diagonal of ``rec`` depends on ``d`` only through ``d²`` elementwise."""
+    return (
+        d.shape[1] == 1
+        and rec.rows is None
+        and isinstance(rec.handler, (LinearHandler, LayerNormHandler))
+        and not isinstance(rec.handler, ConvHandler)
+    )
 
 
 class DiagonalAcc(Accumulator):
@@ -157,6 +176,33 @@ class DiagonalAcc(Accumulator):
                 self.state[bn] += fast[1]
         for n, g in per_row_dict(self.plan, slow, func, self.keep).items():
             self.state[n] += (g * g).sum(0)
+
+    def add_many(self, pairs: Pairs, k: int, rows: int) -> None:
+        """Single-use, one-position Linear/norm layers: ``Σ_k δ_k²`` first (one matmul)."""
+        uses: dict[str, int] = {}
+        for rec, _ in pairs:
+            for p in (rec.weight, rec.bias):
+                if p is not None:
+                    n = self.plan.name_of[id(p)]
+                    uses[n] = uses.get(n, 0) + 1
+        rest: list[tuple[Record, Tensor]] = []
+        for rec, d in pairs:
+            wn = self.plan.name_of[id(rec.weight)]
+            if wn not in self.keep:
+                continue
+            bn = None if rec.bias is None else self.plan.name_of[id(rec.bias)]
+            single = uses[wn] == 1 and (bn is None or uses[bn] == 1)
+            if not (single and _one_position(rec, d)):
+                rest.append((rec, d))
+                continue
+            d_eff = (d * d).reshape(k, rows, *d.shape[1:]).sum(0).sqrt()
+            fast = rec.handler.diag(rec, d_eff)
+            assert fast is not None
+            self.state[wn] += fast[0]
+            if bn is not None and fast[1] is not None:
+                self.state[bn] += fast[1]
+        if rest:
+            super().add_many(rest, k, rows)
 
     def vector(self) -> Tensor:
         """The accumulated diagonal, flat in the order of ``names``."""
@@ -269,14 +315,33 @@ class KFACAcc(Accumulator):
             if g is None:
                 rest.append((rec, d))
                 continue
-            gg = rec.handler.factor_g(rec, d, self.plan.reduce)
-            if rec.rows is not None:
-                n_out = self.plan.kron[g].dims(self.plan.layout)[0]
-                full = self.plan.zeros(n_out, n_out)
-                full[rec.rows, rec.rows] = gg
-                gg = full
-            self.G[g] = self.G[g] + gg if g in self.G else gg
+            self._add_g(g, rec, d)
         self.rest.add(rest, func, rows)
+
+    def add_many(self, pairs: Pairs, k: int, rows: int) -> None:
+        """``G`` of ``k`` scores from one ``(k·rows·S, n_out)`` product per layer."""
+        rest: list[tuple[Record, Tensor]] = []
+        for rec, d in pairs:
+            g = self._group(rec)
+            if g is None:
+                rest.append((rec, d))
+                continue
+            if not isinstance(rec.handler, LinearHandler):
+                for i in range(k):
+                    self._add_g(g, rec, d[i * rows : (i + 1) * rows])
+                continue
+            self._add_g(g, rec, d)
+        if rest:
+            self.rest.add_many(rest, k, rows)
+
+    def _add_g(self, g: str, rec: Record, d: Tensor) -> None:
+        gg = rec.handler.factor_g(rec, d, self.plan.reduce)
+        if rec.rows is not None:
+            n_out = self.plan.kron[g].dims(self.plan.layout)[0]
+            full = self.plan.zeros(n_out, n_out)
+            full[rec.rows, rec.rows] = gg
+            gg = full
+        self.G[g] = self.G[g] + gg if g in self.G else gg
 
     def factors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """``(A, G)`` with ``A`` the mean over input vectors and ``G`` the sum."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import warnings
+import weakref
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from fisherflow.estimate.accumulate import Accumulator, Plan
 from fisherflow.estimate.capture import Capture
@@ -23,7 +26,44 @@ from fisherflow.estimate.reference import Wrapped
 from fisherflow.estimate.scores import make_scores
 from fisherflow.matrices import KronGroup, ParamLayout
 
-__all__ = ["build_plan", "probe", "run_pass"]
+__all__ = ["build_plan", "clear_probe_cache", "probe", "run_pass"]
+
+#: ``{model: {signature: (failed names, missed names)}}`` results of :func:`probe`.
+_PROBED: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, tuple[frozenset[str], ...]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def clear_probe_cache() -> None:
+    """Forget every cached hook check (the next estimate re-checks its model)."""
+    _PROBED.clear()
+
+
+def _signature(
+    model: nn.Module, capture: Capture, inputs: Any, forward: Any, shift: Any
+) -> Hashable | None:
+    """What a hook check depends on: modules, parameters, forward and input shapes."""
+    leaves, spec = tree_flatten(inputs)
+    sig_in: list[Hashable] = []
+    for v in leaves:
+        if isinstance(v, Tensor):
+            sig_in.append((tuple(v.shape), v.dtype, v.device))
+        elif isinstance(v, (int, float, str, bool, type(None))):
+            sig_in.append(v)
+        else:
+            return None
+    mods = tuple((id(m), type(m), id(m.__dict__.get("forward"))) for m in model.modules())
+    params = tuple((n, id(p), tuple(p.shape)) for n, p in model.named_parameters())
+    return (
+        mods,
+        params,
+        tuple(sorted(capture.hooked)),
+        id(forward),
+        str(spec),
+        tuple(sig_in),
+        shift,
+        torch.is_grad_enabled(),
+    )
 
 
 def _roles(module: nn.Module) -> tuple[str, str | None]:
@@ -160,29 +200,102 @@ def run_pass(
                 func_all = per_row_grads(
                     wrapped, capture.fallback, named, inputs, torch.stack(cots), rows
                 )
-            for k, cot in enumerate(cots if cots is not None else scores):
-                cot = cot.to(out.dtype)
-                outs = [r.output for r in records]
-                grads = (
-                    torch.autograd.grad(out, outs, cot, retain_graph=True, allow_unused=True)
-                    if outs
-                    else []
-                )
-                pairs = [
-                    (
-                        r,
-                        r.handler.delta(
-                            r, (g if g is not None else torch.zeros_like(r.output)).to(stat)
-                        ),
+            if cots is None and scores.size > 1 and records:
+                _batched(out, records, scores, accs, rows, stat)
+            else:
+                for k, cot in enumerate(cots if cots is not None else scores):
+                    cot = cot.to(out.dtype)
+                    outs = [r.output for r in records]
+                    grads = (
+                        torch.autograd.grad(out, outs, cot, retain_graph=True, allow_unused=True)
+                        if outs
+                        else []
                     )
-                    for r, g in zip(records, grads, strict=True)
-                ]
-                func = {n: g[k].to(stat) for n, g in func_all.items()}
-                for acc in accs:
-                    acc.add(pairs, func, rows)
+                    pairs = _pairs(records, grads, stat)
+                    func = {n: g[k].to(stat) for n, g in func_all.items()}
+                    for acc in accs:
+                        acc.add(pairs, func, rows)
             if progress is not None:
                 progress.update(1)
     return total
+
+
+def _pairs(records: list[Any], grads: Any, stat: torch.dtype) -> list[tuple[Any, Tensor]]:
+    return [
+        (r, r.handler.delta(r, (g if g is not None else torch.zeros_like(r.output)).to(stat)))
+        for r, g in zip(records, grads, strict=True)
+    ]
+
+
+#: Most output-gradient entries held at once by a batched backward (chunks of scores).
+BATCH_ELEMENTS = 2**25
+
+
+def _batched(
+    out: Tensor,
+    records: list[Any],
+    scores: Any,
+    accs: list[Accumulator],
+    rows: int,
+    stat: torch.dtype,
+) -> None:
+    """Many cotangents (exact kind, several MC samples) in chunks of batched backwards.
+
+    ``autograd.grad(..., is_grads_batched=True)`` runs one vmapped backward per chunk of
+    ``k`` cotangents; records then carry ``(k·rows, …)`` output gradients (cotangent
+    major) and accumulators consume them with :meth:`Accumulator.add_many`. Falls back
+    to one backward per cotangent if the graph cannot be vmapped.
+    """
+    outs = [r.output for r in records]
+    per = max(1, sum(o.numel() for o in outs))
+    k_max = max(1, min(scores.size, BATCH_ELEMENTS // per))
+    chunk: list[Tensor] = []
+
+    def flush() -> None:
+        k = len(chunk)
+        cot = torch.stack(chunk).to(out.dtype)
+        chunk.clear()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                grads = torch.autograd.grad(
+                    out, outs, cot, retain_graph=True, allow_unused=True, is_grads_batched=True
+                )
+        except RuntimeError:  # pragma: no cover - an op without a batching rule
+            for c in cot:
+                g1 = torch.autograd.grad(out, outs, c, retain_graph=True, allow_unused=True)
+                pairs1 = _pairs(records, g1, stat)
+                for acc in accs:
+                    acc.add(pairs1, {}, rows)
+            return
+        flat = [None if g is None else g.reshape(k * g.shape[1], *g.shape[2:]) for g in grads]
+        pairs = [
+            (
+                r,
+                r.handler.delta(
+                    r,
+                    (
+                        g
+                        if g is not None
+                        else torch.zeros(
+                            (k * r.output.shape[0], *r.output.shape[1:]),
+                            dtype=r.output.dtype,
+                            device=r.output.device,
+                        )
+                    ).to(stat),
+                ),
+            )
+            for r, g in zip(records, flat, strict=True)
+        ]
+        for acc in accs:
+            acc.add_many(pairs, k, rows)
+
+    for c in scores:
+        chunk.append(c)
+        if len(chunk) == k_max:
+            flush()
+    if chunk:
+        flush()
 
 
 def probe(
@@ -200,11 +313,48 @@ def probe(
 
     Catches parameters used outside their module (e.g. an embedding matrix reused
     with ``F.linear``), layers that never run their hooks, and layers whose inputs
-    do not carry the batch in dimension 0. Uses one MC-labelled backward pass.
+    do not carry the batch in dimension 0. Uses one forward and one MC-labelled
+    backward pass; the outcome is cached per model (weakly) and keyed by its modules,
+    parameters, ``forward`` and the input shapes, so repeated estimates on the same
+    model skip it (:func:`clear_probe_cache` forgets it).
     """
     batch = split_batch(item, shift_labels)
     inputs = to_device(batch.inputs, device)
     rows = batch_rows(inputs)
+    try:
+        sig = _signature(model, capture, inputs, forward, shift_labels)
+        cache = _PROBED.setdefault(model, {})
+    except TypeError:  # pragma: no cover - model not weak-referenceable
+        sig, cache = None, {}
+    if sig is not None and sig in cache:
+        failed, missed = cache[sig]
+        capture.demote(set(failed), "inputs without the batch in dimension 0")
+        capture.demote(set(missed), "a use of its parameters is not seen by hooks")
+        return
+    failed_seen: set[str] = set()
+    missed_seen: set[str] = set()
+    try:
+        _probe(model, inputs, rows, capture, lik, forward, device, stat, failed_seen, missed_seen)
+    finally:
+        capture.start(0)
+    if sig is not None:
+        if len(cache) > 8:
+            cache.clear()
+        cache[sig] = (frozenset(failed_seen), frozenset(missed_seen))
+
+
+def _probe(
+    model: nn.Module,
+    inputs: Any,
+    rows: int,
+    capture: Capture,
+    lik: Likelihood,
+    forward: Forward,
+    device: torch.device,
+    stat: torch.dtype,
+    failed_seen: set[str],
+    missed_seen: set[str],
+) -> None:
     gen = torch.Generator(device=device)
     gen.manual_seed(12345)
     with capture:
@@ -212,6 +362,7 @@ def probe(
         with torch.enable_grad():
             out = output_tensor(forward(model, inputs))
         if capture.failed:
+            failed_seen |= capture.failed & capture.hooked
             capture.demote(capture.failed, "inputs without the batch in dimension 0")
         records = [r for r in capture.records if capture.name_of[id(r.weight)] in capture.hooked]
         if not capture.hooked:
@@ -225,5 +376,6 @@ def probe(
             for r, g in zip(records, grads, strict=True)
         ]
         bad = _verify(capture, out, cot, pairs)
+        missed_seen |= bad
         if bad:
             capture.demote(bad, "a use of its parameters is not seen by hooks")

@@ -1,0 +1,91 @@
+"""Fast paths of ``estimate``: batched backward for many scores, cached hook check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fisherflow.estimate import FallbackNotice, engine, estimate, reference_fisher
+
+
+def _mlp() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.LayerNorm(6), nn.Linear(6, 3)).double()
+    x = torch.randn(7, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,))
+    return model, [(x, y), (x[:3] * 2, y[:3])]
+
+
+@pytest.mark.parametrize("budget", [1, 40, engine.BATCH_ELEMENTS])
+@pytest.mark.parametrize("structure", ["diagonal", "dense", "kfac"])
+def test_batched_exact_matches_reference(monkeypatch, budget, structure):
+    """Chunks of 1, a few, or all scores give the same (exact) result."""
+    monkeypatch.setattr(engine, "BATCH_ELEMENTS", budget)
+    model, data = _mlp()
+    F = estimate(model, data, "categorical", "exact", structure, progress=False)
+    R = reference_fisher(model, data, "categorical", "exact")
+    if structure == "diagonal":
+        torch.testing.assert_close(F.diagonal(), R.diagonal())
+    elif structure == "dense":
+        torch.testing.assert_close(F.to_dense(), R)
+    else:
+        # last layer: G is the summed output Fisher Σ_n (diag p − p pᵀ), A the mean a aᵀ
+        x = torch.cat([d[0] for d in data])
+        p = torch.softmax(model(x), -1).detach()
+        G = torch.diag(p.sum(0)) - p.T @ p
+        torch.testing.assert_close(F.G["3"], G)  # type: ignore[attr-defined]
+        torch.testing.assert_close(F.rest, R.diagonal()[F.layout.indices(["2.weight", "2.bias"])])  # type: ignore[attr-defined]
+
+
+def test_batched_mc_matches_looped(monkeypatch):
+    """Several MC samples: batched backward equals one backward per sample."""
+    model, data = _mlp()
+    args = (model, data, "categorical", "mc", "diagonal")
+    F = estimate(*args, mc_samples=3, seed=1, progress=False)
+
+    def looped(out, records, scores, accs, rows, stat):
+        for c in scores:
+            grads = torch.autograd.grad(
+                out, [r.output for r in records], c.to(out.dtype), retain_graph=True
+            )
+            pairs = engine._pairs(records, grads, stat)
+            for acc in accs:
+                acc.add(pairs, {}, rows)
+
+    monkeypatch.setattr(engine, "_batched", looped)
+    G = estimate(*args, mc_samples=3, seed=1, progress=False)
+    torch.testing.assert_close(F.diagonal(), G.diagonal())
+
+
+def test_hook_check_cached_and_keyed(monkeypatch):
+    """The check runs once per model and input shape; a misuse is still reported."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(5, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.emb(ids) @ self.emb.weight.T
+
+    engine.clear_probe_cache()
+    calls = []
+    real = engine._probe
+    monkeypatch.setattr(engine, "_probe", lambda *a: calls.append(1) or real(*a))
+    model = Tied().double()
+    ids = torch.randint(0, 5, (3, 4))
+    R = reference_fisher(model, [(ids, ids)], "categorical", "empirical").diagonal()
+    for _ in range(2):
+        with pytest.warns(FallbackNotice, match="emb"):
+            F = estimate(model, [(ids, ids)], "categorical", "empirical", progress=False)
+        torch.testing.assert_close(F.diagonal(), R)
+    assert len(calls) == 1
+    ids2 = torch.randint(0, 5, (2, 4))
+    with pytest.warns(FallbackNotice, match="emb"):
+        estimate(model, [(ids2, ids2)], "categorical", "empirical", progress=False)
+    assert len(calls) == 2
+    model.emb = nn.Embedding(5, 3).double()  # new module: checked again
+    with pytest.warns(FallbackNotice):
+        estimate(model, [(ids, ids)], "categorical", "empirical", progress=False)
+    assert len(calls) == 3
