@@ -166,15 +166,25 @@ def test_functional_reuse_is_detected():
 def test_validation(kwargs, match):
     model, data, _ = make_case("mlp")
     with pytest.raises(ValueError, match=match):
-        estimate(model, data, progress=False, **kwargs)
+        estimate(
+            model, data, **{"likelihood": "categorical", "kind": "mc", **kwargs}, progress=False
+        )
+
+
+def test_likelihood_and_kind_are_always_named():
+    model, data, _ = make_case("mlp")
+    with pytest.raises(TypeError, match="likelihood.*kind|kind"):
+        estimate(model, data, structure="diagonal", progress=False)
+    with pytest.raises(TypeError, match="kind"):
+        reference_fisher(model, data, likelihood="categorical")
 
 
 def test_empty_data_and_one_shot_ekfac():
     model, data, _ = make_case("mlp")
     with pytest.raises(ValueError, match="empty"):
-        estimate(model, [], progress=False)
+        estimate(model, [], "categorical", "mc", progress=False)
     with pytest.raises(ValueError, match="re-iterable"):
-        estimate(model, iter(data), structure="ekfac", progress=False)
+        estimate(model, iter(data), "categorical", "mc", structure="ekfac", progress=False)
 
 
 def test_float32_and_bfloat16_models_accumulate_in_float32():

@@ -51,8 +51,8 @@ def _progress(enabled: bool, data: Any, desc: str) -> Any:
 def estimate(
     model: nn.Module,
     data: Iterable[Any],
-    likelihood: str | Likelihood = "categorical",
-    kind: str = "mc",
+    likelihood: str | Likelihood,
+    kind: str,
     structure: str = "diagonal",
     *,
     mc_samples: int = 1,

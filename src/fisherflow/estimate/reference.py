@@ -74,8 +74,8 @@ def _row_jacobian(wrapped: Wrapped, names: list[str], params: dict[str, Tensor],
 def reference_fisher(
     model: nn.Module,
     data: Iterable[Any],
-    likelihood: str | Likelihood = "categorical",
-    kind: str = "exact",
+    likelihood: str | Likelihood,
+    kind: str,
     *,
     mc_samples: int = 1,
     seed: int | None = None,
@@ -116,7 +116,7 @@ def reference_fisher(
     Example:
         >>> model = nn.Linear(2, 1, bias=False).double()
         >>> x = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
-        >>> reference_fisher(model, [(x, None)], "gaussian").tolist()  # x xᵀ / σ²
+        >>> reference_fisher(model, [(x, None)], "gaussian", "exact").tolist()  # x xᵀ / σ²
         [[1.0, 2.0], [2.0, 4.0]]
     """
     lik = get_likelihood(likelihood, **likelihood_options)
