@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fisherflow.matrices.layout import ParamLayout, Vector
-from fisherflow.matrices.linalg import check_damping, check_power
+from fisherflow.matrices.linalg import all_finite, check_damping, check_power
 
 __all__ = ["KINDS", "FisherMatrix"]
 
@@ -171,7 +171,7 @@ class FisherMatrix(abc.ABC):
                 f"{name} must have length P={self.size} (flat (P,) or (P, k)), "
                 f"got shape {tuple(flat.shape)}"
             )
-        if not torch.isfinite(flat).all():
+        if not all_finite(flat):
             raise ValueError(f"{name} contains NaN or Inf")
         vector = flat.dim() == 1
         cols = flat.reshape(self.size, -1).to(dtype=self.dtype, device=self.device)

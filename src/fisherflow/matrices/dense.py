@@ -10,7 +10,7 @@ from typing_extensions import override
 
 from fisherflow.matrices.base import FisherMatrix
 from fisherflow.matrices.layout import ParamLayout
-from fisherflow.matrices.linalg import eigh, equilibrated_solve, spectral_power
+from fisherflow.matrices.linalg import all_finite, eigh, equilibrated_solve, spectral_power
 
 __all__ = ["Dense", "check_matrix"]
 
@@ -26,7 +26,7 @@ def check_matrix(matrix: Tensor, size: int, name: str) -> Tensor:
         raise TypeError(f"{name} must be a floating-point Tensor, got {type(matrix).__name__}")
     if tuple(matrix.shape) != (size, size):
         raise ValueError(f"{name} must have shape ({size}, {size}), got {tuple(matrix.shape)}")
-    if not torch.isfinite(matrix).all():
+    if not all_finite(matrix):
         raise ValueError(f"{name} contains NaN or Inf")
     return matrix
 

@@ -10,7 +10,7 @@ from typing_extensions import override
 
 from fisherflow.matrices.base import FisherMatrix
 from fisherflow.matrices.layout import ParamLayout
-from fisherflow.matrices.linalg import spectral_power
+from fisherflow.matrices.linalg import all_finite, spectral_power
 
 __all__ = ["Diagonal", "check_vector"]
 
@@ -26,7 +26,7 @@ def check_vector(values: Tensor, size: int, name: str, nonnegative: bool = True)
         raise TypeError(f"{name} must be a floating-point Tensor, got {type(values).__name__}")
     if tuple(values.shape) != (size,):
         raise ValueError(f"{name} must have shape ({size},), got {tuple(values.shape)}")
-    if not torch.isfinite(values).all():
+    if not all_finite(values):
         raise ValueError(f"{name} contains NaN or Inf")
     if nonnegative and bool((values < 0).any()):
         raise ValueError(f"{name} must be >= 0 (information is PSD), min is {values.min().item()}")

@@ -20,7 +20,7 @@ from fisherflow.matrices.dense import Dense
 from fisherflow.matrices.kron import KronGroup, left, right
 from fisherflow.matrices.kron_base import KronStructure
 from fisherflow.matrices.layout import ParamLayout
-from fisherflow.matrices.linalg import spectral_power
+from fisherflow.matrices.linalg import all_finite, spectral_power
 
 __all__ = ["EKFAC"]
 
@@ -92,7 +92,7 @@ class EKFAC(KronStructure):
             s = self.S[g]
             if not isinstance(s, Tensor) or tuple(s.shape) != (n_out, n_cols):
                 raise ValueError(f"S[{g!r}] must be a tensor of shape ({n_out}, {n_cols})")
-            if not torch.isfinite(s).all() or bool((s < 0).any()):
+            if not all_finite(s) or bool((s < 0).any()):
                 raise ValueError(f"S[{g!r}] must be finite and >= 0")
 
     def _group_dtype(self) -> torch.dtype:

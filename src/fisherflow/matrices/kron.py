@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fisherflow.matrices.layout import ParamLayout
-from fisherflow.matrices.linalg import eigh
+from fisherflow.matrices.linalg import all_finite, eigh
 
 __all__ = ["KronGroup", "factor_diag", "factor_eigh", "left", "right"]
 
@@ -151,6 +151,6 @@ def check_factor(factor: Tensor, size: int, name: str) -> Tensor:
             f"{name} must have shape ({size}, {size}) or ({size},) for a diagonal factor, "
             f"got {tuple(factor.shape)}"
         )
-    if not torch.isfinite(factor).all():
+    if not all_finite(factor):
         raise ValueError(f"{name} contains NaN or Inf")
     return factor

@@ -17,7 +17,7 @@ from fisherflow.matrices.base import FisherMatrix
 from fisherflow.matrices.dense import Dense
 from fisherflow.matrices.diagonal import check_vector
 from fisherflow.matrices.layout import ParamLayout
-from fisherflow.matrices.linalg import eigh, spectral_power
+from fisherflow.matrices.linalg import all_finite, eigh, spectral_power
 
 __all__ = ["LowRank", "orthonormal_factor"]
 
@@ -93,7 +93,7 @@ class LowRank(FisherMatrix):
                 f"U must be a ({layout.size}, r) tensor, got "
                 f"{tuple(U.shape) if isinstance(U, Tensor) else type(U).__name__}"
             )
-        if not torch.isfinite(U).all():
+        if not all_finite(U):
             raise ValueError("U contains NaN or Inf")
         s = check_vector(s, U.shape[1], "s", nonnegative=not _canonical)
         if diag is None:
