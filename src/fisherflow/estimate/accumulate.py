@@ -12,7 +12,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fisherflow.estimate.layers import ConvHandler, LayerNormHandler, LinearHandler, Record
+from fisherflow.estimate.layers import (
+    ConvHandler,
+    LayerNormHandler,
+    LinearHandler,
+    Record,
+    symmetrize,
+)
 from fisherflow.matrices import (
     EKFAC,
     KFAC,
@@ -304,8 +310,7 @@ class KFACAcc(Accumulator):
             g = self._group(rec)
             if g is None:
                 continue
-            a, m = rec.handler.factor_a(rec, self.plan.reduce)
-            self.A[g] = self.A[g] + a if g in self.A else a
+            self.A[g], m = rec.handler.factor_a(rec, self.plan.reduce, self.A.get(g))
             self.counts[g] = self.counts.get(g, 0) + m
 
     def add(self, pairs: Pairs, func: Mapping[str, Tensor], rows: int) -> None:
@@ -335,26 +340,30 @@ class KFACAcc(Accumulator):
             self.rest.add_many(rest, k, rows)
 
     def _add_g(self, g: str, rec: Record, d: Tensor) -> None:
-        gg = rec.handler.factor_g(rec, d, self.plan.reduce)
-        if rec.rows is not None:
-            n_out = self.plan.kron[g].dims(self.plan.layout)[0]
-            full = self.plan.zeros(n_out, n_out)
-            full[rec.rows, rec.rows] = gg
-            gg = full
-        self.G[g] = self.G[g] + gg if g in self.G else gg
+        if rec.rows is None:
+            self.G[g] = rec.handler.factor_g(rec, d, self.plan.reduce, self.G.get(g))
+            return
+        n_out = self.plan.kron[g].dims(self.plan.layout)[0]
+        if g not in self.G:
+            self.G[g] = self.plan.zeros(n_out, n_out)
+        block = self.G[g][rec.rows, rec.rows]
+        block += symmetrize(rec.handler.factor_g(rec, d, self.plan.reduce))
+        self.G[g][rec.rows, rec.rows] = block
 
     def factors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """``(A, G)`` with ``A`` the mean over input vectors and ``G`` the sum."""
+        """``(A, G)`` with ``A`` the mean over input vectors and ``G`` the sum.
+
+        Consumes the accumulators (symmetrised and scaled in place): call once, at the end.
+        """
         A, G = {}, {}
         for g, spec in self.plan.kron.items():
             n_out, n_cols = spec.dims(self.plan.layout)
-            emb = g in self.A and self.A[g].dim() == 1
             A[g] = (
-                self.A[g] / max(self.counts.get(g, 0), 1)
+                symmetrize(self.A[g]).div_(max(self.counts.get(g, 0), 1))
                 if g in self.A
-                else (self.plan.zeros(n_cols) if emb else self.plan.zeros(n_cols, n_cols))
+                else self.plan.zeros(n_cols, n_cols)
             )
-            G[g] = self.G.get(g, self.plan.zeros(n_out, n_out))
+            G[g] = symmetrize(self.G[g]) if g in self.G else self.plan.zeros(n_out, n_out)
         return A, G
 
     def build(self, **meta: Any) -> FisherMatrix:

@@ -106,6 +106,18 @@ class Likelihood(abc.ABC):
     def nll(self, output: Tensor, target: Tensor) -> Tensor:
         """Per-observation negative log-likelihood ``(N,)`` of prepared tensors."""
 
+    def nll_grad(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        """``∂ Σ_n mask_n · nll_n / ∂ output`` for prepared ``(N, C)`` tensors.
+
+        The default differentiates :meth:`nll` with autograd; built-in likelihoods
+        override it with their closed form (no autograd graph, one elementwise pass).
+        """
+        out = output.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = (self.nll(out, target) * mask).sum()
+            (grad,) = torch.autograd.grad(loss, out)
+        return grad
+
     @abc.abstractmethod
     def sample(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Draw one label per observation from ``p(y | output)`` (prepared ``(N, C)``)."""
@@ -168,8 +180,15 @@ class Categorical(Likelihood):
     def nll(self, output: Tensor, target: Tensor) -> Tensor:  # noqa: D102
         return -torch.log_softmax(output, -1).gather(-1, target.long()[:, None])[:, 0]
 
+    def nll_grad(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:  # noqa: D102
+        if type(self).nll is not Categorical.nll:
+            return super().nll_grad(output, target, mask)
+        grad = torch.softmax(output, -1)
+        grad.scatter_add_(-1, target.long()[:, None], torch.full_like(grad[:, :1], -1.0))
+        return grad.mul_(mask[:, None])
+
     def sample(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:  # noqa: D102
-        probs = torch.softmax(output.double(), -1)
+        probs = torch.softmax(output, -1)
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
     def fisher_sqrt(self, output: Tensor) -> Tensor:  # noqa: D102
@@ -195,6 +214,11 @@ class Bernoulli(Likelihood):
             output, target, reduction="none"
         )
         return loss.sum(-1)
+
+    def nll_grad(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:  # noqa: D102
+        if type(self).nll is not Bernoulli.nll:
+            return super().nll_grad(output, target, mask)
+        return (torch.sigmoid(output) - target) * mask[:, None].to(output.dtype)
 
     def sample(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:  # noqa: D102
         return torch.bernoulli(torch.sigmoid(output), generator=generator)
@@ -229,6 +253,11 @@ class Gaussian(Likelihood):
         sq = (output - target) ** 2 / (2 * self.variance)
         return (sq + 0.5 * math.log(2 * math.pi * self.variance)).sum(-1)
 
+    def nll_grad(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:  # noqa: D102
+        if type(self).nll is not Gaussian.nll:
+            return super().nll_grad(output, target, mask)
+        return (output - target) * (mask[:, None].to(output.dtype) / self.variance)
+
     def sample(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:  # noqa: D102
         noise = torch.randn(
             output.shape, generator=generator, dtype=output.dtype, device=output.device
@@ -251,6 +280,11 @@ class Poisson(Likelihood):
 
     def nll(self, output: Tensor, target: Tensor) -> Tensor:  # noqa: D102
         return (output.exp() - target * output + torch.lgamma(target + 1)).sum(-1)
+
+    def nll_grad(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:  # noqa: D102
+        if type(self).nll is not Poisson.nll:
+            return super().nll_grad(output, target, mask)
+        return (output.exp() - target) * mask[:, None].to(output.dtype)
 
     def sample(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:  # noqa: D102
         return torch.poisson(output.exp(), generator=generator)
