@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from fisherflow.estimate import estimate
+from fisherflow.estimate.api import clear_cache
 from fisherflow.estimate.engine import clear_probe_cache
 
 # ---------------------------------------------------------------------------- cases
@@ -210,6 +211,7 @@ def ff_methods(model: nn.Module, x: Tensor, y: Tensor, case: str) -> dict[str, A
 
             def first(again: Callable[[], Result] = again) -> Result:
                 clear_probe_cache()
+                clear_cache()
                 return again()
 
             out[q] = first

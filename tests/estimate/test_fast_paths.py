@@ -149,3 +149,109 @@ def test_empirical_diagonal_wide_mlp_matches_reference():
         F = estimate(model, [(x, y)], "categorical", kind, progress=False, seed=3)
         R = reference_fisher(model, [(x, y)], "categorical", kind, seed=3)
         torch.testing.assert_close(F.diagonal(), R.diagonal())
+
+
+def test_blocked_gram_factors_match_full_products(monkeypatch):
+    """Upper-block-triangle factors (wide layers, conv patches, bias column) are exact."""
+    from fisherflow.estimate import layers
+
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 5 * 5, 4)
+    ).double()
+    x = torch.randn(6, 2, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,))
+    data = [(x, y), (x[:2] * 0.5, y[:2])]
+    monkeypatch.setattr(layers, "GRAM_BLOCK", 8)
+    monkeypatch.setattr(layers, "GRAM_BLOCK_SIZE", 7)
+    F = estimate(model, data, "categorical", "empirical", "kfac", progress=False)
+    monkeypatch.setattr(layers, "GRAM_BLOCK", 10**9)
+    G = estimate(model, data, "categorical", "empirical", "kfac", progress=False)
+    for g in F.A:  # type: ignore[attr-defined]
+        torch.testing.assert_close(F.A[g], G.A[g])  # type: ignore[attr-defined]
+        torch.testing.assert_close(F.G[g], G.G[g])  # type: ignore[attr-defined]
+    h = torch.cat([model[:3](d[0]) for d in data]).detach()
+    ha = torch.cat([h, torch.ones(8, 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(F.A["3"], ha.T @ ha / 8)  # type: ignore[attr-defined]
+    # a single-use Linear's K-FAC is exact for one row per batch: compare to the reference
+    R = reference_fisher(model, [(x[:1], y[:1])], "categorical", "empirical")
+    monkeypatch.setattr(layers, "GRAM_BLOCK", 8)
+    K = estimate(model, [(x[:1], y[:1])], "categorical", "empirical", "kfac", progress=False)
+    idx = K.layout.indices(["3.weight", "3.bias"])
+    torch.testing.assert_close(K.to_dense()[idx][:, idx], R[idx][:, idx])
+
+
+@pytest.mark.parametrize("budget", [None, 0])
+def test_ekfac_replay_matches_second_pass(monkeypatch, budget):
+    """EKFAC replaying the first pass equals streaming the data again (deterministic kinds)."""
+    from fisherflow.estimate import accumulate
+
+    model, data = _mlp()
+    if budget is not None:
+        monkeypatch.setattr(accumulate, "REPLAY_BYTES", budget)
+    for kind in ("empirical", "exact"):
+        E = estimate(model, data, "categorical", kind, "ekfac", progress=False)
+        monkeypatch.setattr(accumulate, "REPLAY_BYTES", 0)
+        S = estimate(model, data, "categorical", kind, "ekfac", progress=False)
+        monkeypatch.setattr(accumulate, "REPLAY_BYTES", 2**28 if budget is None else budget)
+        torch.testing.assert_close(E.to_dense(), S.to_dense())
+    # one row, one batch: EKFAC of a single-use layer is exact
+    x, y = data[0][0][:1], data[0][1][:1]
+    E = estimate(model, [(x, y)], "categorical", "empirical", "ekfac", progress=False)
+    R = reference_fisher(model, [(x, y)], "categorical", "empirical")
+    idx = E.layout.indices(["3.weight", "3.bias"])
+    torch.testing.assert_close(E.to_dense()[idx][:, idx], R[idx][:, idx])
+
+
+def test_cached_capture_invalidated_and_no_leaks():
+    """The per-model cache follows parameter changes, leaves no hooks, holds no model."""
+    import gc
+    import weakref
+
+    from fisherflow.estimate import api
+
+    model, data = _mlp()
+    a = estimate(model, data, "categorical", "empirical", progress=False).diagonal()
+    assert all(not m._forward_hooks for m in model.modules())
+    assert api._PREPARED[model]
+    for entry in api._PREPARED[model].values():
+        assert entry.capture is not None and not entry.capture.records
+    b = estimate(model, data, "categorical", "empirical", progress=False).diagonal()
+    torch.testing.assert_close(a, b)
+    # a replaced parameter (new identity/shape) and a params subset rebuild the state
+    model[3].weight = nn.Parameter(torch.randn(3, 6, dtype=torch.float64))
+    c = estimate(model, data, "categorical", "empirical", progress=False).diagonal()
+    R = reference_fisher(model, data, "categorical", "empirical").diagonal()
+    torch.testing.assert_close(c, R)
+    sub = ["3.weight", "3.bias"]
+    s = estimate(model, data, "categorical", "empirical", params=sub, progress=False)
+    torch.testing.assert_close(s.diagonal(), R[-21:])
+    model[3].weight.requires_grad_(False)
+    with pytest.warns(FallbackNotice):  # a frozen weight: its bias falls back
+        f = estimate(model, data, "categorical", "empirical", progress=False)
+    assert "3.weight" not in f.layout.names
+    ref = weakref.ref(model)
+    del model, a, b, c, s, f, R
+    gc.collect()
+    assert ref() is None
+
+
+def test_fallback_notice_every_call_with_cache():
+    """A cached capture still warns about fallback modules on every call."""
+
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.s
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), Scale()).double()
+    data = [(torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))]
+    for _ in range(3):
+        with pytest.warns(FallbackNotice, match="'1'"):
+            F = estimate(model, data, "categorical", "empirical", progress=False)
+    R = reference_fisher(model, data, "categorical", "empirical")
+    torch.testing.assert_close(F.diagonal(), R.diagonal())

@@ -7,6 +7,7 @@ Every accumulator holds *sums* (so shards add exactly), consumes one score at a 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -33,7 +34,12 @@ from fisherflow.matrices import (
 )
 from fisherflow.matrices.kron import factor_eigh
 
-__all__ = ["ACCUMULATORS", "Plan", "per_row_dict"]
+__all__ = ["ACCUMULATORS", "REPLAY_BYTES", "Plan", "Recorder", "per_row_dict"]
+
+#: Most bytes of a first pass's statistics (layer inputs and output gradients) kept
+#: by :class:`Recorder` so that EKFAC's second pass replays them instead of running
+#: forward and backward again; past it the second pass streams over the data.
+REPLAY_BYTES = 2**28
 
 Pairs = Sequence[tuple[Record, Tensor]]
 
@@ -418,6 +424,57 @@ class EKFACAcc(Accumulator):
         k = self.kfac
         rest = k.rest if k.rest_names else None
         return EKFAC(k.kron_groups, self.QA, self.QG, dict(self.state), k.layout, rest, **meta)
+
+
+class Recorder(Accumulator):
+    """Keeps what a pass fed its accumulators (up to :data:`REPLAY_BYTES`) to replay it.
+
+    Records are kept without their output tensors (so without the autograd graph);
+    ``overflow`` is set, and everything dropped, once the budget is exceeded.
+    """
+
+    def __init__(self, plan: Plan, budget: int = REPLAY_BYTES, **options: Any) -> None:
+        super().__init__(plan)
+        self.budget, self.used, self.overflow = budget, 0, False
+        self.items: list[tuple[list[tuple[Record, Tensor]], Mapping[str, Tensor], int, int]] = []
+        self._seen: dict[int, Record] = {}
+        self._empty = torch.empty(0)
+
+    def begin(self, records: Sequence[Record]) -> None:  # noqa: D102
+        self._seen = {}
+
+    def _keep(self, pairs: Pairs, func: Mapping[str, Tensor], rows: int, k: int) -> None:
+        if self.overflow:
+            return
+        kept = []
+        for rec, d in pairs:
+            slim = self._seen.get(id(rec))
+            if slim is None:
+                slim = replace(rec, output=self._empty)
+                self._seen[id(rec)] = slim
+                self.used += rec.data.numel() * rec.data.element_size()
+            self.used += d.numel() * d.element_size()
+            kept.append((slim, d))
+        self.used += sum(g.numel() * g.element_size() for g in func.values())
+        if self.used > self.budget:
+            self.overflow, self.items, self._seen = True, [], {}
+            return
+        self.items.append((kept, dict(func), rows, k))
+
+    def add(self, pairs: Pairs, func: Mapping[str, Tensor], rows: int) -> None:  # noqa: D102
+        self._keep(pairs, func, rows, 0)
+
+    def add_many(self, pairs: Pairs, k: int, rows: int) -> None:  # noqa: D102
+        self._keep(pairs, {}, rows, k)
+
+    def replay(self, accs: Sequence[Accumulator]) -> None:
+        """Feed the kept statistics to ``accs`` in the original order."""
+        for pairs, func, rows, k in self.items:
+            for acc in accs:
+                if k:
+                    acc.add_many(pairs, k, rows)
+                else:
+                    acc.add(pairs, func, rows)
 
 
 #: Accumulator classes by structure name.

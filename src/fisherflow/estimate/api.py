@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+import weakref
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from fisherflow.estimate.accumulate import ACCUMULATORS, Accumulator, Plan
+from fisherflow.estimate.accumulate import ACCUMULATORS, Accumulator, Plan, Recorder
 from fisherflow.estimate.capture import Capture
 from fisherflow.estimate.data import Forward, default_forward
 from fisherflow.estimate.distributed import reduce_accumulators, want_distributed
-from fisherflow.estimate.engine import build_plan, probe, run_pass
+from fisherflow.estimate.engine import build_plan, model_signature, probe, run_pass
 from fisherflow.estimate.likelihoods import Likelihood, get_likelihood
 from fisherflow.estimate.scores import KIND_SCORES
 from fisherflow.matrices import KFAC, FisherMatrix, ParamLayout
@@ -24,6 +25,43 @@ __all__ = ["CONVENTIONS", "STRUCTURES", "estimate"]
 STRUCTURES = tuple(ACCUMULATORS)
 #: K-FAC conventions for layers shared over positions: ``{name: reduce?}``.
 CONVENTIONS = {"expand": False, "reduce": True}
+
+
+class _Prepared:
+    """Per-model, per-``params`` state reused across calls: layout, capture, plans."""
+
+    def __init__(self, layout: ParamLayout, capture: Capture | None) -> None:
+        self.layout, self.capture = layout, capture
+        self.plans: dict[Hashable, Plan] = {}
+
+
+#: ``{model: {(model signature, params): _Prepared}}``. Values never reference the
+#: model strongly (a :class:`Capture` holds it weakly), so entries die with it.
+_PREPARED: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, _Prepared]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def clear_cache() -> None:
+    """Forget every cached capture, layout and plan (rebuilt on the next call)."""
+    _PREPARED.clear()
+
+
+def _prepared(model: nn.Module, params: Iterable[str] | None, sig: Hashable) -> _Prepared:
+    names = None if params is None else tuple(params)
+    key = (sig, names)
+    try:
+        cache = _PREPARED.setdefault(model, {})
+    except TypeError:  # pragma: no cover - model not weak-referenceable
+        cache = {}
+    hit = cache.get(key)
+    if hit is not None:
+        return hit
+    layout = ParamLayout.from_model(model, names)
+    if len(cache) >= 4:
+        cache.clear()
+    cache[key] = prep = _Prepared(layout, None)
+    return prep
 
 
 def _check(kind: str, structure: str, mc_samples: int, rank: int, convention: str) -> None:
@@ -92,8 +130,11 @@ def estimate(
     ``A`` = their mean ``a aᵀ``, ``G`` = sum of ``δ δᵀ``) or ``"reduce"`` (``a``
     averaged and ``δ`` summed over a row's positions first); a weight tied across
     layers of different kinds keeps an exact diagonal. ``"ekfac"``: a second pass
-    over ``data`` computes the eigenvalues in the K-FAC eigenbasis (``data`` must be
-    re-iterable). ``"lowrank"``: top-``rank`` eigenpairs of a streaming sketch.
+    computes the eigenvalues in the K-FAC eigenbasis; it replays the first pass's
+    layer inputs and output gradients (the same MC labels) when they fit in
+    :data:`~fisherflow.estimate.accumulate.REPLAY_BYTES`, and streams over ``data``
+    again otherwise (``data`` must be re-iterable). ``"lowrank"``: top-``rank``
+    eigenpairs of a streaming sketch.
 
     The model is switched to ``eval()`` during estimation (and restored), so dropout
     is off. Statistics accumulate in float64 for float64 models, float32 otherwise.
@@ -145,7 +186,9 @@ def estimate(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check(kind, structure, mc_samples, rank, convention)
     lik = get_likelihood(likelihood, **likelihood_options)
-    layout = ParamLayout.from_model(model, params)
+    model_sig = model_signature(model)
+    prep = _prepared(model, params, model_sig)
+    layout = prep.layout
     if layout.size == 0:
         raise ValueError("params selects no trainable parameters")
     p0 = next(p for n, p in model.named_parameters() if n in layout)
@@ -166,23 +209,33 @@ def estimate(
     gen.manual_seed(0 if seed is None else seed)
     use_dist = want_distributed(distributed)
     training = model.training
-    model.eval()
+    switch = any(m.training for m in model.modules())
+    if switch:
+        model.eval()
+    capture = prep.capture
     try:
-        capture = Capture(model, layout, stat)
+        if capture is None:
+            capture = prep.capture = Capture(model, layout, stat)
+        capture.reset()  # fresh hooked set; the fallback notices fire on every call
         common: dict[str, Any] = dict(
             lik=lik, forward=fwd, shift_labels=shift_labels, device=device, stat=stat
         )
-        probe(model, first, capture, **common)  # type: ignore[arg-type]
-        plan = build_plan(capture, layout, stat, device, CONVENTIONS[convention])
+        probe(model, first, capture, model_sig=model_sig, **common)  # type: ignore[arg-type]
+        pkey = (frozenset(capture.hooked), convention)
+        plan = prep.plans.get(pkey)
+        if plan is None:
+            plan = build_plan(capture, layout, stat, device, CONVENTIONS[convention])
+            prep.plans[pkey] = plan
         stream = itertools.chain([first], iterator)
         first_structure = "kfac" if structure == "ekfac" else structure
         acc = _make(first_structure, plan, rank)
+        recorder = Recorder(plan) if structure == "ekfac" else None
         bar = _progress(progress, data, f"Fisher ({kind}, {structure})")
         count = run_pass(
             model,
             stream,
             capture,
-            [acc],
+            [acc] if recorder is None else [acc, recorder],
             kind=kind,
             mc_samples=mc_samples,
             generator=gen,
@@ -195,24 +248,31 @@ def estimate(
         if structure == "ekfac":
             assert isinstance(result, KFAC)
             acc2 = ACCUMULATORS["ekfac"](plan, kfac=result)
-            run_pass(
-                model,
-                iter(data),
-                capture,
-                [acc2],
-                kind=kind,
-                mc_samples=mc_samples,
-                generator=gen,
-                progress=bar,
-                **common,
-            )  # type: ignore[arg-type]
+            if recorder is not None and not recorder.overflow:
+                recorder.replay([acc2])  # the first pass's gradients, same MC labels
+                recorder = None
+            else:
+                run_pass(
+                    model,
+                    iter(data),
+                    capture,
+                    [acc2],
+                    kind=kind,
+                    mc_samples=mc_samples,
+                    generator=gen,
+                    progress=bar,
+                    **common,
+                )  # type: ignore[arg-type]
             if use_dist:
                 reduce_accumulators([acc2], 0, group)
             result = acc2.build(**meta)
         if bar is not None:
             bar.close()
     finally:
-        model.train(training)
+        if capture is not None:
+            capture.start(0)  # drop the last batch's records (activations, graph)
+        if switch:
+            model.train(training)
     return result
 
 

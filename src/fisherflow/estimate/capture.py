@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import types
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -117,12 +118,16 @@ class Capture:
     """
 
     def __init__(self, model: nn.Module, layout: ParamLayout, stat_dtype: torch.dtype) -> None:
-        self.model, self.layout, self.stat = model, layout, stat_dtype
+        # weakly held: a Capture is cached per model (see :func:`reset`) and must not
+        # keep it alive
+        self._model = weakref.ref(model)
+        self.layout, self.stat = layout, stat_dtype
         names = {id(p): n for n, p in model.named_parameters()}
         self.name_of = names
         self.handlers: dict[int, Handler] = {}
         self.owner: dict[str, str] = {}
-        uses: dict[str, list[tuple[nn.Module, Handler | None]]] = {}
+        #: ``{name: [(id(module), handler, id(module's bias-role tensor) or None)]}``
+        uses: dict[str, list[tuple[int, Handler | None, int | None]]] = {}
         reasons: dict[str, str] = {}
         for mname, module in model.named_modules():
             own = [(r, p) for r, p in module._parameters.items() if p is not None]
@@ -131,10 +136,13 @@ class Capture:
             handler, reason = _handler_for(module)
             if handler is not None:
                 self.handlers[id(module)] = handler
+            brole = "in_proj_bias" if isinstance(module, nn.MultiheadAttention) else "bias"
+            bias = getattr(module, brole, None)
+            bid = None if bias is None else id(bias)
             for _, p in own:
                 pname = names[id(p)]
                 self.owner.setdefault(pname, mname)
-                uses.setdefault(pname, []).append((module, handler))
+                uses.setdefault(pname, []).append((id(module), handler, bid))
                 if handler is None and pname in layout:
                     reasons.setdefault(
                         mname or type(module).__name__, f"{type(module).__name__} ({reason})"
@@ -142,22 +150,45 @@ class Capture:
         for module in model.modules():
             if isinstance(module, nn.MultiheadAttention) and id(module) not in self.handlers:
                 for p in module.out_proj.parameters():
-                    uses.setdefault(names[id(p)], []).append((module, None))
+                    uses.setdefault(names[id(p)], []).append((id(module), None, None))
         self.uses = uses
-        self.hooked = {
+        self._hooked0 = frozenset(
             n
             for n in layout.names
-            if all(h is not None for _, h in uses.get(n, [])) and uses.get(n)
-        }
-        self.fallback = [n for n in layout.names if n not in self.hooked]
+            if all(h is not None for _, h, _ in uses.get(n, [])) and uses.get(n)
+        )
+        self._reasons = reasons
         self.rows = 0
         self.records: list[Record] = []
         self.failed: set[str] = set()
         self._handles: list[Any] = []
         self._patched: list[nn.Module] = []
+        self.reset(notify=False)
+
+    @property
+    def model(self) -> nn.Module:
+        """The model (held weakly)."""
+        model = self._model()
+        if model is None:  # pragma: no cover - only while the model is alive
+            raise RuntimeError("the model of this capture no longer exists")
+        return model
+
+    def reset(self, notify: bool = True) -> None:
+        """Back to the state after construction (every supported parameter hooked).
+
+        Drops the records; with ``notify`` the fallback notices are issued again
+        (once each).
+
+        Call it directly from :func:`~fisherflow.estimate.estimate` (the notices point
+        at its caller).
+        """
+        self.hooked = set(self._hooked0)
+        self.fallback = [n for n in self.layout.names if n not in self.hooked]
         self._notices: set[str] = set()
-        for where, why in reasons.items():
-            self.notice(where, why)
+        self.start(0)
+        if notify:
+            for where, why in self._reasons.items():
+                self.notice(where, why)
 
     def notice(self, where: str, why: str) -> None:
         """Warn once that a module's parameters use per-sample gradients."""

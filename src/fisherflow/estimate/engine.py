@@ -26,7 +26,7 @@ from fisherflow.estimate.reference import Wrapped
 from fisherflow.estimate.scores import make_scores
 from fisherflow.matrices import KronGroup, ParamLayout
 
-__all__ = ["build_plan", "clear_probe_cache", "probe", "run_pass"]
+__all__ = ["build_plan", "clear_probe_cache", "model_signature", "probe", "run_pass"]
 
 #: ``{model: {signature: (failed names, missed names)}}`` results of :func:`probe`.
 _PROBED: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, tuple[frozenset[str], ...]]] = (
@@ -39,8 +39,27 @@ def clear_probe_cache() -> None:
     _PROBED.clear()
 
 
+def model_signature(model: nn.Module) -> Hashable:
+    """What a capture and its plan depend on (modules and parameters).
+
+    Modules by identity, type and a patched ``forward``; parameters by name,
+    identity, shape, dtype, device and whether trainable.
+    """
+    mods = tuple((id(m), type(m), id(m.__dict__.get("forward"))) for m in model.modules())
+    params = tuple(
+        (n, id(p), tuple(p.shape), p.dtype, p.device, p.requires_grad)
+        for n, p in model.named_parameters()
+    )
+    return mods, params
+
+
 def _signature(
-    model: nn.Module, capture: Capture, inputs: Any, forward: Any, shift: Any
+    model: nn.Module,
+    capture: Capture,
+    inputs: Any,
+    forward: Any,
+    shift: Any,
+    model_sig: Hashable | None = None,
 ) -> Hashable | None:
     """What a hook check depends on: modules, parameters, forward and input shapes."""
     leaves, spec = tree_flatten(inputs)
@@ -52,11 +71,8 @@ def _signature(
             sig_in.append(v)
         else:
             return None
-    mods = tuple((id(m), type(m), id(m.__dict__.get("forward"))) for m in model.modules())
-    params = tuple((n, id(p), tuple(p.shape)) for n, p in model.named_parameters())
     return (
-        mods,
-        params,
+        model_signature(model) if model_sig is None else model_sig,
         tuple(sorted(capture.hooked)),
         id(forward),
         str(spec),
@@ -103,17 +119,15 @@ def build_plan(
         b = getattr(module, brole, None) if brole else None
         bn = capture.name_of[id(b)] if isinstance(b, Tensor) else None
         users = capture.uses[wn]
+        bid = None if b is None else id(b)
         if any(
-            h is None
-            or not h.kron
-            or h.input_major != handler.input_major
-            or getattr(m, _roles(m)[1] or "", None) is not b
-            for m, h in users
+            h is None or not h.kron or h.input_major != handler.input_major or ubid != bid
+            for _, h, ubid in users
         ):
             continue
         if bn is not None and (
             bn not in capture.hooked
-            or {id(m) for m, _ in capture.uses[bn]} != {id(m) for m, _ in users}
+            or {m for m, _, _ in capture.uses[bn]} != {m for m, _, _ in users}
         ):
             continue
         kron[mname or "model"] = KronGroup(wn, bn, handler.input_major)
@@ -308,6 +322,7 @@ def probe(
     shift_labels: bool | None,
     device: torch.device,
     stat: torch.dtype,
+    model_sig: Hashable | None = None,
 ) -> None:
     """Check the capture on one batch against autograd; demote parameters it misses.
 
@@ -322,7 +337,7 @@ def probe(
     inputs = to_device(batch.inputs, device)
     rows = batch_rows(inputs)
     try:
-        sig = _signature(model, capture, inputs, forward, shift_labels)
+        sig = _signature(model, capture, inputs, forward, shift_labels, model_sig)
         cache = _PROBED.setdefault(model, {})
     except TypeError:  # pragma: no cover - model not weak-referenceable
         sig, cache = None, {}

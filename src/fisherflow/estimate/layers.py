@@ -25,6 +25,8 @@ import torch.nn.functional as Fn
 from torch import Tensor, nn
 
 __all__ = [
+    "GRAM_BLOCK",
+    "GRAM_BLOCK_SIZE",
     "SYRK_MAX",
     "ConvHandler",
     "EmbeddingHandler",
@@ -53,19 +55,36 @@ def _syrk_ok(n: int, x: Tensor) -> bool:
     )
 
 
-def gram_into(acc: Tensor | None, x: Tensor) -> Tensor:
-    """``acc + xᵀx`` for ``x`` of shape ``(…, n)``, accumulated in place when possible.
+#: Factor side from which :func:`gram_into` computes only the upper block triangle
+#: (blocks of :data:`GRAM_BLOCK_SIZE`; ~5/8 of the flops with 4 blocks) with plain
+#: matrix products; :func:`symmetrize` mirrors it.
+GRAM_BLOCK = 1024
+GRAM_BLOCK_SIZE = 512
 
-    On CPU for float32/float64 and ``32 ≤ n ≤`` :data:`SYRK_MAX` this calls BLAS
-    ``?syrk`` (half the flops of a full product) and only the **lower triangle** of
-    the result is valid until :func:`symmetrize` is applied; otherwise the product is
-    full. Either way :func:`symmetrize` gives the symmetric matrix.
+
+def _bounds(n: int) -> list[int]:
+    return [*range(0, n, GRAM_BLOCK_SIZE), n]
+
+
+def gram_into(acc: Tensor | None, x: Tensor, ones: bool = False) -> Tensor:
+    """``acc + x̃ᵀx̃`` for ``x`` of shape ``(…, n)``, accumulated in place when possible.
+
+    ``x̃`` is ``x`` with a trailing column of ones when ``ones`` (never materialised
+    outside the ``syrk`` path). On CPU for float32/float64 and ``32 ≤ n ≤``
+    :data:`SYRK_MAX` this calls BLAS ``?syrk`` (half the flops of a full product) and
+    only the **lower triangle** of the result is valid until :func:`symmetrize` is
+    applied; for ``n ≥`` :data:`GRAM_BLOCK` only the upper block triangle is computed
+    (the lower blocks stay zero); otherwise the product is full. Either way
+    :func:`symmetrize` gives the symmetric matrix.
     """
     x = x.reshape(-1, x.shape[-1])
     n = x.shape[-1]
-    if acc is None:
-        acc = torch.zeros(n, n, dtype=x.dtype, device=x.device)
-    if _syrk_ok(n, x) and acc.dtype == x.dtype and acc.is_contiguous():
+    size = n + 1 if ones else n
+    if _syrk_ok(size, x) and (acc is None or (acc.dtype == x.dtype and acc.is_contiguous())):
+        if ones:
+            x = _augment(x)
+        if acc is None:
+            acc = torch.zeros(size, size, dtype=x.dtype, device=x.device)
         from scipy.linalg import blas
 
         syrk = blas.ssyrk if x.dtype == torch.float32 else blas.dsyrk
@@ -75,15 +94,47 @@ def gram_into(acc: Tensor | None, x: Tensor) -> Tensor:
         if out.ctypes.data != acc.data_ptr():  # pragma: no cover - f2py made a copy
             acc.copy_(torch.from_numpy(out.T))
         return acc
-    return acc.addmm_(x.T, x)
+    fresh = acc is None
+    if acc is None:  # no zero fill: every entry read later is written with beta=0
+        acc = torch.empty(size, size, dtype=x.dtype, device=x.device)
+    beta = 0.0 if fresh else 1.0
+    core = acc[:n, :n] if ones else acc
+    if n >= GRAM_BLOCK:
+        b = _bounds(n)
+        for i in range(len(b) - 1):
+            xi = x[:, b[i] : b[i + 1]].T
+            for j in range(i, len(b) - 1):
+                core[b[i] : b[i + 1], b[j] : b[j + 1]].addmm_(xi, x[:, b[j] : b[j + 1]], beta=beta)
+                if fresh and j > i:
+                    core[b[j] : b[j + 1], b[i] : b[i + 1]].zero_()
+    else:
+        core.addmm_(x.T, x, beta=beta)
+    if ones:
+        col = x.sum(0)
+        if fresh:
+            acc[:n, n] = col
+            acc[n, :n] = col
+            acc[n, n] = x.shape[0]
+        else:
+            acc[:n, n] += col
+            acc[n, :n] += col
+            acc[n, n] += x.shape[0]
+    return acc
 
 
 def symmetrize(acc: Tensor) -> Tensor:
     """The symmetric matrix of a :func:`gram_into` accumulator (in place; 1-D unchanged)."""
-    if acc.dim() != 2 or not _syrk_ok(acc.shape[0], acc):
+    if acc.dim() != 2:
         return acc
-    low = acc.tril(-1)
-    return acc.triu_().tril_().add_(low).add_(low.T)
+    if _syrk_ok(acc.shape[0], acc):
+        low = acc.tril(-1)
+        return acc.triu_().tril_().add_(low).add_(low.T)
+    if acc.shape[0] >= GRAM_BLOCK:  # upper block triangle valid (also for full products)
+        b = _bounds(acc.shape[0])
+        for i in range(len(b) - 1):
+            for j in range(i + 1, len(b) - 1):
+                acc[b[j] : b[j + 1], b[i] : b[i + 1]] = acc[b[i] : b[i + 1], b[j] : b[j + 1]].T
+    return acc
 
 
 @dataclass
@@ -205,21 +256,21 @@ class LinearHandler(Handler):
         a = rec.data
         if reduce:
             a = a.mean(1, keepdim=True)
-        if rec.bias is not None:
-            a = _augment(a)
-        return gram_into(acc, a), a.shape[0] * a.shape[1]
+        return gram_into(acc, a, ones=rec.bias is not None), a.shape[0] * a.shape[1]
 
     def ekfac(self, rec: Record, d: Tensor, qa: Tensor | None, qg: Tensor | None) -> Tensor:  # noqa: D102
         if d.shape[1] != 1:
             return super().ekfac(rec, d, qa, qg)
         a = rec.data[:, 0]
-        if rec.bias is not None:
-            a = _augment(a)
         dd = d[:, 0]
         if qg is not None:
             dd = dd @ qg
-        if qa is not None:
+        if qa is None:
+            a = a if rec.bias is None else _augment(a)
+        elif rec.bias is None:
             a = a @ qa
+        else:  # [a, 1] @ qa without materialising the augmented input
+            a = torch.addmm(qa[-1], a, qa[:-1])
         return (dd * dd).T @ (a * a)
 
 
