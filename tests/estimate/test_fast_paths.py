@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -255,3 +257,53 @@ def test_fallback_notice_every_call_with_cache():
             F = estimate(model, data, "categorical", "empirical", progress=False)
     R = reference_fisher(model, data, "categorical", "empirical")
     torch.testing.assert_close(F.diagonal(), R.diagonal())
+
+
+class _GemmaStyleRMSNorm(nn.Module):
+    """``(1 + w) ⊙ x / rms(x)``: has the parts of a Llama RMS norm but another formula."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim, dtype=torch.float64) * 0.1)
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (1 + self.weight) * x
+
+
+def _rms_model(norm: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(11, 6), norm, nn.Linear(6, 11)).double()
+
+
+@pytest.mark.parametrize("kind", ["exact", "empirical"])
+def test_hugging_face_rms_norm_is_captured_and_exact(kind):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(6, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 6))
+    model = _rms_model(norm).double()
+    ids = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(1))
+    data = [(ids, ids)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackNotice)  # captured by hooks: no fallback
+        F = estimate(model, data, "categorical", kind, structure="dense", progress=False)
+    R = reference_fisher(model, data, "categorical", kind)
+    # LlamaRMSNorm computes x̂ in float32 even for float64 inputs, so the reference
+    # (autograd through the module) carries float32 rounding; fisherflow recomputes x̂
+    # in the statistics dtype. Agreement is therefore at float32 level.
+    torch.testing.assert_close(F.to_dense(), R, atol=1e-6, rtol=1e-4)
+
+
+def test_rms_norm_with_one_plus_weight_is_also_exact():
+    """``(1 + w) ⊙ x̂`` has the same weight gradient ``δ ⊙ x̂`` as ``w ⊙ x̂``."""
+    model = _rms_model(_GemmaStyleRMSNorm(6))
+    ids = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(2))
+    data = [(ids, ids)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackNotice)
+        F = estimate(model, data, "categorical", "empirical", structure="dense", progress=False)
+    R = reference_fisher(model, data, "categorical", "empirical")
+    torch.testing.assert_close(F.to_dense(), R, atol=1e-10, rtol=1e-8)

@@ -4,7 +4,8 @@ Supported layers (others fall back to per-sample gradients via ``torch.func``, w
 one-time :class:`FallbackNotice` naming the module): ``nn.Linear`` (any leading
 dimensions), ``nn.Conv1d``/``nn.Conv2d`` (``groups=1``, zero padding),
 ``nn.Embedding`` (no ``max_norm``/``scale_grad_by_freq``), ``nn.LayerNorm``,
-``nn.RMSNorm``, Hugging Face ``Conv1D`` and ``nn.MultiheadAttention`` (packed
+``nn.RMSNorm`` and Hugging Face RMS norms, Hugging Face ``Conv1D`` and
+``nn.MultiheadAttention`` (packed
 projections, no ``bias_k``/``add_zero_attn``; its forward is replaced during
 estimation by an equivalent explicit computation so that both fused projections are
 seen). A captured layer must see the batch in dimension 0.
@@ -60,7 +61,27 @@ def _handler_for(module: nn.Module) -> tuple[Handler | None, str | None]:
     for types_, make in LAYER_HANDLERS:
         if isinstance(module, types_):
             return make(module)
+    if _is_rms_norm_like(module):
+        return LayerNormHandler(), None
     return None, "no capture rule for this layer type"
+
+
+def _is_rms_norm_like(module: nn.Module) -> bool:
+    """Hugging Face RMS norms (Llama, Mistral, Qwen2, ...): ``w ⊙ x / rms(x)``.
+
+    Recognised by their parts, not their class name: a 1-D ``weight`` parameter, no
+    bias, and a ``variance_epsilon``. Gemma's ``(1 + w) ⊙ x̂`` has the same weight
+    gradient ``δ ⊙ x̂`` and is captured exactly too; any other formula is caught by the
+    first-batch check of hook gradients against autograd and falls back to per-sample
+    gradients.
+    """
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(getattr(module, "variance_epsilon", None), float)
+        and isinstance(weight, nn.Parameter)
+        and weight.dim() == 1
+        and getattr(module, "bias", None) is None
+    )
 
 
 def _conv(module: nn.Module) -> tuple[Handler | None, str | None]:
@@ -286,12 +307,13 @@ class Capture:
             data = xd.reshape(xd.shape[0], -1)
             extra = {"padding_idx": module.padding_idx, "dtype": self.stat}
         elif isinstance(handler, LayerNormHandler):
-            shape = tuple(module.normalized_shape)  # type: ignore[arg-type]
+            shape = tuple(getattr(module, "normalized_shape", weight.shape))
             xs = xd.to(self.stat)
             if isinstance(module, nn.LayerNorm):
                 xhat = Fn.layer_norm(xs, shape, None, None, module.eps)
             else:
-                xhat = Fn.rms_norm(xs, shape, None, module.eps)  # type: ignore[arg-type]
+                eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+                xhat = Fn.rms_norm(xs, shape, None, eps)
             data = xhat.reshape(xd.shape[0], -1, math.prod(shape))
         elif isinstance(handler, ConvHandler):
             data = unfold(module, xd.to(self.stat))
