@@ -6,7 +6,7 @@ Every accumulator holds *sums* (so shards add exactly), consumes one score at a 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -165,54 +165,52 @@ class DiagonalAcc(Accumulator):
         for n in self.names:
             self.state[n] = plan.zeros(*plan.layout.shape(n))
 
-    def add(self, pairs: Pairs, func: Mapping[str, Tensor], rows: int) -> None:
+    def _kept(self, pairs: Pairs) -> Iterator[tuple[Record, Tensor, str, str | None, bool]]:
+        """Records of kept weights with their names and whether weight and bias are used once.
+
+        A parameter used by several records in a batch (a layer applied twice, tied
+        weights) must have its per-row gradient summed over uses before squaring.
+        """
         uses: dict[str, int] = {}
         for rec, _ in pairs:
             for p in (rec.weight, rec.bias):
                 if p is not None:
                     n = self.plan.name_of[id(p)]
                     uses[n] = uses.get(n, 0) + 1
-        slow: list[tuple[Record, Tensor]] = []
         for rec, d in pairs:
             wn = self.plan.name_of[id(rec.weight)]
             if wn not in self.keep:
                 continue
             bn = None if rec.bias is None else self.plan.name_of[id(rec.bias)]
-            single = uses[wn] == 1 and (bn is None or uses[bn] == 1) and rec.rows is None
-            fast = rec.handler.diag(rec, d) if single else None
+            yield rec, d, wn, bn, uses[wn] == 1 and (bn is None or uses[bn] == 1)
+
+    def _add_diag(self, wn: str, bn: str | None, fast: tuple[Tensor, Tensor | None]) -> None:
+        self.state[wn] += fast[0]
+        if bn is not None and fast[1] is not None:
+            self.state[bn] += fast[1]
+
+    def add(self, pairs: Pairs, func: Mapping[str, Tensor], rows: int) -> None:
+        slow: list[tuple[Record, Tensor]] = []
+        for rec, d, wn, bn, once in self._kept(pairs):
+            fast = rec.handler.diag(rec, d) if once and rec.rows is None else None
             if fast is None:
                 slow.append((rec, d))
-                continue
-            self.state[wn] += fast[0]
-            if bn is not None and fast[1] is not None:
-                self.state[bn] += fast[1]
+            else:
+                self._add_diag(wn, bn, fast)
         for n, g in per_row_dict(self.plan, slow, func, self.keep).items():
             self.state[n] += (g * g).sum(0)
 
     def add_many(self, pairs: Pairs, k: int, rows: int) -> None:
         """Single-use, one-position Linear/norm layers: ``Σ_k δ_k²`` first (one matmul)."""
-        uses: dict[str, int] = {}
-        for rec, _ in pairs:
-            for p in (rec.weight, rec.bias):
-                if p is not None:
-                    n = self.plan.name_of[id(p)]
-                    uses[n] = uses.get(n, 0) + 1
         rest: list[tuple[Record, Tensor]] = []
-        for rec, d in pairs:
-            wn = self.plan.name_of[id(rec.weight)]
-            if wn not in self.keep:
-                continue
-            bn = None if rec.bias is None else self.plan.name_of[id(rec.bias)]
-            single = uses[wn] == 1 and (bn is None or uses[bn] == 1)
-            if not (single and _one_position(rec, d)):
+        for rec, d, wn, bn, once in self._kept(pairs):
+            if not (once and _one_position(rec, d)):
                 rest.append((rec, d))
                 continue
             d_eff = (d * d).reshape(k, rows, *d.shape[1:]).sum(0).sqrt()
             fast = rec.handler.diag(rec, d_eff)
             assert fast is not None
-            self.state[wn] += fast[0]
-            if bn is not None and fast[1] is not None:
-                self.state[bn] += fast[1]
+            self._add_diag(wn, bn, fast)
         if rest:
             super().add_many(rest, k, rows)
 
