@@ -317,24 +317,30 @@ class KFACAcc(Accumulator):
             self.A[g], m = rec.handler.factor_a(rec, self.plan.reduce, self.A.get(g))
             self.counts[g] = self.counts.get(g, 0) + m
 
-    def add(self, pairs: Pairs, func: Mapping[str, Tensor], rows: int) -> None:
+    def _split(
+        self, pairs: Pairs
+    ) -> tuple[list[tuple[str, Record, Tensor]], list[tuple[Record, Tensor]]]:
+        """Records of Kronecker groups (with their group) and the rest (diagonal)."""
+        grouped: list[tuple[str, Record, Tensor]] = []
         rest: list[tuple[Record, Tensor]] = []
         for rec, d in pairs:
             g = self._group(rec)
             if g is None:
                 rest.append((rec, d))
-                continue
+            else:
+                grouped.append((g, rec, d))
+        return grouped, rest
+
+    def add(self, pairs: Pairs, func: Mapping[str, Tensor], rows: int) -> None:
+        grouped, rest = self._split(pairs)
+        for g, rec, d in grouped:
             self._add_g(g, rec, d)
         self.rest.add(rest, func, rows)
 
     def add_many(self, pairs: Pairs, k: int, rows: int) -> None:
         """``G`` of ``k`` scores from one ``(k·rows·S, n_out)`` product per layer."""
-        rest: list[tuple[Record, Tensor]] = []
-        for rec, d in pairs:
-            g = self._group(rec)
-            if g is None:
-                rest.append((rec, d))
-                continue
+        grouped, rest = self._split(pairs)
+        for g, rec, d in grouped:
             if not isinstance(rec.handler, LinearHandler):
                 for i in range(k):
                     self._add_g(g, rec, d[i * rows : (i + 1) * rows])

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, vjp, vmap
+from torch.func import vjp, vmap
 from torch.utils._pytree import tree_map
 
 from fisherflow.estimate.reference import Wrapped
@@ -57,14 +57,7 @@ def per_row_grads(
         x1 = tree_map(lambda v: v.unsqueeze(0) if isinstance(v, Tensor) else v, x)
 
         def f(p: dict[str, Tensor]) -> Tensor:
-            out = functional_call(
-                wrapped,
-                {f"model.{n}": v for n, v in p.items()},
-                (x1,),
-                strict=False,
-                tie_weights=True,
-            )
-            return out
+            return wrapped.call(p, x1)
 
         _, pull = vjp(f, sub)  # type: ignore[misc]
         (g,) = vmap(pull)(cot.unsqueeze(1))  # type: ignore[misc]

@@ -50,18 +50,17 @@ class Wrapped(nn.Module):
     def forward(self, inputs: Any) -> Tensor:  # noqa: D102
         return output_tensor(self.fwd(self.model, inputs))
 
+    def call(self, params: Mapping[str, Tensor], inputs: Any) -> Tensor:
+        """The output with the model's parameters ``params`` swapped in (``torch.func``)."""
+        swapped = {f"model.{k}": v for k, v in params.items()}
+        return functional_call(self, swapped, (inputs,), strict=False, tie_weights=True)  # type: ignore[no-any-return]
+
 
 def _row_jacobian(wrapped: Wrapped, names: list[str], params: dict[str, Tensor], x: Any) -> Tensor:
     """Jacobian ``(out_numel, P)`` of one row's output, columns in layout order."""
 
     def f(p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        out = functional_call(
-            wrapped,
-            {f"model.{k}": v for k, v in p.items()},
-            (x,),
-            strict=False,
-            tie_weights=True,
-        )
+        out = wrapped.call(p, x)
         return out, out
 
     with warnings.catch_warnings():
