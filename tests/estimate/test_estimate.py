@@ -197,3 +197,13 @@ def test_float32_and_bfloat16_models_accumulate_in_float32():
         assert F.dtype == torch.float32
         tol = 1e-4 if dtype == torch.float32 else 0.1
         assert float((F.diagonal().double() - ref).norm() / ref.norm()) < tol
+
+
+def test_each_submodule_keeps_its_own_training_mode():
+    model, data, _ = make_case("mlp")
+    model.train()
+    first = next(iter(model.children()))
+    first.eval()  # e.g. a frozen part of a model being fine-tuned
+    before = {name: m.training for name, m in model.named_modules()}
+    estimate(model, data, "categorical", "mc", progress=False)
+    assert {name: m.training for name, m in model.named_modules()} == before

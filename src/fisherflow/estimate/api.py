@@ -208,9 +208,8 @@ def estimate(
     gen = torch.Generator(device=device)
     gen.manual_seed(0 if seed is None else seed)
     use_dist = want_distributed(distributed)
-    training = model.training
-    switch = any(m.training for m in model.modules())
-    if switch:
+    training = [m for m in model.modules() if m.training]  # restored one by one
+    if training:
         model.eval()
     capture = prep.capture
     try:
@@ -271,8 +270,8 @@ def estimate(
     finally:
         if capture is not None:
             capture.start(0)  # drop the last batch's records (activations, graph)
-        if switch:
-            model.train(training)
+        for m in training:
+            m.training = True  # its own flag only: train() would recurse into children
     return result
 
 
