@@ -139,7 +139,7 @@ def check_flat(v: Vector, layout: ParamLayout, name: str, dtype: torch.dtype) ->
 
 
 def _to_dense(info: FisherMatrix, layout: ParamLayout) -> FisherMatrix:
-    return info if isinstance(info, Dense) else Dense(info.to_dense(), layout, **info.meta)
+    return info if isinstance(info, Dense) else Dense.from_fisher(info)
 
 
 def _to_diagonal(info: FisherMatrix, layout: ParamLayout) -> FisherMatrix:
@@ -153,13 +153,8 @@ def _to_diagonal(info: FisherMatrix, layout: ParamLayout) -> FisherMatrix:
 def _to_block(info: FisherMatrix, layout: ParamLayout) -> FisherMatrix:
     if isinstance(info, Block):
         return info
-    dense = info.to_dense()
-    groups = {n: [n] for n in layout.names}
-    blocks = {}
-    for n in layout.names:
-        idx = layout.indices([n]).to(dense.device)
-        blocks[n] = dense[idx][:, idx]
-    return Block(blocks, groups, layout, **info.meta)
+    blocks = {n: info.block(n).to_dense() for n in layout.names}
+    return Block(blocks, {n: [n] for n in layout.names}, layout, **info.meta)
 
 
 #: Structures Fisher Flow keeps its information in, and how any Fisher is converted
@@ -228,12 +223,7 @@ def as_information(
         raise TypeError(f"{name} must be a FisherMatrix or a tensor, got {type(info).__name__}")
     out = STRUCTURES[check_structure(structure)](fisher, layout)
     if out.dtype != dtype:
-        out = STRUCTURES[structure](
-            Dense(out.to_dense().to(dtype), layout, **out.meta)
-            if not isinstance(out, Diagonal)
-            else Diagonal(out.diagonal().to(dtype), layout, **out.meta),
-            layout,
-        )
+        out = out.to(dtype=dtype)
     if bool((out.diagonal() < -1e-9 * out.diagonal().abs().max().clamp_min(1)).any()):
         raise ValueError(f"{name} has a negative diagonal entry: information must be PSD")
     return out
