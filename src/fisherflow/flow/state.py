@@ -97,7 +97,7 @@ class Estimate:
 
     def covariance(self, damping: float = 0.0) -> Tensor:
         """The dense ``(P, P)`` covariance ``(I + λ)⁺`` (pseudo-inverse if singular)."""
-        return pinv_dense(self.information, damping)[0]
+        return pinv_dense(self.information, check_real(damping, "damping", low=0.0))[0]
 
     def bse(self, damping: float = 0.0) -> Tensor:
         """Standard errors ``sqrt(diag((I + λ)⁺))`` as a flat ``(P,)`` tensor."""
@@ -231,11 +231,11 @@ class FisherFlow:
 
     def covariance(self, damping: float = 0.0) -> Tensor:
         """Dense ``(P, P)`` covariance ``(I + λ)⁺`` (pseudo-inverse when singular)."""
-        return pinv_dense(self.information, check_real(damping, "damping", low=0.0))[0]
+        return self.estimate.covariance(damping)
 
     def bse(self, damping: float = 0.0) -> Vector:
         """Standard errors ``sqrt(diag((I + λ)⁺))`` in the form of :attr:`params`."""
-        return self._form(self.covariance(damping).diagonal().clamp_min(0).sqrt())
+        return self._form(self.estimate.bse(damping))
 
     def __repr__(self) -> str:
         return (
