@@ -115,6 +115,11 @@ def as_float_tensor(data: Any, name: str, dtype: torch.dtype = torch.float64) ->
     return out
 
 
+def flat_layout(size: int) -> ParamLayout:
+    """The layout of a flat parameter vector of ``size`` entries (one block ``"theta"``)."""
+    return ParamLayout.from_shapes({"theta": (size,)})
+
+
 def check_flat(v: Vector, layout: ParamLayout, name: str, dtype: torch.dtype) -> Tensor:
     """Flatten a parameter vector (tensor or dict) to a finite ``(P,)`` tensor.
 

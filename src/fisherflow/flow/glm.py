@@ -27,6 +27,7 @@ from fisherflow.flow._common import (
     as_float_tensor,
     check_real,
     check_structure,
+    flat_layout,
     matrix_rank,
     pinv_dense,
 )
@@ -314,12 +315,12 @@ class OnlineGLM:
                 and (acc["correct"] == acc["rows"] or acc["correct_p"] == acc["rows"])
             )
             if probe is not None:
-                p_step = pinv_dense(Dense(acc["Jp"], FisherFlow(probe).layout))[0] @ acc["Up"]
+                p_step = pinv_dense(Dense(acc["Jp"], flat_layout(probe.numel())))[0] @ acc["Up"]
                 probe = probe + p_step if torch.isfinite(p_step).all() else probe
             p = beta.shape[0]
             U = acc["U"] - lam * beta
             J = acc["J"] + lam * torch.eye(p, dtype=DTYPE)
-            cov, _ = pinv_dense(Dense(J, FisherFlow(beta).layout))
+            cov, _ = pinv_dense(Dense(J, flat_layout(beta.numel())))
             step = cov @ U
             if not torch.isfinite(step).all():
                 raise FloatingPointError(

@@ -34,6 +34,7 @@ from fisherflow.flow._common import (
     check_flat,
     check_real,
     check_structure,
+    flat_layout,
     pinv_dense,
     pinv_solve,
     zeros_information,
@@ -149,7 +150,7 @@ class FisherFlow:
             self._shape: tuple[int, ...] | None = None
             first = next(iter(params.values()), None)
         elif isinstance(params, Tensor):
-            self.layout = ParamLayout.from_shapes({"theta": (params.numel(),)})
+            self.layout = flat_layout(params.numel())
             self._shape = tuple(params.shape)
             first = params
             params = params.reshape(-1)
