@@ -30,6 +30,7 @@ from fisherflow.flow._common import (
     RankDeficiencyWarning,
     as_information,
     check_real,
+    flat_layout,
     pinv_solve,
 )
 from fisherflow.flow.state import Estimate, FisherFlow
@@ -76,7 +77,7 @@ def _parse(
             lay = ParamLayout.from_shapes({k: tuple(v.shape) for k, v in params.items()})
             flat = lay.flatten(params)
         elif isinstance(params, Tensor):
-            lay = ParamLayout.from_shapes({"theta": (params.numel(),)})
+            lay = flat_layout(params.numel())
             flat = params.reshape(-1)
         else:
             raise TypeError(
