@@ -34,6 +34,7 @@ __all__ = [
     "Family",
     "ParamSlot",
     "check_dist_cls",
+    "check_int",
     "constructor_names",
     "instance_params",
     "prepare_family",
@@ -60,6 +61,17 @@ class ParamSlot:
     kind: str
     start: int
     size: int
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """Validate an integer argument ``>= minimum`` (booleans rejected).
+
+    Raises:
+        ValueError: Naming the argument, the rule and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+    return value
 
 
 def check_dist_cls(dist_cls: Any) -> type[Distribution]:

@@ -15,16 +15,10 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from fisherflow.stats._params import prepare_family
+from fisherflow.stats._params import check_int, prepare_family
 from fisherflow.stats.information import fisher_information
 
 __all__ = ["EfficiencyResult", "cramer_rao_bound", "estimator_efficiency"]
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
-    return value
 
 
 def cramer_rao_bound(
@@ -54,7 +48,7 @@ def cramer_rao_bound(
         >>> cramer_rao_bound(torch.distributions.Bernoulli, 100, probs=0.5)  # p(1-p)/n
         tensor([[0.0025]])
     """
-    _check_int("n", n, 1)
+    check_int("n", n, 1)
     f = fisher_information(dist_cls, wrt, **params)
     ev = torch.linalg.eigvalsh(f)
     tol = ev.abs().amax(-1, keepdim=True) * f.shape[-1] * torch.finfo(f.dtype).eps
@@ -125,8 +119,8 @@ def estimator_efficiency(
         >>> 0.85 < float(r.efficiency[0]) < 1.15  # the sample mean is efficient
         True
     """
-    _check_int("n", n, 1)
-    _check_int("num_trials", num_trials, 2)
+    check_int("n", n, 1)
+    check_int("num_trials", num_trials, 2)
     if not callable(estimator):
         raise TypeError(f"estimator must be callable, got {estimator!r}")
     fam = prepare_family(dist_cls, wrt, params)

@@ -45,7 +45,7 @@ from torch.distributions import (
     transform_to,
 )
 
-from fisherflow.stats._params import instance_params, prepare_family
+from fisherflow.stats._params import check_int, instance_params, prepare_family
 from fisherflow.stats._registry import CLOSED_FORMS
 from fisherflow.stats.information import _closed_form, _generic, _name_slices, _select
 
@@ -309,8 +309,7 @@ def fisher_rao_geodesic(
         True
     """
     _check_pair(p, q)
-    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 2:
-        raise ValueError(f"num_points must be an integer ≥ 2, got {num_points!r}")
+    check_int("num_points", num_points, 2)
     cls = type(p)
     pp, _ = instance_params(p, wrt)
     qp, _ = instance_params(q, wrt)

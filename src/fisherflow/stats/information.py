@@ -25,7 +25,7 @@ from torch.distributions import Distribution
 from torch.distributions import constraints as C
 
 from fisherflow.stats import closed_forms as _closed_forms  # noqa: F401  (registers)
-from fisherflow.stats._params import Family, prepare_family
+from fisherflow.stats._params import Family, check_int, prepare_family
 from fisherflow.stats._quadrature import de_integrate, support_transform
 from fisherflow.stats._registry import CLOSED_FORMS
 
@@ -182,8 +182,7 @@ def _generic(
             f"integration='exact' needs a finite, enumerable support; "
             f"{fam.dist_cls.__name__} has support {fam.dist.support!r}"
         )
-    if num_samples < 2:
-        raise ValueError(f"num_samples must be an integer ≥ 2, got {num_samples!r}")
+    check_int("num_samples", num_samples, 2)
     f, err = INTEGRATIONS[integration](fam, theta, create_graph, seed=seed, num_samples=num_samples)
     f = 0.5 * (f + f.transpose(-1, -2))
     return FisherEstimate(f, err, integration, fam.wrt)
