@@ -217,9 +217,9 @@ def run_pass(
             if cots is None and scores.size > 1 and records:
                 _batched(out, records, scores, accs, rows, stat)
             else:
+                outs = [r.output for r in records]
                 for k, cot in enumerate(cots if cots is not None else scores):
                     cot = cot.to(out.dtype)
-                    outs = [r.output for r in records]
                     grads = (
                         torch.autograd.grad(out, outs, cot, retain_graph=True, allow_unused=True)
                         if outs
