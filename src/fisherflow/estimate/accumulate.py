@@ -6,6 +6,7 @@ Every accumulator holds *sums* (so shards add exactly), consumes one score at a 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -156,14 +157,23 @@ def _one_position(rec: Record, d: Tensor) -> bool:
 
 
 class DiagonalAcc(Accumulator):
-    """``Σ_n g_n²``: fast per-layer formulas when a parameter has a single use."""
+    """``Σ_n g_n²``: fast per-layer formulas when a parameter has a single use.
+
+    ``state`` holds a parameter's sum once it has one: the first contribution is
+    kept as is (handlers return new tensors), later ones are added in place.
+    """
 
     def __init__(self, plan: Plan, names: Sequence[str] | None = None, **options: Any) -> None:
         super().__init__(plan)
         self.names = list(plan.layout.names if names is None else names)
         self.keep = set(self.names)
-        for n in self.names:
-            self.state[n] = plan.zeros(*plan.layout.shape(n))
+
+    def _accumulate(self, name: str, value: Tensor) -> None:
+        held = self.state.get(name)
+        if held is None:
+            self.state[name] = value
+        else:
+            held += value
 
     def _kept(self, pairs: Pairs) -> Iterator[tuple[Record, Tensor, str, str | None, bool]]:
         """Records of kept weights with their names and whether weight and bias are used once.
@@ -185,9 +195,9 @@ class DiagonalAcc(Accumulator):
             yield rec, d, wn, bn, uses[wn] == 1 and (bn is None or uses[bn] == 1)
 
     def _add_diag(self, wn: str, bn: str | None, fast: tuple[Tensor, Tensor | None]) -> None:
-        self.state[wn] += fast[0]
+        self._accumulate(wn, fast[0])
         if bn is not None and fast[1] is not None:
-            self.state[bn] += fast[1]
+            self._accumulate(bn, fast[1])
 
     def add(self, pairs: Pairs, func: Mapping[str, Tensor], rows: int) -> None:
         slow: list[tuple[Record, Tensor]] = []
@@ -198,7 +208,7 @@ class DiagonalAcc(Accumulator):
             else:
                 self._add_diag(wn, bn, fast)
         for n, g in per_row_dict(self.plan, slow, func, self.keep).items():
-            self.state[n] += (g * g).sum(0)
+            self._accumulate(n, (g * g).sum(0))
 
     def add_many(self, pairs: Pairs, k: int, rows: int) -> None:
         """Single-use, one-position Linear/norm layers: ``Σ_k δ_k²`` first (one matmul)."""
@@ -215,8 +225,23 @@ class DiagonalAcc(Accumulator):
             super().add_many(rest, k, rows)
 
     def vector(self) -> Tensor:
-        """The accumulated diagonal, flat in the order of ``names``."""
-        return torch.cat([self.state[n].reshape(-1) for n in self.names])
+        """The accumulated diagonal, flat in the order of ``names`` (zeros where unseen)."""
+        layout = self.plan.layout
+        parts = [
+            self.state[n].reshape(-1)
+            if n in self.state
+            else self.plan.zeros(math.prod(layout.shape(n)))
+            for n in self.names
+        ]
+        return torch.cat(parts) if parts else self.plan.zeros(0)
+
+    def set_vector(self, vector: Tensor) -> None:
+        """Replace the sums by a flat vector in the order of ``names`` (e.g. all-reduced)."""
+        layout = self.plan.layout
+        sizes = [math.prod(layout.shape(n)) for n in self.names]
+        self.state = {
+            n: v.view(layout.shape(n)) for n, v in zip(self.names, vector.split(sizes), strict=True)
+        }
 
     def build(self, **meta: Any) -> FisherMatrix:
         return Diagonal(self.vector(), self.plan.layout, **meta)

@@ -44,6 +44,9 @@ def reduce_accumulators(accs: Sequence[Accumulator], count: int, group: Any = No
         The total observation count.
     """
     for acc in accs:
+        if isinstance(acc, DiagonalAcc):  # one collective; zeros where a rank saw nothing
+            acc.set_vector(_sum(acc.vector(), group))
+            continue
         for k in list(acc.state):
             acc.state[k] = _sum(acc.state[k], group)
         if isinstance(acc, KFACAcc):
@@ -64,9 +67,7 @@ def reduce_accumulators(accs: Sequence[Accumulator], count: int, group: Any = No
 
 
 def _reduce_kfac(acc: KFACAcc, group: Any) -> None:
-    rest: DiagonalAcc = acc.rest
-    for k in list(rest.state):
-        rest.state[k] = _sum(rest.state[k], group)
+    acc.rest.set_vector(_sum(acc.rest.vector(), group))
     for g in acc.plan.kron:
         n_out, n_cols = acc.plan.kron[g].dims(acc.plan.layout)
         # a rank that never saw a layer holds no entry: contribute zeros.

@@ -45,12 +45,20 @@ def model_signature(model: nn.Module) -> Hashable:
     Modules by identity, type and a patched ``forward``; parameters by name,
     identity, shape, dtype, device and whether trainable.
     """
-    mods = tuple((id(m), type(m), id(m.__dict__.get("forward"))) for m in model.modules())
-    params = tuple(
-        (n, id(p), tuple(p.shape), p.dtype, p.device, p.requires_grad)
-        for n, p in model.named_parameters()
-    )
-    return mods, params
+    # one walk over the modules; parameters as ``named_parameters`` lists them (first
+    # name of each tensor)
+    mods: list[Hashable] = []
+    params: list[Hashable] = []
+    seen: set[int] = set()
+    for mname, m in model.named_modules():
+        mods.append((id(m), type(m), id(m.__dict__.get("forward"))))
+        for k, p in m._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            name = f"{mname}.{k}" if mname else k
+            params.append((name, id(p), tuple(p.shape), p.dtype, p.device, p.requires_grad))
+    return tuple(mods), tuple(params)
 
 
 def _signature(
@@ -62,7 +70,11 @@ def _signature(
     model_sig: Hashable | None = None,
 ) -> Hashable | None:
     """What a hook check depends on: modules, parameters, forward and input shapes."""
-    leaves, spec = tree_flatten(inputs)
+    spec: Any = "tensor"
+    if isinstance(inputs, Tensor):  # the common case, without a pytree walk
+        leaves: list[Any] = [inputs]
+    else:
+        leaves, spec = tree_flatten(inputs)
     sig_in: list[Hashable] = []
     for v in leaves:
         if isinstance(v, Tensor):
@@ -184,8 +196,6 @@ def run_pass(
     progress: Any = None,
 ) -> int:
     """Stream over ``data`` once, feeding every accumulator; returns the observation count."""
-    wrapped = Wrapped(model, forward)
-    named = dict(model.named_parameters())
     total = 0
     with capture:
         for item in data:
@@ -212,7 +222,12 @@ def run_pass(
             func_all: dict[str, Tensor] = {}
             if capture.fallback and cots:
                 func_all = per_row_grads(
-                    wrapped, capture.fallback, named, inputs, torch.stack(cots), rows
+                    Wrapped(model, forward),
+                    capture.fallback,
+                    dict(model.named_parameters()),
+                    inputs,
+                    torch.stack(cots),
+                    rows,
                 )
             if cots is None and scores.size > 1 and records:
                 _batched(out, records, scores, accs, rows, stat)
@@ -220,8 +235,12 @@ def run_pass(
                 outs = [r.output for r in records]
                 for k, cot in enumerate(cots if cots is not None else scores):
                     cot = cot.to(out.dtype)
+                    # the graph is freed by the last score's backward (as in a plain step)
+                    last = k + 1 == scores.size
                     grads = (
-                        torch.autograd.grad(out, outs, cot, retain_graph=True, allow_unused=True)
+                        torch.autograd.grad(
+                            out, outs, cot, retain_graph=not last, allow_unused=True
+                        )
                         if outs
                         else []
                     )

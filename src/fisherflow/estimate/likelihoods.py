@@ -60,11 +60,13 @@ class Prepared:
     target: Tensor | None
     mask: Tensor
     shape: tuple[int, ...]
+    #: The number of kept observations when known without a reduction.
+    kept: int | None = None
 
     @property
     def count(self) -> int:
         """Number of observations kept by the mask."""
-        return int(self.mask.sum().item())
+        return int(self.mask.sum().item()) if self.kept is None else self.kept
 
 
 class Likelihood(abc.ABC):
@@ -100,21 +102,24 @@ class Likelihood(abc.ABC):
                 )
             tgt = target.reshape(out.shape).to(out.dtype)
         mask = torch.ones(out.shape[0], dtype=torch.bool, device=out.device)
-        return Prepared(out, tgt, mask, shape)
+        return Prepared(out, tgt, mask, shape, kept=out.shape[0])
 
     @abc.abstractmethod
     def nll(self, output: Tensor, target: Tensor) -> Tensor:
         """Per-observation negative log-likelihood ``(N,)`` of prepared tensors."""
 
-    def nll_grad(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    def nll_grad(self, output: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
         """``∂ Σ_n mask_n · nll_n / ∂ output`` for prepared ``(N, C)`` tensors.
+
+        ``mask`` is ``None`` when every observation is kept.
 
         The default differentiates :meth:`nll` with autograd; built-in likelihoods
         override it with their closed form (no autograd graph, one elementwise pass).
         """
         out = output.detach().requires_grad_(True)
         with torch.enable_grad():
-            loss = (self.nll(out, target) * mask).sum()
+            nll = self.nll(out, target)
+            loss = (nll if mask is None else nll * mask).sum()
             (grad,) = torch.autograd.grad(loss, out)
         return grad
 
@@ -132,6 +137,18 @@ class Likelihood(abc.ABC):
         if r.dim() == 2:
             return torch.diag_embed(r * r)
         return r @ r.transpose(-1, -2)
+
+
+def softmax(logits: Tensor) -> Tensor:
+    """``softmax`` over the last dimension of ``(N, C)`` logits.
+
+    On CPU with few classes torch's last-dimension kernel is dominated by per-row
+    overhead (512×10: ~40 µs); the same kernel over dimension 0 of the transpose is
+    2–3× faster, so small ``C`` takes that route (contiguous result either way).
+    """
+    if logits.dim() == 2 and logits.shape[-1] <= 16 and logits.device.type == "cpu":
+        return torch.softmax(logits.T, 0).T.contiguous()
+    return torch.softmax(logits, -1)
 
 
 class Categorical(Likelihood):
@@ -167,6 +184,9 @@ class Categorical(Likelihood):
                     f"shape {shape} and target shape {tuple(target.shape)}"
                 )
             tgt = target.reshape(-1).to(out.device)
+            lo, hi = torch.aminmax(tgt) if tgt.numel() else (0, 0)
+            if 0 <= int(lo) and int(hi) < shape[-1]:  # no masked or invalid target
+                return Prepared(out, tgt, mask, shape, kept=out.shape[0])
             mask = tgt != IGNORE_INDEX
             bad = mask & ((tgt < 0) | (tgt >= shape[-1]))
             if bool(bad.any()):
@@ -175,24 +195,32 @@ class Categorical(Likelihood):
                     f"got {tgt[bad][:5].tolist()}"
                 )
             tgt = torch.where(mask, tgt, torch.zeros_like(tgt))
-        return Prepared(out, tgt, mask, shape)
+            return Prepared(out, tgt, mask, shape)
+        return Prepared(out, tgt, mask, shape, kept=out.shape[0])
 
     def nll(self, output: Tensor, target: Tensor) -> Tensor:  # noqa: D102
         return -torch.log_softmax(output, -1).gather(-1, target.long()[:, None])[:, 0]
 
-    def nll_grad(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:  # noqa: D102
+    def nll_grad(self, output: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:  # noqa: D102
         if type(self).nll is not Categorical.nll:
             return super().nll_grad(output, target, mask)
-        grad = torch.softmax(output, -1)
-        grad.scatter_add_(-1, target.long()[:, None], torch.full_like(grad[:, :1], -1.0))
-        return grad.mul_(mask[:, None])
+        grad = softmax(output)  # p - onehot(target)
+        idx = target.long()[:, None]
+        grad.scatter_(-1, idx, grad.gather(-1, idx) - 1.0)
+        return grad if mask is None else grad.mul_(mask[:, None])
 
     def sample(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:  # noqa: D102
-        probs = torch.softmax(output, -1)
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        # inverse-CDF sampling: the class is the number of cumulative probabilities below
+        # u·total with u uniform on (0, 1] (a zero-probability class is never drawn);
+        # a few elementwise kernels, ~5x faster than torch.multinomial on CPU
+        cdf = softmax(output).cumsum_(-1)
+        u = 1.0 - torch.rand(
+            cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device
+        )
+        return (cdf < u * cdf[:, -1:]).sum(-1).clamp_max_(cdf.shape[-1] - 1)
 
     def fisher_sqrt(self, output: Tensor) -> Tensor:  # noqa: D102
-        p = torch.softmax(output, -1)
+        p = softmax(output)
         sq = p.sqrt()
         # column c: sqrt(p_c) (e_c - p); R Rᵀ = diag(p) - p pᵀ.
         return torch.diag_embed(sq) - p[:, :, None] * sq[:, None, :]
@@ -215,10 +243,11 @@ class Bernoulli(Likelihood):
         )
         return loss.sum(-1)
 
-    def nll_grad(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:  # noqa: D102
+    def nll_grad(self, output: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:  # noqa: D102
         if type(self).nll is not Bernoulli.nll:
             return super().nll_grad(output, target, mask)
-        return (torch.sigmoid(output) - target) * mask[:, None].to(output.dtype)
+        grad = torch.sigmoid(output) - target
+        return grad if mask is None else grad * mask[:, None].to(output.dtype)
 
     def sample(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:  # noqa: D102
         return torch.bernoulli(torch.sigmoid(output), generator=generator)
@@ -253,10 +282,11 @@ class Gaussian(Likelihood):
         sq = (output - target) ** 2 / (2 * self.variance)
         return (sq + 0.5 * math.log(2 * math.pi * self.variance)).sum(-1)
 
-    def nll_grad(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:  # noqa: D102
+    def nll_grad(self, output: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:  # noqa: D102
         if type(self).nll is not Gaussian.nll:
             return super().nll_grad(output, target, mask)
-        return (output - target) * (mask[:, None].to(output.dtype) / self.variance)
+        grad = (output - target) / self.variance
+        return grad if mask is None else grad * mask[:, None].to(output.dtype)
 
     def sample(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:  # noqa: D102
         noise = torch.randn(
@@ -281,10 +311,11 @@ class Poisson(Likelihood):
     def nll(self, output: Tensor, target: Tensor) -> Tensor:  # noqa: D102
         return (output.exp() - target * output + torch.lgamma(target + 1)).sum(-1)
 
-    def nll_grad(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:  # noqa: D102
+    def nll_grad(self, output: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:  # noqa: D102
         if type(self).nll is not Poisson.nll:
             return super().nll_grad(output, target, mask)
-        return (output.exp() - target) * mask[:, None].to(output.dtype)
+        grad = output.exp() - target
+        return grad if mask is None else grad * mask[:, None].to(output.dtype)
 
     def sample(self, output: Tensor, generator: torch.Generator | None = None) -> Tensor:  # noqa: D102
         return torch.poisson(output.exp(), generator=generator)

@@ -46,7 +46,8 @@ class Scores:
 
 
 def _output_grad(lik: Likelihood, prep: Prepared, target: Tensor) -> Tensor:
-    return lik.nll_grad(prep.output, target, prep.mask)
+    everyone = prep.kept is not None and prep.kept == prep.output.shape[0]
+    return lik.nll_grad(prep.output, target, None if everyone else prep.mask)
 
 
 def _empirical(
