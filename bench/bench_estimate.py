@@ -318,7 +318,11 @@ def curvlinops_methods(model: nn.Module, x: Tensor, y: Tensor, case: str) -> dic
 
 
 def nngeometry_methods(model: nn.Module, x: Tensor, y: Tensor, case: str) -> dict[str, Any]:
-    """nngeometry 0.4: FIM (exact), FIM_MonteCarlo, empirical via per-example losses."""
+    """nngeometry 0.4: FIM (exact), FIM_MonteCarlo, empirical via per-example losses.
+
+    EKFAC includes ``update_diag`` (the eigenvalue correction), which ``PMatEKFAC``'s
+    constructor leaves out.
+    """
     try:
         from nngeometry.backend import TorchHooksJacobianBackend
         from nngeometry.metrics import FIM, FIM_MonteCarlo
@@ -364,6 +368,10 @@ def nngeometry_methods(model: nn.Module, x: Tensor, y: Tensor, case: str) -> dic
             else:
                 gen = TorchHooksJacobianBackend(model=fwd, function=emp_function)
                 F = rep(generator=gen, examples=loader)
+            if rep is PMatEKFAC:
+                # nngeometry's constructor stops at K-FAC in its eigenbasis; EKFAC's
+                # eigenvalue correction (George et al., 2018) is this second pass
+                F.update_diag(loader)
             return finish(F, rep)
 
         return run

@@ -34,6 +34,7 @@ from fisherflow.matrices import (
     orthonormal_factor,
 )
 from fisherflow.matrices.kron import factor_eigh
+from fisherflow.matrices.linalg import gram_eigh
 
 __all__ = ["ACCUMULATORS", "REPLAY_BYTES", "Plan", "Recorder", "per_row_dict"]
 
@@ -324,15 +325,32 @@ class LowRankAcc(Accumulator):
 class KFACAcc(Accumulator):
     """K-FAC factors (expand or reduce convention) and the rest's exact diagonal."""
 
-    def __init__(self, plan: Plan, **options: Any) -> None:
+    def __init__(self, plan: Plan, keep_rows: bool = False, **options: Any) -> None:
         super().__init__(plan)
         self.rest = DiagonalAcc(plan, plan.rest)
         self.counts: dict[str, float] = {}
         self.A: dict[str, Tensor] = {}
         self.G: dict[str, Tensor] = {}
+        #: ``{("A" | "G", group): rows}`` the vectors whose Gram matrix is a factor, kept
+        #: (with ``keep_rows``) while there are fewer than a third of the factor's side:
+        #: then :func:`~fisherflow.matrices.linalg.gram_eigh` eigendecomposes the factor
+        #: from them far faster than ``eigh`` (EKFAC). ``None`` once dropped.
+        self.rows: dict[tuple[str, str], list[Tensor] | None] = {}
+        self.keep_rows = keep_rows
 
     def _group(self, rec: Record) -> str | None:
         return self.plan.group_of_weight.get(self.plan.name_of[id(rec.weight)])
+
+    def _keep(self, key: tuple[str, str], rows: Tensor | None, side: int) -> None:
+        if not self.keep_rows:
+            return
+        held = self.rows.setdefault(key, [])
+        if held is None:
+            return
+        if rows is None or 3 * (sum(r.shape[0] for r in held) + rows.shape[0]) >= side:
+            self.rows[key] = None
+            return
+        held.append(rows)
 
     def begin(self, records: Sequence[Record]) -> None:
         for rec in records:
@@ -341,6 +359,9 @@ class KFACAcc(Accumulator):
                 continue
             self.A[g], m = rec.handler.factor_a(rec, self.plan.reduce, self.A.get(g))
             self.counts[g] = self.counts.get(g, 0) + m
+            if self.keep_rows:
+                side = self.A[g].shape[0]
+                self._keep(("A", g), rec.handler.rows_a(rec, self.plan.reduce), side)
 
     def _split(
         self, pairs: Pairs
@@ -377,13 +398,22 @@ class KFACAcc(Accumulator):
     def _add_g(self, g: str, rec: Record, d: Tensor) -> None:
         if rec.rows is None:
             self.G[g] = rec.handler.factor_g(rec, d, self.plan.reduce, self.G.get(g))
+            if self.keep_rows:
+                side = self.G[g].shape[0]
+                self._keep(("G", g), rec.handler.rows_g(rec, d, self.plan.reduce), side)
             return
+        self._keep(("G", g), None, 0)  # a use covering some output rows only
         n_out = self.plan.kron[g].dims(self.plan.layout)[0]
         if g not in self.G:
             self.G[g] = self.plan.zeros(n_out, n_out)
         block = self.G[g][rec.rows, rec.rows]
         block += symmetrize(rec.handler.factor_g(rec, d, self.plan.reduce))
         self.G[g][rec.rows, rec.rows] = block
+
+    def kept_rows(self, side: str, group: str) -> Tensor | None:
+        """All kept rows of a factor (``side`` ``"A"`` or ``"G"``), or ``None``."""
+        held = self.rows.get((side, group))
+        return torch.cat(held) if held else None
 
     def factors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """``(A, G)`` with ``A`` the mean over input vectors and ``G`` the sum.
@@ -407,10 +437,23 @@ class KFACAcc(Accumulator):
         return KFAC(self.plan.kron, A, G, self.plan.layout, rest, **meta)
 
 
+def _basis(factor: Tensor, rows: Tensor | None) -> Tensor | None:
+    """Eigenvectors of a factor (``None`` for a diagonal one), from its rows when kept."""
+    if rows is not None and factor.dim() == 2:
+        return gram_eigh(rows.to(factor.dtype))[1]
+    return factor_eigh(factor)[1]
+
+
 class EKFACAcc(Accumulator):
     """Second pass of EKFAC: eigenvalue corrections ``S`` in a fixed K-FAC eigenbasis."""
 
-    def __init__(self, plan: Plan, kfac: KFAC | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        kfac: KFAC | None = None,
+        rows: KFACAcc | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__(plan)
         if kfac is None:
             raise ValueError("EKFAC needs the K-FAC factors of a first pass")
@@ -418,8 +461,8 @@ class EKFACAcc(Accumulator):
         self.QA: dict[str, Tensor | None] = {}
         self.QG: dict[str, Tensor | None] = {}
         for g in plan.kron:
-            self.QA[g] = factor_eigh(kfac.A[g])[1]
-            self.QG[g] = factor_eigh(kfac.G[g])[1]
+            self.QA[g] = _basis(kfac.A[g], None if rows is None else rows.kept_rows("A", g))
+            self.QG[g] = _basis(kfac.G[g], None if rows is None else rows.kept_rows("G", g))
             n_out, n_cols = plan.kron[g].dims(plan.layout)
             self.state[g] = plan.zeros(n_out, n_cols)
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fisherflow.estimate.accumulate import ACCUMULATORS, Accumulator, Plan, Recorder
+from fisherflow.estimate.accumulate import ACCUMULATORS, Accumulator, KFACAcc, Plan, Recorder
 from fisherflow.estimate.capture import Capture
 from fisherflow.estimate.data import Forward, default_forward
 from fisherflow.estimate.distributed import reduce_accumulators, want_distributed
@@ -228,6 +228,9 @@ def estimate(
         stream = itertools.chain([first], iterator)
         first_structure = "kfac" if structure == "ekfac" else structure
         acc = _make(first_structure, plan, rank)
+        if structure == "ekfac" and not use_dist:  # rows of small factors: fast eigenbases
+            assert isinstance(acc, KFACAcc)
+            acc.keep_rows = True
         recorder = Recorder(plan) if structure == "ekfac" else None
         bar = _progress(progress, data, f"Fisher ({kind}, {structure})")
         count = run_pass(
@@ -246,7 +249,7 @@ def estimate(
         result = acc.build(**meta)
         if structure == "ekfac":
             assert isinstance(result, KFAC)
-            acc2 = ACCUMULATORS["ekfac"](plan, kfac=result)
+            acc2 = ACCUMULATORS["ekfac"](plan, kfac=result, rows=acc)
             if recorder is not None and not recorder.overflow:
                 recorder.replay([acc2])  # the first pass's gradients, same MC labels
                 recorder = None

@@ -186,11 +186,22 @@ class Handler:
         """
         raise NotImplementedError
 
-    def factor_g(self, rec: Record, d: Tensor, reduce: bool, acc: Tensor | None = None) -> Tensor:
-        """``acc + Σ δ δᵀ`` for the output-side factor (a :func:`gram_into` accumulator)."""
+    def rows_a(self, rec: Record, reduce: bool) -> Tensor | None:
+        """The input vectors of :meth:`factor_a` as rows ``(m, n_cols)``, or ``None``.
+
+        ``None`` when the factor is not a Gram matrix of rows (a diagonal factor).
+        """
+        return None
+
+    def rows_g(self, rec: Record, d: Tensor, reduce: bool) -> Tensor:
+        """The output-gradient vectors δ as rows ``(m, n_out)``; :meth:`factor_g` is their Gram."""
         if reduce:
             d = d.sum(1, keepdim=True)
-        return gram_into(acc, d)
+        return d.reshape(-1, d.shape[-1])
+
+    def factor_g(self, rec: Record, d: Tensor, reduce: bool, acc: Tensor | None = None) -> Tensor:
+        """``acc + Σ δ δᵀ`` for the output-side factor (a :func:`gram_into` accumulator)."""
+        return gram_into(acc, self.rows_g(rec, d, reduce))
 
     def ekfac(self, rec: Record, d: Tensor, qa: Tensor | None, qg: Tensor | None) -> Tensor:
         """``Σ_rows (Q_Gᵀ X_n Q_A)²`` for per-row matrix views ``X_n``."""
@@ -257,6 +268,11 @@ class LinearHandler(Handler):
         if reduce:
             a = a.mean(1, keepdim=True)
         return gram_into(acc, a, ones=rec.bias is not None), a.shape[0] * a.shape[1]
+
+    def rows_a(self, rec: Record, reduce: bool) -> Tensor | None:  # noqa: D102
+        a = rec.data.mean(1, keepdim=True) if reduce else rec.data
+        a = a.reshape(-1, a.shape[-1])
+        return a if rec.bias is None else _augment(a)
 
     def ekfac(self, rec: Record, d: Tensor, qa: Tensor | None, qg: Tensor | None) -> Tensor:  # noqa: D102
         if d.shape[1] != 1:
@@ -334,9 +350,8 @@ class EmbeddingHandler(Handler):
             counts[pad] = 0
         return counts if acc is None else acc + counts, idx.numel()
 
-    def factor_g(self, rec: Record, d: Tensor, reduce: bool, acc: Tensor | None = None) -> Tensor:  # noqa: D102
-        _, flat, _ = self._keys(rec, d)
-        return gram_into(acc, flat)
+    def rows_g(self, rec: Record, d: Tensor, reduce: bool) -> Tensor:  # noqa: D102
+        return self._keys(rec, d)[1]
 
     def ekfac(self, rec: Record, d: Tensor, qa: Tensor | None, qg: Tensor | None) -> Tensor:  # noqa: D102
         tokens, sums = self._unique_sums(rec, d)

@@ -14,6 +14,7 @@ __all__ = [
     "check_power",
     "eigh",
     "equilibrated_solve",
+    "gram_eigh",
     "spectral_power",
 ]
 
@@ -97,6 +98,60 @@ def eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
         pass
     vals, vecs = torch.linalg.eigh(sym.double())
     return vals.to(work.dtype), vecs.to(work.dtype)
+
+
+def gram_eigh(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of the Gram matrix ``XᵀX`` from its rows ``X`` ``(m, n)``.
+
+    With fewer than ``n / 3`` rows, ``XᵀX`` has rank at most ``m`` and is never
+    formed: the thin SVD ``X = U Σ Vᵀ`` gives the eigenpairs ``(σ², V)`` of its range,
+    and a Householder QR of ``V`` gives an orthonormal basis of the null space
+    (eigenvalue 0), assembled in one product from the compact WY form
+    ``Q = I − Y T Yᵀ`` (Schreiber & Van Loan, 1989, "A storage-efficient WY
+    representation for products of Householder transformations"). Cost
+    ``O(m²n + mn²)`` instead of ``eigh``'s ``O(n³)`` (``m = 128, n = 2049``: ~35 ms
+    instead of ~500 ms on 2 CPU cores), and the SVD of ``X`` is better conditioned
+    than ``eigh`` of ``XᵀX``. Otherwise, or if the SVD fails, ``eigh(XᵀX)``.
+
+    Args:
+        rows: ``(m, n)`` floating tensor.
+
+    Returns:
+        ``(eigenvalues ascending, eigenvectors as columns)`` as :func:`eigh`.
+
+    Raises:
+        ValueError: If ``rows`` contains NaN or Inf.
+
+    Example:
+        >>> vals, vecs = gram_eigh(torch.tensor([[3.0, 0.0, 4.0]]))
+        >>> [round(v, 4) for v in vals.tolist()]  # XᵀX = x xᵀ: eigenvalues 0, 0, |x|²
+        [0.0, 0.0, 25.0]
+    """
+    if not all_finite(rows):
+        raise ValueError("cannot eigendecompose the Gram matrix of rows with NaN or Inf")
+    x = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
+    m, n = x.shape
+    if 3 * m >= n:  # measured crossover: past ~n/3 rows plain eigh is faster
+        return eigh(x.T @ x)
+    try:
+        _, s, vh = torch.linalg.svd(x, full_matrices=False)
+    except RuntimeError:  # pragma: no cover - gesdd failed to converge
+        return eigh(x.T @ x)
+    v = vh.T  # (n, m), singular values descending
+    a, tau = torch.geqrf(v.contiguous())
+    y = a.tril(-1)
+    y.diagonal().fill_(1.0)
+    # T of Q = H_1 ⋯ H_m = I − Y T Yᵀ (LAPACK's larft recurrence; handles τ = 0)
+    yty = y.T @ y
+    t = torch.zeros(m, m, dtype=x.dtype, device=x.device)
+    for i in range(m):
+        t[i, i] = tau[i]
+        if i:
+            t[:i, i] = -tau[i] * (t[:i, :i] @ yty[:i, i])
+    q = torch.eye(n, dtype=x.dtype, device=x.device).addmm_(y @ t, y.T, alpha=-1.0)
+    # Q's first m columns span range(V); the others are the null space of XᵀX
+    vals = torch.cat([torch.zeros(n - m, dtype=x.dtype, device=x.device), (s * s).flip(0)])
+    return vals, torch.cat([q[:, m:], v.flip(1)], 1)
 
 
 def spectral_power(eigenvalues: Tensor, p: float, damping: float) -> Tensor:
