@@ -16,11 +16,12 @@ per-row gradients of a parameter are summed over its uses before any squaring.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import types
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -204,6 +205,8 @@ class Capture:
         at its caller).
         """
         self.hooked = set(self._hooked0)
+        #: ids of batch-less embeddings whose output is expanded over the batch
+        self.spread: set[int] = set()
         self.fallback = [n for n in self.layout.names if n not in self.hooked]
         self._notices: set[str] = set()
         self.start(0)
@@ -256,6 +259,18 @@ class Capture:
     def start(self, rows: int) -> None:
         """Begin a pass over a batch of ``rows`` examples."""
         self.rows, self.records, self.failed = rows, [], set()
+        self.paused = False
+        #: ids of embeddings seen with inputs that lack the batch dimension this pass
+        self.unbatched: set[int] = set()
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        """Hooks do nothing inside (e.g. while ``torch.func`` re-runs the model per row)."""
+        self.paused = True
+        try:
+            yield
+        finally:
+            self.paused = False
 
     def _param(self, p: Tensor | None) -> nn.Parameter | None:
         if p is None or self.name_of.get(id(p)) not in self.hooked:
@@ -291,13 +306,20 @@ class Capture:
             return
         self.records.append(Record(handler, w, b, data, out, **kw))
 
-    def _hook(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> Tensor | None:
+        if self.paused:
+            return None
         handler = self.handlers[id(module)]
         x = args[0] if args else None
         if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != self.rows:
-            if self._param(getattr(module, "weight", None)) is not None:
-                self._fail(module)
-            return
+            if self._param(getattr(module, "weight", None)) is None:
+                return None
+            if isinstance(handler, EmbeddingHandler) and isinstance(x, Tensor) and x.dim():
+                if id(module) in self.spread:
+                    return self._spread(handler, module, x, out)
+                self.unbatched.add(id(module))
+            self._fail(module)
+            return None
         xd = x.detach()
         weight: Tensor = module.weight  # type: ignore[assignment]
         bias = getattr(module, "bias", None)
@@ -321,6 +343,25 @@ class Capture:
             n_in = weight.shape[0] if handler.input_major else weight.shape[-1]
             data = xd.to(self.stat).reshape(xd.shape[0], -1, n_in) if xd.dim() >= 2 else None
         self._add(handler, module, data, out, weight, bias, extra=extra)
+        return None
+
+    def _spread(self, handler: Handler, module: nn.Module, x: Tensor, out: Tensor) -> Tensor:
+        """Expand a batch-less embedding output over the batch and record it per row.
+
+        A position embedding looked up once, ``(T,)`` or ``(1, T)`` indices, and
+        broadcast against ``(B, T, d)`` activations has no per-row gradient of its
+        own; expanding its output to ``(B, T, d)`` (a view, same values) gives each
+        row its gradient. Only used for modules whose expansion the first-batch check
+        found to leave the model output unchanged.
+        """
+        lead = x.shape[0] == 1  # (1, T): replace the size-1 batch; (T,): add one
+        shape = x.shape[1:] if lead else x.shape
+        xe = x.detach().expand(self.rows, *shape)
+        oute = out.expand(self.rows, *(out.shape[1:] if lead else out.shape))
+        extra = {"padding_idx": getattr(module, "padding_idx", None), "dtype": self.stat}
+        weight: Tensor = module.weight  # type: ignore[assignment]
+        self._add(handler, module, xe.reshape(self.rows, -1), oute, weight, None, extra=extra)
+        return oute
 
     def linear(
         self,
@@ -360,8 +401,9 @@ def _make_mha_forward(capture: Capture) -> Callable[..., Any]:
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        if query.dim() != 3 or (m.training and m.dropout > 0):
-            capture._fail(m)
+        if capture.paused or query.dim() != 3 or (m.training and m.dropout > 0):
+            if not capture.paused:
+                capture._fail(m)
             return type(m).forward(
                 m,
                 query,

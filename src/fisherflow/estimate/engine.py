@@ -28,10 +28,10 @@ from fisherflow.matrices import KronGroup, ParamLayout
 
 __all__ = ["build_plan", "clear_probe_cache", "model_signature", "probe", "run_pass"]
 
-#: ``{model: {signature: (failed names, missed names)}}`` results of :func:`probe`.
-_PROBED: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, tuple[frozenset[str], ...]]] = (
-    weakref.WeakKeyDictionary()
-)
+#: ``{model: {signature: (failed names, missed names, spread module ids)}}`` results
+#: of :func:`probe`.
+_Probed = tuple[frozenset[str], frozenset[str], frozenset[int]]
+_PROBED: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, _Probed]] = weakref.WeakKeyDictionary()
 
 
 def clear_probe_cache() -> None:
@@ -221,14 +221,15 @@ def run_pass(
             cots = [c.to(out.dtype) for c in scores] if capture.fallback else None
             func_all: dict[str, Tensor] = {}
             if capture.fallback and cots:
-                func_all = per_row_grads(
-                    Wrapped(model, forward),
-                    capture.fallback,
-                    dict(model.named_parameters()),
-                    inputs,
-                    torch.stack(cots),
-                    rows,
-                )
+                with capture.pause():  # torch.func re-runs the model: hooks stay quiet
+                    func_all = per_row_grads(
+                        Wrapped(model, forward),
+                        capture.fallback,
+                        dict(model.named_parameters()),
+                        inputs,
+                        torch.stack(cots),
+                        rows,
+                    )
             if cots is None and scores.size > 1 and records:
                 _batched(out, records, scores, accs, rows, stat)
             else:
@@ -361,7 +362,8 @@ def probe(
     except TypeError:  # pragma: no cover - model not weak-referenceable
         sig, cache = None, {}
     if sig is not None and sig in cache:
-        failed, missed = cache[sig]
+        failed, missed, spread = cache[sig]
+        capture.spread = set(spread)
         capture.demote(set(failed), "inputs without the batch in dimension 0")
         capture.demote(set(missed), "a use of its parameters is not seen by hooks")
         return
@@ -374,7 +376,7 @@ def probe(
     if sig is not None:
         if len(cache) > 8:
             cache.clear()
-        cache[sig] = (frozenset(failed_seen), frozenset(missed_seen))
+        cache[sig] = (frozenset(failed_seen), frozenset(missed_seen), frozenset(capture.spread))
 
 
 def _probe(
@@ -395,6 +397,8 @@ def _probe(
         capture.start(rows)
         with torch.enable_grad():
             out = output_tensor(forward(model, inputs))
+        if capture.unbatched:
+            out = _try_spread(model, inputs, rows, capture, forward, out)
         if capture.failed:
             failed_seen |= capture.failed & capture.hooked
             capture.demote(capture.failed, "inputs without the batch in dimension 0")
@@ -413,3 +417,31 @@ def _probe(
         missed_seen |= bad
         if bad:
             capture.demote(bad, "a use of its parameters is not seen by hooks")
+
+
+def _try_spread(
+    model: nn.Module, inputs: Any, rows: int, capture: Capture, forward: Forward, out: Tensor
+) -> Tensor:
+    """Expand batch-less embeddings over the batch if the model output stays the same.
+
+    Returns the output of the forward pass whose records the capture now holds.
+    """
+    ref = out.detach()
+    capture.spread = set(capture.unbatched)
+    capture.start(rows)
+    try:
+        with torch.enable_grad():
+            spread = output_tensor(forward(model, inputs))
+        tol = 1e-10 if ref.dtype == torch.float64 else 1e-4
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        same = spread.shape == ref.shape and bool(
+            torch.allclose(spread.detach(), ref, rtol=tol, atol=tol * scale)
+        )
+    except RuntimeError:  # the expanded output broke a shape assumption of the model
+        same = False
+    if same:
+        return spread
+    capture.spread = set()
+    capture.start(rows)
+    with torch.enable_grad():
+        return output_tensor(forward(model, inputs))
