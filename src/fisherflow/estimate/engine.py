@@ -146,14 +146,8 @@ def build_plan(
     return Plan(layout, capture.name_of, groups, kron, dtype, device, reduce)
 
 
-def _verify(capture: Capture, out: Tensor, cot: Tensor, pairs: list[Any]) -> set[str]:
-    """Names whose captured batch gradient disagrees with autograd's (missed uses)."""
-    params = {
-        n: p for p in capture.model.parameters() if (n := capture.name_of[id(p)]) in capture.hooked
-    }
-    grads = torch.autograd.grad(
-        out, list(params.values()), cot, retain_graph=True, allow_unused=True
-    )
+def _verify(capture: Capture, pairs: list[Any], params: dict[str, Tensor], grads: Any) -> set[str]:
+    """Names whose captured batch gradient disagrees with autograd's ``grads`` (missed uses)."""
     mine: dict[str, Tensor] = {}
     for rec, d in pairs:
         w, b = rec.handler.batch_grad(rec, d)
@@ -405,15 +399,18 @@ def _probe(
         records = [r for r in capture.records if capture.name_of[id(r.weight)] in capture.hooked]
         if not capture.hooked:
             return
-        (cot,) = list(make_scores(lik, out, None, "mc", rows, 1, gen, stat))
-        cot = cot.to(out.dtype)
+        # any cotangent checks the linear map from output gradients to parameter
+        # gradients; one backward gives both the layers' and the parameters' gradients
+        cot = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
+        params = {
+            n: p
+            for p in capture.model.parameters()
+            if (n := capture.name_of[id(p)]) in capture.hooked
+        }
         outs = [r.output for r in records]
-        grads = torch.autograd.grad(out, outs, cot, retain_graph=True, allow_unused=True)
-        pairs = [
-            (r, r.handler.delta(r, (g if g is not None else torch.zeros_like(r.output)).to(stat)))
-            for r, g in zip(records, grads, strict=True)
-        ]
-        bad = _verify(capture, out, cot, pairs)
+        grads = torch.autograd.grad(out, outs + list(params.values()), cot, allow_unused=True)
+        pairs = _pairs(records, grads[: len(outs)], stat)
+        bad = _verify(capture, pairs, params, grads[len(outs) :])
         missed_seen |= bad
         if bad:
             capture.demote(bad, "a use of its parameters is not seen by hooks")
