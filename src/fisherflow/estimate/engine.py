@@ -146,7 +146,9 @@ def build_plan(
     return Plan(layout, capture.name_of, groups, kron, dtype, device, reduce)
 
 
-def _verify(capture: Capture, pairs: list[Any], params: dict[str, Tensor], grads: Any) -> set[str]:
+def _verify(
+    capture: Capture, pairs: list[Any], params: Mapping[str, Tensor], grads: Any
+) -> set[str]:
     """Names whose captured batch gradient disagrees with autograd's ``grads`` (missed uses)."""
     mine: dict[str, Tensor] = {}
     for rec, d in pairs:
