@@ -77,3 +77,26 @@ def test_registry():
         assert get_likelihood("_test_half").variance == 0.5
     finally:
         del LIKELIHOODS["_test_half"]
+
+
+@pytest.mark.parametrize("classes", [3, 10, 1000])
+def test_categorical_sampler_frequencies(classes):
+    """Inverse-CDF draws follow softmax(logits); a -inf logit is never drawn."""
+    from scipy import stats
+
+    lik = get_likelihood("categorical")
+    g = torch.Generator().manual_seed(classes)
+    logits = torch.randn(1, classes, generator=g, dtype=torch.float64) * 2
+    logits[0, 1] = float("-inf")
+    n = 60000
+    y = lik.sample(logits.repeat(n, 1), g)
+    counts = torch.bincount(y, minlength=classes).double()
+    assert counts[1] == 0
+    p = torch.softmax(logits[0], -1)
+    keep = p * n >= 5  # chi-square cells with enough expected counts
+    other = counts[~keep].sum()
+    obs = torch.cat([counts[keep], other[None]]).numpy()
+    exp = torch.cat([p[keep] * n, (p[~keep].sum() * n)[None]]).numpy()
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    assert stats.chisquare(obs, exp).pvalue > 1e-3

@@ -115,6 +115,10 @@ def estimate(
     per-sample gradients with a one-time :class:`~fisherflow.estimate.FallbackNotice`.
     A first batch checks the hooks against autograd, so a parameter used outside its
     layer (tying through ``F.linear``) falls back instead of being silently missed.
+    An embedding looked up without the batch dimension and broadcast over it (a
+    position embedding: ``(T,)`` or ``(1, T)`` indices) has its output expanded over
+    the batch, which gives its per-row gradients, when that first batch shows the
+    model output unchanged by the expansion; otherwise it falls back too.
 
     Kinds (see :mod:`fisherflow.estimate.scores`): ``"exact"`` (closed-form output
     Fisher, the GGN; costs one backward pass per output column and position),
