@@ -67,7 +67,8 @@ def _mc(lik: Likelihood, prep: Prepared, rows: int, mc: int, gen: torch.Generato
         sampled = lik.sample(prep.output.detach(), gen).to(prep.output.dtype)
         if prep.target is not None and not prep.target.dtype.is_floating_point:
             sampled = sampled.to(prep.target.dtype)
-        grads.append(_output_grad(lik, prep, sampled).reshape(prep.shape) * scale)
+        grad = _output_grad(lik, prep, sampled).reshape(prep.shape)
+        grads.append(grad if mc == 1 else grad * scale)
     return Scores(prep.count, mc, lambda: iter(grads))
 
 
