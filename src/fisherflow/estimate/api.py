@@ -14,7 +14,7 @@ from fisherflow.estimate.accumulate import ACCUMULATORS, Accumulator, KFACAcc, P
 from fisherflow.estimate.capture import Capture
 from fisherflow.estimate.data import Forward, default_forward
 from fisherflow.estimate.distributed import reduce_accumulators, want_distributed
-from fisherflow.estimate.engine import build_plan, model_signature, probe, run_pass
+from fisherflow.estimate.engine import Recheck, build_plan, model_signature, probe, run_pass
 from fisherflow.estimate.likelihoods import Likelihood, get_likelihood
 from fisherflow.estimate.scores import KIND_SCORES
 from fisherflow.matrices import KFAC, FisherMatrix, ParamLayout
@@ -223,31 +223,34 @@ def estimate(
         common: dict[str, Any] = dict(
             lik=lik, forward=fwd, shift_labels=shift_labels, device=device, stat=stat
         )
-        probe(model, first, capture, model_sig=model_sig, **common)  # type: ignore[arg-type]
-        pkey = (frozenset(capture.hooked), convention)
-        plan = prep.plans.get(pkey)
-        if plan is None:
-            plan = build_plan(capture, layout, stat, device, CONVENTIONS[convention])
-            prep.plans[pkey] = plan
-        stream = itertools.chain([first], iterator)
-        first_structure = "kfac" if structure == "ekfac" else structure
-        acc = _make(first_structure, plan, rank)
-        if structure == "ekfac" and not use_dist:  # rows of small factors: fast eigenbases
-            assert isinstance(acc, KFACAcc)
-            acc.keep_rows = True
-        recorder = Recorder(plan) if structure == "ekfac" else None
+        check = probe(model, first, capture, model_sig=model_sig, **common)  # type: ignore[arg-type]
         bar = _progress(progress, data, f"Fisher ({kind}, {structure})")
-        count = run_pass(
-            model,
-            stream,
-            capture,
-            [acc] if recorder is None else [acc, recorder],
-            kind=kind,
-            mc_samples=mc_samples,
-            generator=gen,
-            progress=bar,
-            **common,
-        )  # type: ignore[arg-type]
+        recorder: Recorder | None = None
+        while True:  # again only if the first batch's hook check demotes parameters
+            plan = _plan(prep, capture, layout, stat, device, convention)
+            acc = _make("kfac" if structure == "ekfac" else structure, plan, rank)
+            if structure == "ekfac" and not use_dist:  # rows of small factors: fast bases
+                assert isinstance(acc, KFACAcc)
+                acc.keep_rows = True
+            recorder = Recorder(plan) if structure == "ekfac" else None
+            try:
+                count = run_pass(
+                    model,
+                    itertools.chain([first], iterator),
+                    capture,
+                    [acc] if recorder is None else [acc, recorder],
+                    kind=kind,
+                    mc_samples=mc_samples,
+                    generator=gen,
+                    progress=bar,
+                    check=check,
+                    **common,
+                )  # type: ignore[arg-type]
+            except Recheck:
+                assert check is not None
+                check.demote(capture)
+                continue
+            break
         count = reduce_accumulators([acc], count, group) if use_dist else count
         meta = {"num_samples": float(count), "kind": kind, "likelihood": lik.name}
         result = acc.build(**meta)
@@ -280,6 +283,22 @@ def estimate(
         for m in training:
             m.training = True  # its own flag only: train() would recurse into children
     return result
+
+
+def _plan(
+    prep: _Prepared,
+    capture: Capture,
+    layout: ParamLayout,
+    stat: torch.dtype,
+    device: torch.device,
+    convention: str,
+) -> Plan:
+    """The (cached) plan for the parameters the capture currently hooks."""
+    key = (frozenset(capture.hooked), convention)
+    plan = prep.plans.get(key)
+    if plan is None:
+        plan = prep.plans[key] = build_plan(capture, layout, stat, device, CONVENTIONS[convention])
+    return plan
 
 
 def _make(structure: str, plan: Plan, rank: int) -> Accumulator:

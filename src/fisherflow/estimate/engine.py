@@ -26,7 +26,15 @@ from fisherflow.estimate.reference import Wrapped
 from fisherflow.estimate.scores import make_scores
 from fisherflow.matrices import KronGroup, ParamLayout
 
-__all__ = ["build_plan", "clear_probe_cache", "model_signature", "probe", "run_pass"]
+__all__ = [
+    "Check",
+    "Recheck",
+    "build_plan",
+    "clear_probe_cache",
+    "model_signature",
+    "probe",
+    "run_pass",
+]
 
 #: ``{model: {signature: (failed names, missed names, spread module ids)}}`` results
 #: of :func:`probe`.
@@ -190,8 +198,14 @@ def run_pass(
     device: torch.device,
     stat: torch.dtype,
     progress: Any = None,
+    check: Check | None = None,
 ) -> int:
-    """Stream over ``data`` once, feeding every accumulator; returns the observation count."""
+    """Stream over ``data`` once, feeding every accumulator; returns the observation count.
+
+    With a pending ``check`` (see :func:`probe`), the first batch is also the hook
+    check: :class:`Recheck` is raised, before any accumulator is fed, if it demotes
+    parameters.
+    """
     total = 0
     with capture:
         for item in data:
@@ -202,6 +216,9 @@ def run_pass(
             capture.start(rows)
             with torch.enable_grad():
                 out = output_tensor(forward(model, inputs))
+            if check is not None:
+                out = _check_first_batch(check, model, inputs, rows, capture, forward, out, stat)
+                check = None
             if capture.failed:
                 capture.demote(capture.failed, "inputs without the batch in dimension 0")
                 capture.start(rows)
@@ -328,6 +345,38 @@ def _batched(
         flush()
 
 
+class Recheck(Exception):
+    """The first batch's hook check demoted parameters: rebuild the plan and start again."""
+
+
+class Check:
+    """A pending hook check, run by :func:`run_pass` on its first batch (a cache miss).
+
+    Attributes:
+        failed: Parameters whose layers saw inputs without the batch in dimension 0.
+        missed: Parameters with a use the hooks do not see.
+    """
+
+    def __init__(self, sig: Hashable | None, cache: dict[Hashable, _Probed]) -> None:
+        self.sig, self.cache = sig, cache
+        self.failed: set[str] = set()
+        self.missed: set[str] = set()
+
+    def remember(self, capture: Capture) -> None:
+        """Cache the outcome for later estimates with the same signature."""
+        if self.sig is None:
+            return
+        if len(self.cache) > 8:
+            self.cache.clear()
+        entry = (frozenset(self.failed), frozenset(self.missed), frozenset(capture.spread))
+        self.cache[self.sig] = entry
+
+    def demote(self, capture: Capture) -> None:
+        """Move the parameters found so far to per-sample gradients (with notices)."""
+        capture.demote(self.failed, "inputs without the batch in dimension 0")
+        capture.demote(self.missed, "a use of its parameters is not seen by hooks")
+
+
 def probe(
     model: nn.Module,
     item: Any,
@@ -339,70 +388,65 @@ def probe(
     device: torch.device,
     stat: torch.dtype,
     model_sig: Hashable | None = None,
-) -> None:
-    """Check the capture on one batch against autograd; demote parameters it misses.
+) -> Check | None:
+    """Apply a cached hook check for this model and batch, or return a pending one.
 
-    Catches parameters used outside their module (e.g. an embedding matrix reused
-    with ``F.linear``), layers that never run their hooks, and layers whose inputs
-    do not carry the batch in dimension 0. Uses one forward and one MC-labelled
-    backward pass; the outcome is cached per model (weakly) and keyed by its modules,
-    parameters, ``forward`` and the input shapes, so repeated estimates on the same
-    model skip it (:func:`clear_probe_cache` forgets it).
+    The check (see :func:`run_pass`) catches parameters used outside their module
+    (e.g. an embedding matrix reused with ``F.linear``), layers that never run their
+    hooks, and layers whose inputs do not carry the batch in dimension 0. Its outcome
+    is cached per model (weakly), keyed by its modules, parameters, ``forward`` and
+    the input shapes, so repeated estimates on the same model skip it
+    (:func:`clear_probe_cache` forgets it).
+
+    Returns:
+        ``None`` when the cached outcome was applied, else the :class:`Check` for the
+        first batch of :func:`run_pass`.
     """
     batch = split_batch(item, shift_labels)
     inputs = to_device(batch.inputs, device)
-    rows = batch_rows(inputs)
     try:
         sig = _signature(model, capture, inputs, forward, shift_labels, model_sig)
         cache = _PROBED.setdefault(model, {})
     except TypeError:  # pragma: no cover - model not weak-referenceable
         sig, cache = None, {}
-    if sig is not None and sig in cache:
-        failed, missed, spread = cache[sig]
-        capture.spread = set(spread)
-        capture.demote(set(failed), "inputs without the batch in dimension 0")
-        capture.demote(set(missed), "a use of its parameters is not seen by hooks")
-        return
-    failed_seen: set[str] = set()
-    missed_seen: set[str] = set()
-    try:
-        _probe(model, inputs, rows, capture, lik, forward, device, stat, failed_seen, missed_seen)
-    finally:
-        capture.start(0)
-    if sig is not None:
-        if len(cache) > 8:
-            cache.clear()
-        cache[sig] = (frozenset(failed_seen), frozenset(missed_seen), frozenset(capture.spread))
+    if sig is None or sig not in cache:
+        return Check(sig, cache)
+    failed, missed, spread = cache[sig]
+    capture.spread = set(spread)
+    capture.demote(set(failed), "inputs without the batch in dimension 0")
+    capture.demote(set(missed), "a use of its parameters is not seen by hooks")
+    return None
 
 
-def _probe(
+def _check_first_batch(
+    check: Check,
     model: nn.Module,
     inputs: Any,
     rows: int,
     capture: Capture,
-    lik: Likelihood,
     forward: Forward,
-    device: torch.device,
+    out: Tensor,
     stat: torch.dtype,
-    failed_seen: set[str],
-    missed_seen: set[str],
-) -> None:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(12345)
-    with capture:
-        capture.start(rows)
-        with torch.enable_grad():
-            out = output_tensor(forward(model, inputs))
-        if capture.unbatched:
-            out = _try_spread(model, inputs, rows, capture, forward, out)
-        if capture.failed:
-            failed_seen |= capture.failed & capture.hooked
-            capture.demote(capture.failed, "inputs without the batch in dimension 0")
-        records = [r for r in capture.records if capture.name_of[id(r.weight)] in capture.hooked]
-        if not capture.hooked:
-            return
-        # any cotangent checks the linear map from output gradients to parameter
-        # gradients; one backward gives both the layers' and the parameters' gradients
+) -> Tensor:
+    """The hook check on a pass's first batch; returns the output to continue with.
+
+    Expands batch-less embeddings when that leaves the output unchanged, then compares
+    the hooks' batch gradients with autograd's for a random cotangent (any cotangent
+    tests the linear map from output to parameter gradients; a random one leaves no
+    direction out). One extra backward, no extra forward.
+
+    Raises:
+        Recheck: If parameters must be demoted (recorded in ``check``).
+    """
+    if capture.unbatched:
+        out = _try_spread(model, inputs, rows, capture, forward, out)
+    if capture.failed & capture.hooked:
+        check.failed |= capture.failed & capture.hooked
+        raise Recheck
+    records = [r for r in capture.records if capture.name_of[id(r.weight)] in capture.hooked]
+    if records:
+        gen = torch.Generator(device=out.device)
+        gen.manual_seed(12345)
         cot = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
         params = {
             n: p
@@ -410,12 +454,17 @@ def _probe(
             if (n := capture.name_of[id(p)]) in capture.hooked
         }
         outs = [r.output for r in records]
-        grads = torch.autograd.grad(out, outs + list(params.values()), cot, allow_unused=True)
-        pairs = _pairs(records, grads[: len(outs)], stat)
-        bad = _verify(capture, pairs, params, grads[len(outs) :])
-        missed_seen |= bad
+        grads = torch.autograd.grad(
+            out, outs + list(params.values()), cot, retain_graph=True, allow_unused=True
+        )
+        bad = _verify(
+            capture, _pairs(records, grads[: len(outs)], stat), params, grads[len(outs) :]
+        )
         if bad:
-            capture.demote(bad, "a use of its parameters is not seen by hooks")
+            check.missed |= bad
+            raise Recheck
+    check.remember(capture)
+    return out
 
 
 def _try_spread(
