@@ -100,3 +100,28 @@ def test_categorical_sampler_frequencies(classes):
     if exp[-1] == 0:
         obs, exp = obs[:-1], exp[:-1]
     assert stats.chisquare(obs, exp).pvalue > 1e-3
+
+
+def test_custom_mask_and_nll_grad_override_are_respected():
+    """A subclass masking rows after ``prepare`` and an ``nll_grad`` override with a mask."""
+    from fisherflow.estimate.scores import make_scores
+
+    class NanMasked(Gaussian):
+        def prepare(self, output, target):
+            p = super().prepare(output, target)
+            p.mask = ~torch.isnan(p.target).any(-1)
+            p.target = torch.nan_to_num(p.target)
+            return p
+
+    class Override(Gaussian):
+        def nll_grad(self, output, target, mask):
+            return (output - target) * mask[:, None].to(output.dtype)
+
+    out = torch.zeros(4, 1)
+    y = torch.tensor([[1.0], [float("nan")], [2.0], [3.0]])
+    s = make_scores(NanMasked(), out, y, "empirical", 4)
+    assert s.count == 3
+    (g,) = list(s)
+    assert g[1].item() == 0.0
+    (g2,) = list(make_scores(Override(), out, torch.ones(4, 1), "empirical", 4))
+    torch.testing.assert_close(g2, -torch.ones(4, 1))

@@ -32,3 +32,9 @@ def test_unfold_valid_padding_and_wrong_rank():
     x = torch.randn(1, 2, 5, 5)
     assert torch.equal(unfold(conv, x), F.unfold(x, 3).transpose(1, 2))
     assert unfold(conv, torch.randn(2, 5, 5)) is None
+
+
+def test_unfold_empty_batch():
+    conv = nn.Conv2d(3, 2, 3, padding=1)
+    x = torch.zeros(0, 3, 5, 5)
+    assert unfold(conv, x).shape == F.unfold(x, 3, padding=1).transpose(1, 2).shape

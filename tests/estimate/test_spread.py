@@ -28,6 +28,13 @@ class PosNet(nn.Module):
             p = self.pos(t)
         elif self.mode == "lead":  # (1, T) indices as in GPT-2
             p = self.pos(t[None])
+        elif self.mode == "total":  # depends on the batch size once expanded
+            p = self.pos(t)
+            p = p + 0.1 * p.sum()
+        elif self.mode == "strict":  # the model checks the shape itself
+            p = self.pos(t)
+            if p.dim() != 2:
+                raise ValueError("position embeddings must be (T, d)")
         else:  # a reduction over dimension 0 that expansion would change
             p = self.pos(t).mean(0)
         return self.head(torch.tanh(self.tok(ids) + p))
@@ -66,3 +73,35 @@ def test_expansion_that_changes_the_output_falls_back():
     torch.testing.assert_close(
         F.to_dense(), reference_fisher(model, data, "categorical", "empirical")
     )
+
+
+def _batches(sizes: list[int], t: int = 4) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(sum(sizes))
+    return [
+        (torch.randint(0, 6, (b, t), generator=g), torch.randint(0, 4, (b, t), generator=g))
+        for b in sizes
+    ]
+
+
+@pytest.mark.parametrize(
+    ("mode", "sizes"),
+    [
+        ("flat", [3, 4]),  # a later batch has as many rows as positions
+        ("flat", [4, 3]),  # so does the checked (first) batch
+        ("lead", [4, 1, 3]),
+        ("total", [1, 3]),  # a one-row first batch cannot show the batch-size dependence
+        ("total", [3, 2]),
+        ("strict", [3, 2]),  # the model raises on the expanded output: fall back
+        ("mean", [3, 4]),
+    ],
+)
+def test_expansion_agrees_with_reference_whatever_the_batches(mode, sizes):
+    torch.manual_seed(3)
+    model = PosNet(mode).double()
+    data = _batches(sizes)
+    clear_probe_cache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackNotice)
+        D = estimate(model, data, "categorical", "empirical", "diagonal", progress=False)
+    R = reference_fisher(model, data, "categorical", "empirical")
+    torch.testing.assert_close(D.diagonal(), R.diagonal())

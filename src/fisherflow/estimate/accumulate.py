@@ -350,7 +350,7 @@ class KFACAcc(Accumulator):
         if rows is None or 3 * (sum(r.shape[0] for r in held) + rows.shape[0]) >= side:
             self.rows[key] = None
             return
-        held.append(rows)
+        held.append(rows.clone())  # not a view that keeps a whole activation alive
 
     def begin(self, records: Sequence[Record]) -> None:
         for rec in records:

@@ -205,8 +205,9 @@ class Capture:
         at its caller).
         """
         self.hooked = set(self._hooked0)
-        #: ids of batch-less embeddings whose output is expanded over the batch
-        self.spread: set[int] = set()
+        #: batch-less embeddings whose output is expanded over the batch, with the
+        #: index layout seen by the hook check (as :attr:`unbatched`)
+        self.spread: dict[int, tuple[int, bool]] = {}
         self.fallback = [n for n in self.layout.names if n not in self.hooked]
         self._notices: set[str] = set()
         self.start(0)
@@ -260,8 +261,9 @@ class Capture:
         """Begin a pass over a batch of ``rows`` examples."""
         self.rows, self.records, self.failed = rows, [], set()
         self.paused = False
-        #: ids of embeddings seen with inputs that lack the batch dimension this pass
-        self.unbatched: set[int] = set()
+        #: embeddings seen this pass with indices that lack the batch dimension:
+        #: ``{id: (index ndim, whether dimension 0 has size 1)}``
+        self.unbatched: dict[int, tuple[int, bool]] = {}
 
     @contextlib.contextmanager
     def pause(self) -> Iterator[None]:
@@ -311,13 +313,21 @@ class Capture:
             return None
         handler = self.handlers[id(module)]
         x = args[0] if args else None
+        layout = self.spread.get(id(module)) if self.spread else None
+        if (
+            layout is not None
+            and isinstance(x, Tensor)
+            and isinstance(out, Tensor)
+            and self._param(getattr(module, "weight", None)) is not None
+        ):
+            # routed by the index layout, not the row count (T positions may equal B)
+            if x.dim() == layout[0] and (not layout[1] or x.shape[0] == 1):
+                return self._spread(handler, module, x, out, layout[1])
         if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != self.rows:
             if self._param(getattr(module, "weight", None)) is None:
                 return None
             if isinstance(handler, EmbeddingHandler) and isinstance(x, Tensor) and x.dim():
-                if id(module) in self.spread:
-                    return self._spread(handler, module, x, out)
-                self.unbatched.add(id(module))
+                self.unbatched[id(module)] = (x.dim(), x.dim() >= 2 and x.shape[0] == 1)
             self._fail(module)
             return None
         xd = x.detach()
@@ -345,7 +355,9 @@ class Capture:
         self._add(handler, module, data, out, weight, bias, extra=extra)
         return None
 
-    def _spread(self, handler: Handler, module: nn.Module, x: Tensor, out: Tensor) -> Tensor:
+    def _spread(
+        self, handler: Handler, module: nn.Module, x: Tensor, out: Tensor, lead: bool
+    ) -> Tensor:
         """Expand a batch-less embedding output over the batch and record it per row.
 
         A position embedding looked up once, ``(T,)`` or ``(1, T)`` indices, and
@@ -354,7 +366,7 @@ class Capture:
         row its gradient. Only used for modules whose expansion the first-batch check
         found to leave the model output unchanged.
         """
-        lead = x.shape[0] == 1  # (1, T): replace the size-1 batch; (T,): add one
+        # lead: (1, T) indices, replace the size-1 batch; otherwise (T,): add one
         shape = x.shape[1:] if lead else x.shape
         xe = x.detach().expand(self.rows, *shape)
         oute = out.expand(self.rows, *(out.shape[1:] if lead else out.shape))

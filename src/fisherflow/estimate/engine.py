@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -38,7 +39,7 @@ __all__ = [
 
 #: ``{model: {signature: (failed names, missed names, spread module ids)}}`` results
 #: of :func:`probe`.
-_Probed = tuple[frozenset[str], frozenset[str], frozenset[int]]
+_Probed = tuple[frozenset[str], frozenset[str], tuple[tuple[int, tuple[int, bool]], ...]]
 _PROBED: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, _Probed]] = weakref.WeakKeyDictionary()
 
 
@@ -368,7 +369,8 @@ class Check:
             return
         if len(self.cache) > 8:
             self.cache.clear()
-        entry = (frozenset(self.failed), frozenset(self.missed), frozenset(capture.spread))
+        spread = tuple(sorted(capture.spread.items()))
+        entry = (frozenset(self.failed), frozenset(self.missed), spread)
         self.cache[self.sig] = entry
 
     def demote(self, capture: Capture) -> None:
@@ -412,7 +414,7 @@ def probe(
     if sig is None or sig not in cache:
         return Check(sig, cache)
     failed, missed, spread = cache[sig]
-    capture.spread = set(spread)
+    capture.spread = dict(spread)
     capture.demote(set(failed), "inputs without the batch in dimension 0")
     capture.demote(set(missed), "a use of its parameters is not seen by hooks")
     return None
@@ -430,36 +432,39 @@ def _check_first_batch(
 ) -> Tensor:
     """The hook check on a pass's first batch; returns the output to continue with.
 
-    Expands batch-less embeddings when that leaves the output unchanged, then compares
-    the hooks' batch gradients with autograd's for a random cotangent (any cotangent
-    tests the linear map from output to parameter gradients; a random one leaves no
-    direction out). One extra backward, no extra forward.
+    Expands batch-less embeddings when that changes neither the output nor the
+    parameter gradients (:func:`_try_spread`), then compares the hooks' per-row
+    gradients of the first and last rows with autograd's for a random cotangent on
+    those rows (zero elsewhere). A parameter used outside its layer shows as a
+    difference in its sum; a layer whose dimension 0 is not the batch (positions that
+    happen to number as many as the rows) shows as rows that do not match. One extra
+    backward, no extra forward (unless an embedding is expanded).
 
     Raises:
         Recheck: If parameters must be demoted (recorded in ``check``).
     """
     if capture.unbatched:
-        out = _try_spread(model, inputs, rows, capture, forward, out)
+        out = _try_spread(model, inputs, rows, capture, forward, out, stat)
     if capture.failed & capture.hooked:
         check.failed |= capture.failed & capture.hooked
         raise Recheck
     records = [r for r in capture.records if capture.name_of[id(r.weight)] in capture.hooked]
     if records:
-        gen = torch.Generator(device=out.device)
-        gen.manual_seed(12345)
-        cot = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
-        params = {
-            n: p
-            for p in capture.model.parameters()
-            if (n := capture.name_of[id(p)]) in capture.hooked
-        }
+        sel = [0] if rows == 1 else [0, rows - 1]
+        params = _hooked_params(capture)
         outs = [r.output for r in records]
         grads = torch.autograd.grad(
-            out, outs + list(params.values()), cot, retain_graph=True, allow_unused=True
+            out,
+            outs + list(params.values()),
+            _row_cotangent(out, sel),
+            retain_graph=True,
+            allow_unused=True,
         )
-        bad = _verify(
-            capture, _pairs(records, grads[: len(outs)], stat), params, grads[len(outs) :]
-        )
+        pairs = [
+            (replace(r, data=r.data[sel]), d[sel])
+            for r, d in _pairs(records, grads[: len(outs)], stat)
+        ]
+        bad = _verify(capture, pairs, params, grads[len(outs) :])
         if bad:
             check.missed |= bad
             raise Recheck
@@ -467,29 +472,67 @@ def _check_first_batch(
     return out
 
 
-def _try_spread(
-    model: nn.Module, inputs: Any, rows: int, capture: Capture, forward: Forward, out: Tensor
-) -> Tensor:
-    """Expand batch-less embeddings over the batch if the model output stays the same.
+def _hooked_params(capture: Capture) -> dict[str, Tensor]:
+    return {
+        n: p for p in capture.model.parameters() if (n := capture.name_of[id(p)]) in capture.hooked
+    }
 
-    Returns the output of the forward pass whose records the capture now holds.
+
+def _row_cotangent(out: Tensor, sel: list[int]) -> Tensor:
+    """A seeded standard normal cotangent on the rows ``sel`` of ``out``, zero elsewhere."""
+    gen = torch.Generator(device=out.device)
+    gen.manual_seed(12345)
+    cot = torch.zeros_like(out)
+    shape = (len(sel), *out.shape[1:])
+    cot[sel] = torch.randn(shape, generator=gen, dtype=out.dtype, device=out.device)
+    return cot
+
+
+def _try_spread(
+    model: nn.Module,
+    inputs: Any,
+    rows: int,
+    capture: Capture,
+    forward: Forward,
+    out: Tensor,
+    stat: torch.dtype,
+) -> Tensor:
+    """Expand batch-less embeddings over the batch if the model is unchanged by it.
+
+    Unchanged means the same output and the same gradients of the hooked parameters
+    for a random cotangent, on a batch of at least two rows (with one, an operation
+    that depends on the batch size would go unseen). Returns the output of the forward
+    pass whose records the capture now holds.
     """
-    ref = out.detach()
-    capture.spread = set(capture.unbatched)
+    if rows < 2:
+        return out
+    sel = list(range(rows))
+    params = list(_hooked_params(capture).values())
+    capture.spread = dict(capture.unbatched)
     capture.start(rows)
     try:
         with torch.enable_grad():
             spread = output_tensor(forward(model, inputs))
-        tol = 1e-10 if ref.dtype == torch.float64 else 1e-4
-        scale = float(ref.abs().max()) if ref.numel() else 0.0
-        same = spread.shape == ref.shape and bool(
-            torch.allclose(spread.detach(), ref, rtol=tol, atol=tol * scale)
-        )
-    except RuntimeError:  # the expanded output broke a shape assumption of the model
+        same = spread.shape == out.shape and _close(spread.detach(), out.detach())
+        if same and params:
+            cot = _row_cotangent(out, sel)
+            g_ref = torch.autograd.grad(out, params, cot, retain_graph=True, allow_unused=True)
+            g_new = torch.autograd.grad(spread, params, cot, retain_graph=True, allow_unused=True)
+            same = all(
+                (a is None and b is None) or (a is not None and b is not None and _close(b, a))
+                for a, b in zip(g_ref, g_new, strict=True)
+            )
+    except Exception:  # the expansion broke an assumption of the model (any error)
         same = False
     if same:
         return spread
-    capture.spread = set()
+    capture.spread = {}
     capture.start(rows)
     with torch.enable_grad():
         return output_tensor(forward(model, inputs))
+
+
+def _close(new: Tensor, ref: Tensor) -> bool:
+    tol = 1e-10 if ref.dtype == torch.float64 else 1e-4
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    return bool(torch.allclose(new, ref, rtol=tol, atol=tol * scale))

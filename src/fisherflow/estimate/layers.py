@@ -410,7 +410,8 @@ def patches(
             v = v[..., :: dilation[i]]
     # (B, C, L_1..L_nd, k_1..k_nd) -> (B, C, k_1..k_nd, L_1..L_nd)
     perm = [0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd)]
-    return v.permute(perm).reshape(x.shape[0], x.shape[1] * math.prod(kernel), -1)
+    positions = math.prod(v.shape[2 : 2 + nd])
+    return v.permute(perm).reshape(x.shape[0], x.shape[1] * math.prod(kernel), positions)
 
 
 def unfold(module: nn.Module, x: Tensor) -> Tensor | None:

@@ -24,13 +24,14 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "LIKELIHOODS",
+    "MASK_OPTIONAL",
     "Bernoulli",
     "Categorical",
     "Gaussian",
@@ -60,13 +61,28 @@ class Prepared:
     target: Tensor | None
     mask: Tensor
     shape: tuple[int, ...]
-    #: The number of kept observations when known without a reduction.
-    kept: int | None = None
+    #: ``(mask, its version)`` when :meth:`Likelihood.prepare` made the mask all
+    #: ``True``; stale once ``mask`` is replaced or modified in place.
+    full: tuple[Tensor, int] | None = field(default=None, repr=False)
+
+    @property
+    def everyone(self) -> bool:
+        """Whether every observation is kept, known without a reduction."""
+        return (
+            self.full is not None
+            and self.full[0] is self.mask
+            and self.mask._version == self.full[1]
+        )
 
     @property
     def count(self) -> int:
         """Number of observations kept by the mask."""
-        return int(self.mask.sum().item()) if self.kept is None else self.kept
+        return self.output.shape[0] if self.everyone else int(self.mask.sum().item())
+
+
+def _all_kept(out: Tensor, target: Tensor | None, shape: tuple[int, ...]) -> Prepared:
+    mask = torch.ones(out.shape[0], dtype=torch.bool, device=out.device)
+    return Prepared(out, target, mask, shape, full=(mask, mask._version))
 
 
 class Likelihood(abc.ABC):
@@ -101,8 +117,7 @@ class Likelihood(abc.ABC):
                     f"output shape {shape} and target shape {tuple(target.shape)}"
                 )
             tgt = target.reshape(out.shape).to(out.dtype)
-        mask = torch.ones(out.shape[0], dtype=torch.bool, device=out.device)
-        return Prepared(out, tgt, mask, shape, kept=out.shape[0])
+        return _all_kept(out, tgt, shape)
 
     @abc.abstractmethod
     def nll(self, output: Tensor, target: Tensor) -> Tensor:
@@ -111,7 +126,9 @@ class Likelihood(abc.ABC):
     def nll_grad(self, output: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
         """``∂ Σ_n mask_n · nll_n / ∂ output`` for prepared ``(N, C)`` tensors.
 
-        ``mask`` is ``None`` when every observation is kept.
+        ``mask`` is ``None`` when every observation is kept: only the built-in
+        implementations (those in :data:`MASK_OPTIONAL`) are called so; an override
+        always receives a tensor.
 
         The default differentiates :meth:`nll` with autograd; built-in likelihoods
         override it with their closed form (no autograd graph, one elementwise pass).
@@ -171,8 +188,6 @@ class Categorical(Likelihood):
         if output.dim() < 1:
             raise ValueError("categorical outputs must have a class dimension, got a scalar")
         out = output.reshape(-1, shape[-1])
-        tgt = None
-        mask = torch.ones(out.shape[0], dtype=torch.bool, device=out.device)
         if target is not None:
             if target.dtype.is_floating_point or target.dtype == torch.bool:
                 raise TypeError(
@@ -186,7 +201,7 @@ class Categorical(Likelihood):
             tgt = target.reshape(-1).to(out.device)
             lo, hi = torch.aminmax(tgt) if tgt.numel() else (0, 0)
             if 0 <= int(lo) and int(hi) < shape[-1]:  # no masked or invalid target
-                return Prepared(out, tgt, mask, shape, kept=out.shape[0])
+                return _all_kept(out, tgt, shape)
             mask = tgt != IGNORE_INDEX
             bad = mask & ((tgt < 0) | (tgt >= shape[-1]))
             if bool(bad.any()):
@@ -196,7 +211,7 @@ class Categorical(Likelihood):
                 )
             tgt = torch.where(mask, tgt, torch.zeros_like(tgt))
             return Prepared(out, tgt, mask, shape)
-        return Prepared(out, tgt, mask, shape, kept=out.shape[0])
+        return _all_kept(out, None, shape)
 
     def nll(self, output: Tensor, target: Tensor) -> Tensor:  # noqa: D102
         return -torch.log_softmax(output, -1).gather(-1, target.long()[:, None])[:, 0]
@@ -214,12 +229,20 @@ class Categorical(Likelihood):
         # u·total with u uniform on (0, 1] (a zero-probability class is never drawn),
         # found by binary search; on CPU 5x (10 classes) to 12x (49,152) faster than
         # torch.multinomial
-        cdf = softmax(output).cumsum_(-1)
-        u = 1.0 - torch.rand(
-            cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device
-        )
-        drawn = torch.searchsorted(cdf, u * cdf[:, -1:])[:, 0]
-        return drawn.clamp_max_(cdf.shape[-1] - 1)
+        # float64 sums past 256 classes: a float32 running sum near 1 is off by ~6e-8,
+        # which would misplace classes of smaller probability
+        n, classes = output.shape
+        wide = torch.float64 if classes > 256 else None
+        u = 1.0 - torch.rand(n, 1, generator=generator, dtype=torch.float64, device=output.device)
+        step = max(1, 2**24 // max(classes, 1))  # rows per chunk: bounded temporaries
+        drawn = []
+        for i in range(0, n, step):
+            cdf = softmax(output[i : i + step]).cumsum(-1, dtype=wide)
+            v = (u[i : i + step] * cdf[:, -1:].double()).to(cdf.dtype)
+            drawn.append(torch.searchsorted(cdf, v)[:, 0])
+        if not drawn:
+            return torch.zeros(0, dtype=torch.long, device=output.device)
+        return (drawn[0] if len(drawn) == 1 else torch.cat(drawn)).clamp_max_(classes - 1)
 
     def fisher_sqrt(self, output: Tensor) -> Tensor:  # noqa: D102
         p = softmax(output)
@@ -325,6 +348,12 @@ class Poisson(Likelihood):
     def fisher_sqrt(self, output: Tensor) -> Tensor:  # noqa: D102
         return (0.5 * output).exp()
 
+
+#: ``nll_grad`` implementations that accept ``mask=None`` (every observation kept).
+MASK_OPTIONAL = frozenset(
+    {Likelihood.nll_grad, Categorical.nll_grad, Bernoulli.nll_grad, Gaussian.nll_grad}
+    | {Poisson.nll_grad}
+)
 
 #: Registered likelihoods by name: factories taking keyword options (e.g. ``variance``).
 LIKELIHOODS: dict[str, Callable[..., Likelihood]] = {

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from fisherflow.estimate.likelihoods import Likelihood, Prepared
+from fisherflow.estimate.likelihoods import MASK_OPTIONAL, Likelihood, Prepared
 
 __all__ = ["KIND_SCORES", "Scores", "make_scores"]
 
@@ -46,8 +46,8 @@ class Scores:
 
 
 def _output_grad(lik: Likelihood, prep: Prepared, target: Tensor) -> Tensor:
-    everyone = prep.kept is not None and prep.kept == prep.output.shape[0]
-    return lik.nll_grad(prep.output, target, None if everyone else prep.mask)
+    optional = prep.everyone and type(lik).nll_grad in MASK_OPTIONAL
+    return lik.nll_grad(prep.output, target, None if optional else prep.mask)
 
 
 def _empirical(

@@ -30,7 +30,7 @@ def check_vector(values: Tensor, size: int, name: str, nonnegative: bool = True)
     if values.numel() == 0:
         return values
     # one reduction and one sync: NaN propagates to both ends, ±Inf shows at one end
-    lo, hi = (float(v) for v in torch.aminmax(values))
+    lo, hi = torch.stack(torch.aminmax(values)).tolist()
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} contains NaN or Inf")
     if nonnegative and lo < 0:
