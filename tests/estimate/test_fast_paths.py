@@ -335,3 +335,31 @@ def test_ekfac_basis_from_kept_rows_matches_eigh(monkeypatch, kind):
     monkeypatch.setattr(accumulate.KFACAcc, "kept_rows", lambda self, side, group: None)
     D = estimate(model, data, "categorical", kind, "ekfac", progress=False, seed=3)
     torch.testing.assert_close(E.to_dense(), D.to_dense())
+
+
+def test_layer_settings_changed_in_place_are_noticed():
+    """A cached capture follows a layer's rule: circular padding now falls back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(12, 3)).double()
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    data = [(x, torch.randint(0, 3, (5,)))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackNotice)
+        estimate(model, data, "categorical", "empirical", "diagonal", progress=False)
+    model[0].padding_mode = "circular"
+    with pytest.warns(FallbackNotice, match="'0'"):
+        F = estimate(model, data, "categorical", "empirical", "diagonal", progress=False)
+    R = reference_fisher(model, data, "categorical", "empirical")
+    torch.testing.assert_close(F.diagonal(), R.diagonal())
+
+
+def test_reference_and_estimate_both_evaluate_in_eval_mode():
+    """Dropout is off in both, and every module's own flag comes back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)).double()
+    model[2].eval()  # a part deliberately kept in eval mode
+    data = [(torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,)))]
+    F = estimate(model, data, "categorical", "empirical", "dense", progress=False)
+    R = reference_fisher(model, data, "categorical", "empirical")
+    torch.testing.assert_close(F.to_dense(), R)
+    assert [m.training for m in model] == [True, True, False]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import weakref
 from collections.abc import Hashable, Iterable
@@ -12,7 +13,7 @@ from torch import nn
 
 from fisherflow.estimate.accumulate import ACCUMULATORS, Accumulator, KFACAcc, Plan, Recorder
 from fisherflow.estimate.capture import Capture
-from fisherflow.estimate.data import Forward, default_forward
+from fisherflow.estimate.data import Forward, default_forward, evaluating
 from fisherflow.estimate.distributed import reduce_accumulators, want_distributed
 from fisherflow.estimate.engine import Recheck, build_plan, model_signature, probe, run_pass
 from fisherflow.estimate.likelihoods import Likelihood, get_likelihood
@@ -212,10 +213,9 @@ def estimate(
     gen = torch.Generator(device=device)
     gen.manual_seed(0 if seed is None else seed)
     use_dist = want_distributed(distributed)
-    training = [m for m in model.modules() if m.training]  # restored one by one
-    if training:
-        model.eval()
     capture = prep.capture
+    stack = contextlib.ExitStack()
+    stack.enter_context(evaluating(model))
     try:
         if capture is None:
             capture = prep.capture = Capture(model, layout, stat)
@@ -280,8 +280,7 @@ def estimate(
     finally:
         if capture is not None:
             capture.start(0)  # drop the last batch's records (activations, graph)
-        for m in training:
-            m.training = True  # its own flag only: train() would recurse into children
+        stack.close()
     return result
 
 

@@ -39,7 +39,7 @@ from fisherflow.estimate.layers import (
 )
 from fisherflow.matrices.layout import ParamLayout
 
-__all__ = ["LAYER_HANDLERS", "Capture", "FallbackNotice"]
+__all__ = ["LAYER_HANDLERS", "RULED", "Capture", "FallbackNotice", "rule_key"]
 
 
 class FallbackNotice(UserWarning):
@@ -122,6 +122,20 @@ LAYER_HANDLERS: list[tuple[Any, Callable[[nn.Module], tuple[Handler | None, str 
     ((nn.LayerNorm, nn.RMSNorm), _norm),
     (nn.MultiheadAttention, _mha),
 ]
+
+
+#: Layer types whose capture rule reads settings a user can change in place.
+RULED = (nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.RMSNorm, nn.MultiheadAttention)
+
+
+def rule_key(module: nn.Module) -> tuple[str | None, str | None]:
+    """The capture rule's decision for a module: handler type and fallback reason.
+
+    Part of a model's signature, so that changing e.g. ``padding_mode`` after a first
+    estimate is noticed by the cached capture.
+    """
+    handler, reason = _handler_for(module)
+    return (None if handler is None else type(handler).__name__), reason
 
 
 class Capture:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Batch", "default_forward", "output_tensor", "split_batch", "to_device"]
+__all__ = [
+    "Batch",
+    "default_forward",
+    "evaluating",
+    "output_tensor",
+    "split_batch",
+    "to_device",
+]
 
 #: ``forward(model, inputs) -> output``: how a model is called on a batch's inputs.
 Forward = Callable[[nn.Module, Any], Any]
@@ -125,3 +133,20 @@ def batch_rows(inputs: Any) -> int:
             if isinstance(v, Tensor):
                 return int(v.shape[0])
     raise TypeError(f"cannot find a batch dimension in inputs of type {type(inputs).__name__}")
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """The model in ``eval()`` mode (dropout off) inside; each module's own flag after.
+
+    ``model.train()`` would recurse, so a model with parts deliberately kept in eval
+    mode gets exactly its flags back.
+    """
+    training = [m for m in model.modules() if m.training]
+    if training:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from fisherflow.estimate.accumulate import Accumulator, Plan
-from fisherflow.estimate.capture import Capture
+from fisherflow.estimate.capture import RULED, Capture, rule_key
 from fisherflow.estimate.data import (
     Forward,
     batch_rows,
@@ -51,7 +51,8 @@ def clear_probe_cache() -> None:
 def model_signature(model: nn.Module) -> Hashable:
     """What a capture and its plan depend on (modules and parameters).
 
-    Modules by identity, type and a patched ``forward``; parameters by name,
+    Modules by identity, type, a patched ``forward`` and their capture rule's
+    decision (:func:`~fisherflow.estimate.capture.rule_key`); parameters by name,
     identity, shape, dtype, device and whether trainable.
     """
     # one walk over the modules; parameters as ``named_parameters`` lists them (first
@@ -60,7 +61,8 @@ def model_signature(model: nn.Module) -> Hashable:
     params: list[Hashable] = []
     seen: set[int] = set()
     for mname, m in model.named_modules():
-        mods.append((id(m), type(m), id(m.__dict__.get("forward"))))
+        rule = rule_key(m) if isinstance(m, RULED) else None
+        mods.append((id(m), type(m), id(m.__dict__.get("forward")), rule))
         for k, p in m._parameters.items():
             if p is None or id(p) in seen:
                 continue

@@ -14,6 +14,7 @@ from fisherflow.estimate.data import (
     Forward,
     batch_rows,
     default_forward,
+    evaluating,
     output_tensor,
     split_batch,
     to_device,
@@ -92,7 +93,8 @@ def reference_fisher(
     labels :func:`fisherflow.estimate` draws. Memory O(P² + out·P): small models only.
 
     Args:
-        model: The model (used in its current train/eval mode; call ``eval()`` first).
+        model: The model (switched to ``eval()`` inside, as in
+            :func:`~fisherflow.estimate.estimate`, and restored).
         data: Iterable of ``(inputs, targets)`` or dicts with ``"labels"``.
         likelihood: Likelihood name or instance.
         kind: ``"exact"``, ``"mc"`` or ``"empirical"``.
@@ -133,28 +135,29 @@ def reference_fisher(
     F = torch.zeros(layout.size, layout.size, dtype=stat, device=device)
     sub = {n: named[n].detach() for n in names}
     wrapped = Wrapped(model, fwd)
-    for item in data:
-        batch = split_batch(item, shift_labels)
-        inputs = to_device(batch.inputs, device)
-        targets = None if batch.targets is None else batch.targets.to(device)
-        rows = batch_rows(inputs)
-        with torch.no_grad():
-            out = output_tensor(fwd(model, inputs))
-        scores = make_scores(lik, out, targets, kind, rows, mc_samples, gen, stat)
-        if kind == "exact":
-            prep = lik.prepare(out.detach().to(stat), targets)
-            lam = lik.output_fisher(prep.output) * prep.mask[:, None, None]
-            n_out = lam.shape[-1]
-            lam = lam.reshape(rows, -1, n_out, n_out)
-        else:
-            cots = torch.stack([c.reshape(rows, -1) for c in scores])  # (K, rows, out)
-        for n in range(rows):
-            J = _row_jacobian(wrapped, names, sub, row_slice(inputs, n))
-            J = J.to(stat)
+    with evaluating(model):
+        for item in data:
+            batch = split_batch(item, shift_labels)
+            inputs = to_device(batch.inputs, device)
+            targets = None if batch.targets is None else batch.targets.to(device)
+            rows = batch_rows(inputs)
+            with torch.no_grad():
+                out = output_tensor(fwd(model, inputs))
+            scores = make_scores(lik, out, targets, kind, rows, mc_samples, gen, stat)
             if kind == "exact":
-                Jt = J.reshape(lam.shape[1], n_out, -1)
-                F += torch.einsum("tip,tij,tjq->pq", Jt, lam[n], Jt)
+                prep = lik.prepare(out.detach().to(stat), targets)
+                lam = lik.output_fisher(prep.output) * prep.mask[:, None, None]
+                n_out = lam.shape[-1]
+                lam = lam.reshape(rows, -1, n_out, n_out)
             else:
-                g = cots[:, n, :] @ J  # (K, P)
-                F += g.T @ g
+                cots = torch.stack([c.reshape(rows, -1) for c in scores])  # (K, rows, out)
+            for n in range(rows):
+                J = _row_jacobian(wrapped, names, sub, row_slice(inputs, n))
+                J = J.to(stat)
+                if kind == "exact":
+                    Jt = J.reshape(lam.shape[1], n_out, -1)
+                    F += torch.einsum("tip,tij,tjq->pq", Jt, lam[n], Jt)
+                else:
+                    g = cots[:, n, :] @ J  # (K, P)
+                    F += g.T @ g
     return F
