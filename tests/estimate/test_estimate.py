@@ -43,7 +43,7 @@ def _block_part(F, R):
 @pytest.mark.parametrize("kind", KINDS)
 def test_dense_diagonal_block_match_reference(case, kind):
     if kind == "exact" and case not in FAST:
-        pytest.skip("covered by the slow exact sequence test")
+        pytest.skip("exact sequences: diagonal only, in test_exact_sequences_diagonal")
     R = _ref(case, kind)
     D = _est(case, kind, "dense").to_dense()
     torch.testing.assert_close(D, R, rtol=1e-9, atol=1e-11)
