@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import weakref
 from collections.abc import Hashable, Iterable
@@ -225,6 +226,15 @@ def estimate(
         )
         check = probe(model, first, capture, model_sig=model_sig, **common)  # type: ignore[arg-type]
         bar = _progress(progress, data, f"Fisher ({kind}, {structure})")
+        stream = functools.partial(
+            run_pass,
+            model,
+            kind=kind,
+            mc_samples=mc_samples,
+            generator=gen,
+            progress=bar,
+            **common,
+        )
         recorder: Recorder | None = None
         while True:  # again only if the first batch's hook check demotes parameters
             plan = _plan(prep, capture, layout, stat, device, convention)
@@ -234,18 +244,10 @@ def estimate(
                 acc.keep_rows = True
             recorder = Recorder(plan) if structure == "ekfac" else None
             try:
-                count = run_pass(
-                    model,
-                    itertools.chain([first], iterator),
-                    capture,
-                    [acc] if recorder is None else [acc, recorder],
-                    kind=kind,
-                    mc_samples=mc_samples,
-                    generator=gen,
-                    progress=bar,
-                    check=check,
-                    **common,
-                )  # type: ignore[arg-type]
+                accs = [acc] if recorder is None else [acc, recorder]
+                count = stream(
+                    data=itertools.chain([first], iterator), capture=capture, accs=accs, check=check
+                )
             except Recheck:
                 assert check is not None
                 check.demote(capture)
@@ -261,17 +263,7 @@ def estimate(
                 recorder.replay([acc2])  # the first pass's gradients, same MC labels
                 recorder = None
             else:
-                run_pass(
-                    model,
-                    iter(data),
-                    capture,
-                    [acc2],
-                    kind=kind,
-                    mc_samples=mc_samples,
-                    generator=gen,
-                    progress=bar,
-                    **common,
-                )  # type: ignore[arg-type]
+                stream(data=iter(data), capture=capture, accs=[acc2])
             if use_dist:
                 reduce_accumulators([acc2], 0, group)
             result = acc2.build(**meta)
