@@ -354,7 +354,7 @@ def nngeometry_methods(model: nn.Module, x: Tensor, y: Tensor, case: str) -> dic
         if rep is PMatDiag:
             return F.get_diag() * n
         if rep is PMatDense:
-            return F.get_dense_tensor() * n
+            return F.to_torch() * n
         if rep is PMatKFAC:
             return {k: (v[0], v[1] * n) for k, v in F.data.items()}
         return None

@@ -19,6 +19,7 @@ from fisherflow.estimate.layers import (
     LayerNormHandler,
     LinearHandler,
     Record,
+    gram_into,
     symmetrize,
 )
 from fisherflow.matrices import (
@@ -257,7 +258,7 @@ class GroupAcc(Accumulator):
         self.groups = {"all": list(plan.layout.names)} if dense else plan.groups
         for g, names in self.groups.items():
             size = plan.layout.subset(names).size
-            self.state[g] = plan.zeros(size, size)
+            self.state[g] = plan.zeros(size, size)  # a gram_into accumulator
 
     def add(self, pairs: Pairs, func: Mapping[str, Tensor], rows: int) -> None:
         rowd = per_row_dict(self.plan, pairs, func)
@@ -268,13 +269,13 @@ class GroupAcc(Accumulator):
                 else self.plan.zeros(rows, self.plan.layout.subset([n]).size)
                 for n in names
             ]
-            v = torch.cat(parts, 1)
-            self.state[g] += v.T @ v
+            self.state[g] = gram_into(self.state[g], torch.cat(parts, 1))
 
     def build(self, **meta: Any) -> FisherMatrix:
+        blocks = {g: symmetrize(m) for g, m in self.state.items()}
         if self.dense:
-            return Dense(self.state["all"], self.plan.layout, **meta)
-        return Block(self.state, self.groups, self.plan.layout, **meta)
+            return Dense(blocks["all"], self.plan.layout, **meta)
+        return Block(blocks, self.groups, self.plan.layout, **meta)
 
 
 class LowRankAcc(Accumulator):

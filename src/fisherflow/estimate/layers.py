@@ -56,11 +56,13 @@ def _syrk_ok(n: int, x: Tensor) -> bool:
     )
 
 
-#: Factor side from which :func:`gram_into` computes only the upper block triangle
-#: (blocks of :data:`GRAM_BLOCK_SIZE`; ~5/8 of the flops with 4 blocks) with plain
-#: matrix products; :func:`symmetrize` mirrors it.
-GRAM_BLOCK = 1024
-GRAM_BLOCK_SIZE = 512
+#: Factor side from which :func:`gram_into` computes only the upper block triangle,
+#: one matrix product per row block of :data:`GRAM_BLOCK_SIZE` rows (its diagonal
+#: block and everything to its right: ~5/8 of the flops with 4 blocks);
+#: :func:`symmetrize` mirrors it. Measured on 2 CPU cores with 512 rows: 1025 wide
+#: 4.3 ms instead of 6.1 ms, 513 wide 1.2 ms instead of 1.5 ms.
+GRAM_BLOCK = 512
+GRAM_BLOCK_SIZE = 256
 
 
 def _bounds(n: int) -> list[int]:
@@ -103,11 +105,9 @@ def gram_into(acc: Tensor | None, x: Tensor, ones: bool = False) -> Tensor:
     if n >= GRAM_BLOCK:
         b = _bounds(n)
         for i in range(len(b) - 1):
-            xi = x[:, b[i] : b[i + 1]].T
-            for j in range(i, len(b) - 1):
-                core[b[i] : b[i + 1], b[j] : b[j + 1]].addmm_(xi, x[:, b[j] : b[j + 1]], beta=beta)
-                if fresh and j > i:
-                    core[b[j] : b[j + 1], b[i] : b[i + 1]].zero_()
+            core[b[i] : b[i + 1], b[i] :].addmm_(x[:, b[i] : b[i + 1]].T, x[:, b[i] :], beta=beta)
+            if fresh:  # below the row block: never read before symmetrize overwrites it
+                core[b[i] : b[i + 1], : b[i]].zero_()
     else:
         core.addmm_(x.T, x, beta=beta)
     if ones:
