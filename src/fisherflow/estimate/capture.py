@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import types
 import warnings
 import weakref
@@ -47,11 +48,13 @@ class FallbackNotice(UserWarning):
 
 
 def _conv1d_type() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # pragma: no cover - transformers is optional
-        return None
-    return Conv1D  # type: ignore[no-any-return]
+    """Hugging Face's ``Conv1D``, if ``transformers`` is loaded (a model using it is).
+
+    Looked up, never imported: importing ``transformers`` takes about a second.
+    """
+    module = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(module, "Conv1D", None)
+    return conv1d if isinstance(conv1d, type) else None
 
 
 def _handler_for(module: nn.Module) -> tuple[Handler | None, str | None]:

@@ -252,7 +252,7 @@ class LinearHandler(Handler):
     def diag(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None] | None:  # noqa: D102
         if d.shape[1] != 1:
             return None
-        d2, a2 = d[:, 0] ** 2, rec.data[:, 0] ** 2
+        d2, a2 = d[:, 0].square(), rec.data[:, 0].square()  # not **: a Python-level operator
         g = d2.T @ a2
         if self.input_major:
             g = g.T
@@ -382,8 +382,8 @@ class LayerNormHandler(Handler):
     def diag(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None] | None:  # noqa: D102
         if d.shape[1] != 1:
             return None
-        w = ((d[:, 0] * rec.data[:, 0]) ** 2).sum(0).reshape(rec.weight.shape)
-        b = (d[:, 0] ** 2).sum(0).reshape(rec.weight.shape) if rec.bias is not None else None
+        w = (d[:, 0] * rec.data[:, 0]).square_().sum(0).reshape(rec.weight.shape)
+        b = d[:, 0].square().sum(0).reshape(rec.weight.shape) if rec.bias is not None else None
         return w, b
 
 
