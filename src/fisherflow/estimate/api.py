@@ -224,7 +224,15 @@ def estimate(
         common: dict[str, Any] = dict(
             lik=lik, forward=fwd, shift_labels=shift_labels, device=device, stat=stat
         )
-        check = probe(model, first, capture, model_sig=model_sig, **common)  # type: ignore[arg-type]
+        check = probe(
+            model,
+            first,
+            capture,
+            forward=fwd,
+            shift_labels=shift_labels,
+            device=device,
+            model_sig=model_sig,
+        )
         bar = _progress(progress, data, f"Fisher ({kind}, {structure})")
         stream = functools.partial(
             run_pass,

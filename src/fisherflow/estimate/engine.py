@@ -386,11 +386,9 @@ def probe(
     item: Any,
     capture: Capture,
     *,
-    lik: Likelihood,
     forward: Forward,
     shift_labels: bool | None,
     device: torch.device,
-    stat: torch.dtype,
     model_sig: Hashable | None = None,
 ) -> Check | None:
     """Apply a cached hook check for this model and batch, or return a pending one.
@@ -417,8 +415,9 @@ def probe(
         return Check(sig, cache)
     failed, missed, spread = cache[sig]
     capture.spread = dict(spread)
-    capture.demote(set(failed), "inputs without the batch in dimension 0")
-    capture.demote(set(missed), "a use of its parameters is not seen by hooks")
+    known = Check(sig, cache)
+    known.failed, known.missed = set(failed), set(missed)
+    known.demote(capture)
     return None
 
 
