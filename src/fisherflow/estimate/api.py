@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fisherflow.estimate.accumulate import ACCUMULATORS, Accumulator, KFACAcc, Plan, Recorder
+from fisherflow.estimate.accumulate import ACCUMULATORS, Accumulator, Plan, Recorder
 from fisherflow.estimate.capture import Capture
 from fisherflow.estimate.data import Forward, default_forward, evaluating
 from fisherflow.estimate.distributed import reduce_accumulators, want_distributed
@@ -246,10 +246,7 @@ def estimate(
         recorder: Recorder | None = None
         while True:  # again only if the first batch's hook check demotes parameters
             plan = _plan(prep, capture, layout, stat, device, convention)
-            acc = _make("kfac" if structure == "ekfac" else structure, plan, rank)
-            if structure == "ekfac" and not use_dist:  # rows of small factors: fast bases
-                assert isinstance(acc, KFACAcc)
-                acc.keep_rows = True
+            acc = _make(structure, plan, rank, distributed=use_dist)
             recorder = Recorder(plan) if structure == "ekfac" else None
             try:
                 accs = [acc] if recorder is None else [acc, recorder]
@@ -300,9 +297,16 @@ def _plan(
     return plan
 
 
-def _make(structure: str, plan: Plan, rank: int) -> Accumulator:
+def _make(structure: str, plan: Plan, rank: int, distributed: bool = False) -> Accumulator:
+    """The first pass's accumulator.
+
+    EKFAC's is K-FAC's, keeping the rows of small factors for fast eigenbases unless
+    the pass is split across processes.
+    """
     if structure == "dense":
         return ACCUMULATORS["dense"](plan, dense=True)
     if structure == "lowrank":
         return ACCUMULATORS["lowrank"](plan, rank=rank)
+    if structure == "ekfac":
+        return ACCUMULATORS["kfac"](plan, keep_rows=not distributed)
     return ACCUMULATORS[structure](plan)

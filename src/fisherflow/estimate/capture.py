@@ -381,7 +381,7 @@ class Capture:
         broadcast against ``(B, T, d)`` activations has no per-row gradient of its
         own; expanding its output to ``(B, T, d)`` (a view, same values) gives each
         row its gradient. Only used for modules whose expansion the first-batch check
-        found to leave the model output unchanged.
+        found to leave the model output and the hooked parameters' gradients unchanged.
         """
         # lead: (1, T) indices, replace the size-1 batch; otherwise (T,): add one
         shape = x.shape[1:] if lead else x.shape
