@@ -363,3 +363,26 @@ def test_reference_and_estimate_both_evaluate_in_eval_mode():
     R = reference_fisher(model, data, "categorical", "empirical")
     torch.testing.assert_close(F.to_dense(), R)
     assert [m.training for m in model] == [True, True, False]
+
+
+def test_weight_used_only_outside_its_module_falls_back():
+    """A Linear whose module never runs (its weight used through F.linear) is caught."""
+
+    class Outside(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(3, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(nn.functional.linear(x, self.inner.weight, self.inner.bias))
+            return self.head(h)
+
+    torch.manual_seed(0)
+    model = Outside().double()
+    data = [(torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,)))]
+    engine.clear_probe_cache()
+    with pytest.warns(FallbackNotice, match="inner"):
+        F = estimate(model, data, "categorical", "empirical", "diagonal", progress=False)
+    R = reference_fisher(model, data, "categorical", "empirical")
+    torch.testing.assert_close(F.diagonal(), R.diagonal())
