@@ -354,7 +354,7 @@ class Capture:
         data: Tensor | None
         if isinstance(handler, EmbeddingHandler):
             data = xd.reshape(xd.shape[0], -1)
-            extra = {"padding_idx": module.padding_idx, "dtype": self.stat}
+            extra = self._embedding_extra(module)
         elif isinstance(handler, LayerNormHandler):
             shape = tuple(getattr(module, "normalized_shape", weight.shape))
             xs = xd.to(self.stat)
@@ -372,6 +372,9 @@ class Capture:
         self._add(handler, module, data, out, weight, bias, extra=extra)
         return None
 
+    def _embedding_extra(self, module: nn.Module) -> dict[str, Any]:
+        return {"padding_idx": getattr(module, "padding_idx", None), "dtype": self.stat}
+
     def _spread(
         self, handler: Handler, module: nn.Module, x: Tensor, out: Tensor, lead: bool
     ) -> Tensor:
@@ -387,7 +390,7 @@ class Capture:
         shape = x.shape[1:] if lead else x.shape
         xe = x.detach().expand(self.rows, *shape)
         oute = out.expand(self.rows, *(out.shape[1:] if lead else out.shape))
-        extra = {"padding_idx": getattr(module, "padding_idx", None), "dtype": self.stat}
+        extra = self._embedding_extra(module)
         weight: Tensor = module.weight  # type: ignore[assignment]
         self._add(handler, module, xe.reshape(self.rows, -1), oute, weight, None, extra=extra)
         return oute
