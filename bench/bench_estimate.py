@@ -118,14 +118,22 @@ CASE_TITLES = {
 # ---------------------------------------------------------------------------- timing
 
 
+def _sync() -> None:
+    """Wait for queued GPU work, so that wall-clock times cover it (no-op on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
     """Wall-clock seconds of ``repeats`` calls after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         out.append(time.perf_counter() - t0)
     return out
 
@@ -137,10 +145,13 @@ def interleaved(
     fn()
     a, b = [], []
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         plain()
+        _sync()
         t1 = time.perf_counter()
         fn()
+        _sync()
         t2 = time.perf_counter()
         a.append(t2 - t1)
         b.append(t1 - t0)
@@ -447,14 +458,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--cases", nargs="+", default=["mlp", "cnn", "transformer", "small"])
     ap.add_argument("--peers", nargs="*", default=list(PEERS))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (models and batches)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(
+        f"torch {torch.__version__}, {where}, {torch.get_num_threads()} threads, "
+        f"{args.repeats} repeats"
+    )
     notes: list[str] = []
     agreements: list[str] = []
     for case in args.cases:
         model, x, y, _ = make_case(case)
+        model, x, y = model.to(args.device), x.to(args.device), y.to(args.device)
         model.eval()
         plain = plain_step(model, x, y)
         base = timed(plain, args.repeats, warmup=2)
