@@ -25,9 +25,9 @@ class TinyTransformer(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         t = ids.shape[1]
-        h = self.emb(ids) + self.pos(torch.arange(t))
+        h = self.emb(ids) + self.pos(torch.arange(t, device=ids.device))
         x = self.ln1(h)
-        mask = torch.ones(t, t, dtype=torch.bool).triu(1)
+        mask = torch.ones(t, t, dtype=torch.bool, device=ids.device).triu(1)
         h = h + self.attn(x, x, x, attn_mask=mask, need_weights=False)[0]
         h = h + self.mlp(self.ln2(h))
         return self.head(h)

@@ -62,3 +62,16 @@ def test_cuda_low_precision_models(dtype):
     assert F.dtype == torch.float32 and F.device.type == "cuda"
     err = (F.diagonal().double().cpu() - exact).norm() / exact.norm()
     assert err < (1e-5 if dtype == torch.float32 else 0.1)
+
+
+@pytest.mark.parametrize("side", [65, 400])
+def test_cuda_eigh_on_host_or_device(side):
+    """Small float32 CUDA matrices decompose on the host; results come back on CUDA."""
+    from fisherflow.matrices.linalg import eigh
+
+    x = torch.randn(2 * side, side, device=CUDA)
+    a = x.T @ x
+    vals, vecs = eigh(a)
+    assert vals.device.type == "cuda" and vecs.device.type == "cuda"
+    err = ((vecs * vals) @ vecs.T - a).abs().max() / a.abs().max()
+    assert err < 1e-4
