@@ -290,6 +290,7 @@ def curvlinops_methods(model: nn.Module, x: Tensor, y: Tensor, case: str) -> dic
     if case == "transformer":
         return {"*": "K-FAC refuses Embedding, LayerNorm and attention parameters"}
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    model = copy.deepcopy(model)  # its hooks stay off the model the others time
     params = [p for p in model.parameters() if p.requires_grad]
     data = [(x, y)]
 
@@ -342,6 +343,7 @@ def nngeometry_methods(model: nn.Module, x: Tensor, y: Tensor, case: str) -> dic
         return {"*": f"not installed ({type(err).__name__})"}
     from torch.utils.data import DataLoader, TensorDataset
 
+    model = copy.deepcopy(model)  # a failed call can leave its hooks on the model
     n = x.shape[0]
     loader = DataLoader(TensorDataset(x, y), batch_size=n)
     fwd = model
