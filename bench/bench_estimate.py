@@ -374,10 +374,11 @@ def nngeometry_methods(model: nn.Module, x: Tensor, y: Tensor, case: str) -> dic
 
     def make(rep: Any, mode: str) -> Callable[[], Result]:
         def run() -> Result:
+            dev = str(x.device)  # nngeometry moves every batch to `device` (default cpu)
             if mode == "exact":
-                F = FIM(fwd, loader, rep, variant="classif_logits")
+                F = FIM(fwd, loader, rep, variant="classif_logits", device=dev)
             elif mode == "mc":
-                F = FIM_MonteCarlo(fwd, loader, rep, variant="classif_logits", trials=1)
+                F = FIM_MonteCarlo(fwd, loader, rep, variant="classif_logits", trials=1, device=dev)
             else:
                 gen = TorchHooksJacobianBackend(model=fwd, function=emp_function)
                 F = rep(generator=gen, examples=loader)

@@ -199,8 +199,9 @@ class Categorical(Likelihood):
                     f"shape {shape} and target shape {tuple(target.shape)}"
                 )
             tgt = target.reshape(-1).to(out.device)
-            lo, hi = torch.aminmax(tgt) if tgt.numel() else (0, 0)
-            if 0 <= int(lo) and int(hi) < shape[-1]:  # no masked or invalid target
+            # one reduction and one synchronisation decide the common case
+            lo, hi = torch.stack(torch.aminmax(tgt)).tolist() if tgt.numel() else (0, 0)
+            if 0 <= lo and hi < shape[-1]:  # no masked or invalid target
                 return _all_kept(out, tgt, shape)
             mask = tgt != IGNORE_INDEX
             bad = mask & ((tgt < 0) | (tgt >= shape[-1]))

@@ -92,8 +92,12 @@ class EKFAC(KronStructure):
             s = self.S[g]
             if not isinstance(s, Tensor) or tuple(s.shape) != (n_out, n_cols):
                 raise ValueError(f"S[{g!r}] must be a tensor of shape ({n_out}, {n_cols})")
-            if not all_finite(s) or bool((s < 0).any()):
-                raise ValueError(f"S[{g!r}] must be finite and >= 0")
+        # every group in one synchronisation: finite sums and the smallest entry
+        lows = [s.min().float() for s in self.S.values() if s.numel()]
+        if lows and not (all_finite(*self.S.values()) and float(torch.stack(lows).min()) >= 0):
+            for g, s in self.S.items():  # name the culprit
+                if not all_finite(s) or bool((s < 0).any()):
+                    raise ValueError(f"S[{g!r}] must be finite and >= 0")
 
     def _group_dtype(self) -> torch.dtype:
         return next(iter(self.S.values())).dtype if self.S else torch.get_default_dtype()

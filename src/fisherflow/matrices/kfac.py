@@ -17,6 +17,7 @@ from fisherflow.matrices.base import FisherMatrix
 from fisherflow.matrices.kron import KronGroup, check_factor, factor_diag, factor_eigh, left, right
 from fisherflow.matrices.kron_base import KronStructure
 from fisherflow.matrices.layout import ParamLayout
+from fisherflow.matrices.linalg import all_finite
 
 __all__ = ["KFAC"]
 
@@ -75,8 +76,12 @@ class KFAC(KronStructure):
         super().__init__(groups, layout, rest, **meta)
         for g in groups:
             n_out, n_cols = self.dims[g]
-            check_factor(self.A[g], n_cols, f"A[{g!r}]")
-            check_factor(self.G[g], n_out, f"G[{g!r}]")
+            check_factor(self.A[g], n_cols, f"A[{g!r}]", finite=False)
+            check_factor(self.G[g], n_out, f"G[{g!r}]", finite=False)
+        if not all_finite(*self.A.values(), *self.G.values()):  # one synchronisation
+            for g in groups:  # name the culprit
+                check_factor(self.A[g], self.dims[g][1], f"A[{g!r}]")
+                check_factor(self.G[g], self.dims[g][0], f"G[{g!r}]")
         self._basis: Any = None
 
     def _group_dtype(self) -> torch.dtype:

@@ -137,8 +137,11 @@ def factor_eigh(factor: Tensor) -> tuple[Tensor, Tensor | None]:
     return eigh(factor)
 
 
-def check_factor(factor: Tensor, size: int, name: str) -> Tensor:
+def check_factor(factor: Tensor, size: int, name: str, finite: bool = True) -> Tensor:
     """Validate a Kronecker factor: finite, floating, ``(size, size)`` or diagonal ``(size,)``.
+
+    With ``finite=False`` only the type and shape (the caller checks finiteness, e.g.
+    of several factors at once with :func:`~fisherflow.matrices.linalg.all_finite`).
 
     Raises:
         TypeError: If not a floating tensor.
@@ -151,6 +154,6 @@ def check_factor(factor: Tensor, size: int, name: str) -> Tensor:
             f"{name} must have shape ({size}, {size}) or ({size},) for a diagonal factor, "
             f"got {tuple(factor.shape)}"
         )
-    if not all_finite(factor):
+    if finite and not all_finite(factor):
         raise ValueError(f"{name} contains NaN or Inf")
     return factor
