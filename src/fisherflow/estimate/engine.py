@@ -459,7 +459,7 @@ def _check_first_batch(
         Recheck: If parameters must be demoted (recorded in ``check``).
     """
     if capture.unbatched:
-        out = _try_spread(model, inputs, rows, capture, forward, out, stat)
+        out = _try_spread(model, inputs, rows, capture, forward, out)
     if capture.failed & capture.hooked:
         check.failed |= capture.failed & capture.hooked
         raise Recheck
@@ -509,7 +509,6 @@ def _try_spread(
     capture: Capture,
     forward: Forward,
     out: Tensor,
-    stat: torch.dtype,
 ) -> Tensor:
     """Expand batch-less embeddings over the batch if the model is unchanged by it.
 
