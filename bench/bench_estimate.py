@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fisherflow.estimate import estimate
-from fisherflow.estimate.api import clear_cache
-from fisherflow.estimate.engine import clear_probe_cache
+from fisherflow.estimation import estimate
+from fisherflow.estimation.api import clear_cache
+from fisherflow.estimation.engine import clear_probe_cache
 
 # ---------------------------------------------------------------------------- cases
 

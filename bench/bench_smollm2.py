@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 import fisherflow as ff
-from fisherflow.estimate.engine import clear_probe_cache
+from fisherflow.estimation.engine import clear_probe_cache
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PLAY = "plays/tragedies/hamlet.md"

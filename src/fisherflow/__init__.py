@@ -1,8 +1,8 @@
 """fisherflow: Fisher information as a first-class object for PyTorch."""
 
-from fisherflow import distributed, flow, matrices, stats
+from fisherflow import distributed, estimation, flow, matrices, stats
 from fisherflow._version import __version__
-from fisherflow.estimate import (
+from fisherflow.estimation import (
     FallbackNotice,
     Likelihood,
     estimate,
@@ -40,6 +40,7 @@ __all__ = [
     "__version__",
     "distributed",
     "estimate",
+    "estimation",
     "flow",
     "fuse",
     "load",

@@ -58,7 +58,7 @@ def run_demo(out: str | Path, rows: int = 128, rank: int = 20) -> Path:
     """
     from sklearn.datasets import load_digits
 
-    from fisherflow.estimate import estimate
+    from fisherflow.estimation import estimate
     from fisherflow.report import heatmaps, spectra, write_text
 
     out = Path(out)

@@ -101,7 +101,7 @@ def load_data(spec: str, batch_size: int, limit: int | None = None) -> list[Any]
 
 def run(args: argparse.Namespace) -> int:
     """Estimate and save; prints a one-line summary."""
-    from fisherflow.estimate import estimate
+    from fisherflow.estimation import estimate
 
     model = load_model(args.model)
     data = load_data(args.data, args.batch_size, args.limit)

@@ -50,7 +50,7 @@ class FisherMatrix(abc.ABC):
         ValueError: If ``num_samples`` is negative or not finite, or ``kind`` is unknown.
     """
 
-    #: The structure name used in files and by ``fisherflow.estimate``.
+    #: The structure name used in files and by ``fisherflow.estimation``.
     structure: ClassVar[str]
     layout: ParamLayout
     num_samples: float

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fisherflow.estimate.accumulate import Accumulator, DiagonalAcc, KFACAcc, LowRankAcc
+from fisherflow.estimation.accumulate import Accumulator, DiagonalAcc, KFACAcc, LowRankAcc
 
 __all__ = ["reduce_accumulators", "want_distributed"]
 

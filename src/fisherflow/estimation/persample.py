@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.func import vjp, vmap
 from torch.utils._pytree import tree_map
 
-from fisherflow.estimate.reference import Wrapped
+from fisherflow.estimation.reference import Wrapped
 
 __all__ = ["per_row_grads"]
 
@@ -32,7 +32,7 @@ def per_row_grads(
     """Per-row vector-Jacobian products ``J_nᵀ c_{k,n}`` for the parameters ``names``.
 
     Args:
-        wrapped: The model as a :class:`~fisherflow.estimate.reference.Wrapped` module.
+        wrapped: The model as a :class:`~fisherflow.estimation.reference.Wrapped` module.
         names: Parameter names (of the model) to differentiate.
         params: ``{name: tensor}`` current values of those parameters.
         inputs: The batch inputs (tensors with rows in dimension 0, possibly nested).

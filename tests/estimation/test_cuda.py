@@ -8,7 +8,7 @@ import pytest
 import torch
 from cases import CASES, make_case
 
-from fisherflow.estimate import FallbackNotice, estimate, reference_fisher
+from fisherflow.estimation import FallbackNotice, estimate, reference_fisher
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

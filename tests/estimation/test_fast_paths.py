@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fisherflow.estimate import FallbackNotice, engine, estimate, reference_fisher
+from fisherflow.estimation import FallbackNotice, engine, estimate, reference_fisher
 
 
 def _mlp() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -109,7 +109,7 @@ def test_hook_check_cached_and_keyed(monkeypatch):
 )
 def test_closed_form_output_grad_matches_autograd(name, target):
     """Built-in likelihoods' closed-form NLL gradients equal autograd's (masks included)."""
-    from fisherflow.estimate.likelihoods import Likelihood, get_likelihood
+    from fisherflow.estimation.likelihoods import Likelihood, get_likelihood
 
     lik = get_likelihood(name)
     out = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -122,7 +122,7 @@ def test_closed_form_output_grad_matches_autograd(name, target):
 
 def test_syrk_factors_match_full_products(monkeypatch):
     """K-FAC factors accumulated with BLAS syrk (one triangle) equal full products."""
-    from fisherflow.estimate import layers
+    from fisherflow.estimation import layers
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 48), nn.Tanh(), nn.Linear(48, 33)).double()
@@ -160,7 +160,7 @@ def test_empirical_diagonal_wide_mlp_matches_reference():
 
 def test_blocked_gram_factors_match_full_products(monkeypatch):
     """Upper-block-triangle factors (wide layers, conv patches, bias column) are exact."""
-    from fisherflow.estimate import layers
+    from fisherflow.estimation import layers
 
     torch.manual_seed(2)
     model = nn.Sequential(
@@ -191,7 +191,7 @@ def test_blocked_gram_factors_match_full_products(monkeypatch):
 @pytest.mark.parametrize("budget", [None, 0])
 def test_ekfac_replay_matches_second_pass(monkeypatch, budget):
     """EKFAC replaying the first pass equals streaming the data again (deterministic kinds)."""
-    from fisherflow.estimate import accumulate
+    from fisherflow.estimation import accumulate
 
     model, data = _mlp()
     if budget is not None:
@@ -215,7 +215,7 @@ def test_cached_capture_invalidated_and_no_leaks():
     import gc
     import weakref
 
-    from fisherflow.estimate import api
+    from fisherflow.estimation import api
 
     model, data = _mlp()
     a = estimate(model, data, "categorical", "empirical", progress=False).diagonal()
@@ -317,7 +317,7 @@ def test_rms_norm_with_one_plus_weight_is_also_exact():
 @pytest.mark.parametrize("kind", ["empirical", "exact", "mc"])
 def test_ekfac_basis_from_kept_rows_matches_eigh(monkeypatch, kind):
     """Few rows per factor: the eigenbasis from the rows (thin SVD) gives the same EKFAC."""
-    from fisherflow.estimate import accumulate
+    from fisherflow.estimation import accumulate
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 12)).double()

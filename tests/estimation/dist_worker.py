@@ -10,7 +10,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 from cases import make_case
 
-from fisherflow.estimate import FallbackNotice, estimate
+from fisherflow.estimation import FallbackNotice, estimate
 
 
 def main() -> None:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from fisherflow.estimate import FallbackNotice, estimate, reference_fisher
-from fisherflow.estimate.engine import clear_probe_cache
+from fisherflow.estimation import FallbackNotice, estimate, reference_fisher
+from fisherflow.estimation.engine import clear_probe_cache
 
 
 class PosNet(nn.Module):

@@ -12,19 +12,19 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from fisherflow.estimate.accumulate import Accumulator, Plan
-from fisherflow.estimate.capture import RULED, Capture, rule_key
-from fisherflow.estimate.data import (
+from fisherflow.estimation.accumulate import Accumulator, Plan
+from fisherflow.estimation.capture import RULED, Capture, rule_key
+from fisherflow.estimation.data import (
     Forward,
     batch_rows,
     output_tensor,
     split_batch,
     to_device,
 )
-from fisherflow.estimate.likelihoods import Likelihood
-from fisherflow.estimate.persample import per_row_grads
-from fisherflow.estimate.reference import Wrapped
-from fisherflow.estimate.scores import make_scores
+from fisherflow.estimation.likelihoods import Likelihood
+from fisherflow.estimation.persample import per_row_grads
+from fisherflow.estimation.reference import Wrapped
+from fisherflow.estimation.scores import make_scores
 from fisherflow.matrices import KronGroup, ParamLayout
 
 __all__ = [
@@ -52,7 +52,7 @@ def model_signature(model: nn.Module) -> Hashable:
     """What a capture and its plan depend on (modules and parameters).
 
     Modules by identity, type, a patched ``forward`` and their capture rule's
-    decision (:func:`~fisherflow.estimate.capture.rule_key`); parameters by name,
+    decision (:func:`~fisherflow.estimation.capture.rule_key`); parameters by name,
     identity, shape, dtype, device and whether trainable.
     """
     # one walk over the modules; parameters as ``named_parameters`` lists them (first

@@ -5,9 +5,9 @@
 brute-force answer from per-example Jacobians, for small models and tests.
 """
 
-from fisherflow.estimate.api import CONVENTIONS, STRUCTURES, estimate
-from fisherflow.estimate.capture import LAYER_HANDLERS, FallbackNotice
-from fisherflow.estimate.likelihoods import (
+from fisherflow.estimation.api import CONVENTIONS, STRUCTURES, estimate
+from fisherflow.estimation.capture import LAYER_HANDLERS, FallbackNotice
+from fisherflow.estimation.likelihoods import (
     LIKELIHOODS,
     Bernoulli,
     Categorical,
@@ -17,8 +17,8 @@ from fisherflow.estimate.likelihoods import (
     get_likelihood,
     register_likelihood,
 )
-from fisherflow.estimate.reference import reference_fisher
-from fisherflow.estimate.scores import KIND_SCORES
+from fisherflow.estimation.reference import reference_fisher
+from fisherflow.estimation.scores import KIND_SCORES
 
 __all__ = [
     "CONVENTIONS",

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
-from fisherflow.estimate.data import (
+from fisherflow.estimation.data import (
     Forward,
     batch_rows,
     default_forward,
@@ -19,8 +19,8 @@ from fisherflow.estimate.data import (
     split_batch,
     to_device,
 )
-from fisherflow.estimate.likelihoods import Likelihood, get_likelihood
-from fisherflow.estimate.scores import make_scores
+from fisherflow.estimation.likelihoods import Likelihood, get_likelihood
+from fisherflow.estimation.scores import make_scores
 from fisherflow.matrices.layout import ParamLayout
 
 __all__ = ["Wrapped", "reference_fisher", "row_slice"]
@@ -90,11 +90,11 @@ def reference_fisher(
     then uses the closed-form output Fisher, ``Σ_t J_tᵀ Λ_t J_t``, while ``"mc"`` and
     ``"empirical"`` square the per-row gradient ``J_nᵀ ∂NLL/∂f`` (with labels sampled
     from the model, resp. observed). With the same ``seed``, ``"mc"`` draws exactly the
-    labels :func:`fisherflow.estimate` draws. Memory O(P² + out·P): small models only.
+    labels :func:`fisherflow.estimation` draws. Memory O(P² + out·P): small models only.
 
     Args:
         model: The model (switched to ``eval()`` inside, as in
-            :func:`~fisherflow.estimate.estimate`, and restored).
+            :func:`~fisherflow.estimation.estimate`, and restored).
         data: Iterable of ``(inputs, targets)`` or dicts with ``"labels"``.
         likelihood: Likelihood name or instance.
         kind: ``"exact"``, ``"mc"`` or ``"empirical"``.
@@ -103,7 +103,7 @@ def reference_fisher(
         params: Parameter names to restrict to (default all trainable).
         forward: ``forward(model, inputs)`` returning the output (default
             ``model(inputs)`` / ``model(**inputs)``).
-        shift_labels: See :func:`fisherflow.estimate.data.split_batch`.
+        shift_labels: See :func:`fisherflow.estimation.data.split_batch`.
         **likelihood_options: Options of the likelihood (e.g. ``variance``).
 
     Returns:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from fisherflow.estimate.likelihoods import MASK_OPTIONAL, Likelihood, Prepared
+from fisherflow.estimation.likelihoods import MASK_OPTIONAL, Likelihood, Prepared
 
 __all__ = ["KIND_SCORES", "Scores", "make_scores"]
 

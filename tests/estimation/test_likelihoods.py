@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fisherflow.estimate.likelihoods import (
+from fisherflow.estimation.likelihoods import (
     LIKELIHOODS,
     Gaussian,
     get_likelihood,
@@ -104,7 +104,7 @@ def test_categorical_sampler_frequencies(classes):
 
 def test_custom_mask_and_nll_grad_override_are_respected():
     """A subclass masking rows after ``prepare`` and an ``nll_grad`` override with a mask."""
-    from fisherflow.estimate.scores import make_scores
+    from fisherflow.estimation.scores import make_scores
 
     class NanMasked(Gaussian):
         def prepare(self, output, target):

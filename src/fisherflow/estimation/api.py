@@ -1,4 +1,4 @@
-"""``fisherflow.estimate``: the Fisher information of a model on data, in a structure."""
+"""``fisherflow.estimation``: the Fisher information of a model on data, in a structure."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from fisherflow.estimate.accumulate import ACCUMULATORS, Accumulator, Plan, Recorder
-from fisherflow.estimate.capture import Capture
-from fisherflow.estimate.data import Forward, default_forward, evaluating
-from fisherflow.estimate.distributed import reduce_accumulators, want_distributed
-from fisherflow.estimate.engine import Recheck, build_plan, model_signature, probe, run_pass
-from fisherflow.estimate.likelihoods import Likelihood, get_likelihood
-from fisherflow.estimate.scores import KIND_SCORES
+from fisherflow.estimation.accumulate import ACCUMULATORS, Accumulator, Plan, Recorder
+from fisherflow.estimation.capture import Capture
+from fisherflow.estimation.data import Forward, default_forward, evaluating
+from fisherflow.estimation.distributed import reduce_accumulators, want_distributed
+from fisherflow.estimation.engine import Recheck, build_plan, model_signature, probe, run_pass
+from fisherflow.estimation.likelihoods import Likelihood, get_likelihood
+from fisherflow.estimation.scores import KIND_SCORES
 from fisherflow.matrices import KFAC, FisherMatrix, ParamLayout
 
 __all__ = ["CONVENTIONS", "STRUCTURES", "estimate"]
@@ -114,7 +114,7 @@ def estimate(
     with hooks on common layers (``nn.Linear``, ``nn.Conv1d/2d``, ``nn.Embedding``,
     ``nn.LayerNorm``, ``nn.RMSNorm``, Hugging Face ``Conv1D``,
     ``nn.MultiheadAttention``); other parameterised modules fall back to ``torch.func``
-    per-sample gradients with a one-time :class:`~fisherflow.estimate.FallbackNotice`.
+    per-sample gradients with a one-time :class:`~fisherflow.estimation.FallbackNotice`.
     A first batch checks the hooks against autograd, so a parameter used outside its
     layer (tying through ``F.linear``) falls back instead of being silently missed.
     An embedding looked up without the batch dimension and broadcast over it (a
@@ -122,7 +122,7 @@ def estimate(
     the batch, which gives its per-row gradients, when that first batch shows the
     model output unchanged by the expansion; otherwise it falls back too.
 
-    Kinds (see :mod:`fisherflow.estimate.scores`): ``"exact"`` (closed-form output
+    Kinds (see :mod:`fisherflow.estimation.scores`): ``"exact"`` (closed-form output
     Fisher, the GGN; costs one backward pass per output column and position),
     ``"mc"`` (``mc_samples`` labels sampled from the model per observation, averaged),
     ``"empirical"`` (observed labels; per-row gradients squared — for a sequence the
@@ -138,7 +138,7 @@ def estimate(
     layers of different kinds keeps an exact diagonal. ``"ekfac"``: a second pass
     computes the eigenvalues in the K-FAC eigenbasis; it replays the first pass's
     layer inputs and output gradients (the same MC labels) when they fit in
-    :data:`~fisherflow.estimate.accumulate.REPLAY_BYTES`, and streams over ``data``
+    :data:`~fisherflow.estimation.accumulate.REPLAY_BYTES`, and streams over ``data``
     again otherwise (``data`` must be re-iterable). ``"lowrank"``: top-``rank``
     eigenpairs of a streaming sketch.
 
@@ -161,7 +161,7 @@ def estimate(
         forward: ``forward(model, inputs) -> output`` for models not called as
             ``model(inputs)`` / ``model(**inputs)``.
         shift_labels: Shift dict labels for causal LMs (``None``: automatic, see
-            :func:`fisherflow.estimate.data.split_batch`).
+            :func:`fisherflow.estimation.data.split_batch`).
         seed: Seed of the MC label sampler (same seed → same labels as
             :func:`fisherflow.reference_fisher`).
         distributed: If ``True`` and a process group is initialised, each rank

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor, nn
 
-from fisherflow.estimate.layers import (
+from fisherflow.estimation.layers import (
     ConvHandler,
     EmbeddingHandler,
     Handler,
@@ -218,7 +218,7 @@ class Capture:
         Drops the records; with ``notify`` the fallback notices are issued again
         (once each).
 
-        Call it directly from :func:`~fisherflow.estimate.estimate` (the notices point
+        Call it directly from :func:`~fisherflow.estimation.estimate` (the notices point
         at its caller).
         """
         self.hooked = set(self._hooked0)
@@ -238,7 +238,7 @@ class Capture:
             return
         self._notices.add(where)
         warnings.warn(
-            f"fisherflow.estimate: module {where!r} ({why}) is not captured by hooks; its "
+            f"fisherflow.estimation: module {where!r} ({why}) is not captured by hooks; its "
             "parameters use per-sample gradients (torch.func), which is slower",
             FallbackNotice,
             stacklevel=4,

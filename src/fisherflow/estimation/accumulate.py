@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fisherflow.estimate.layers import (
+from fisherflow.estimation.layers import (
     ConvHandler,
     LayerNormHandler,
     LinearHandler,

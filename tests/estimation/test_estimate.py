@@ -10,7 +10,7 @@ import torch
 from cases import CASES, make_case
 from torch import nn
 
-from fisherflow.estimate import FallbackNotice, estimate, reference_fisher
+from fisherflow.estimation import FallbackNotice, estimate, reference_fisher
 
 KINDS = ["exact", "mc", "empirical"]
 FAST = {"mlp", "cnn", "conv1d", "twice", "tied"}

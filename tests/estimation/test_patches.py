@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fisherflow.estimate.layers import unfold
+from fisherflow.estimation.layers import unfold
 
 
 @pytest.mark.parametrize(
