@@ -11,6 +11,7 @@ import torch
 MODULES = [
     "fisherflow.matrices.layout",
     "fisherflow.matrices.linalg",
+    "fisherflow.matrices.validate",
     "fisherflow.matrices.dense",
     "fisherflow.matrices.diagonal",
     "fisherflow.matrices.block",

@@ -1,11 +1,19 @@
-"""Structured Fisher matrices over a parameter layout, their linear algebra and files."""
+"""Structured Fisher matrices over a parameter layout, their linear algebra and files.
 
-from fisherflow.matrices.base import KINDS, FisherMatrix
+Layer 1 of fisherflow: imports only :mod:`fisherflow.distributed` (layer 0) besides
+torch, numpy, scipy and safetensors. Inside the package the imports go one way —
+``layout`` → ``validate`` → ``linalg`` → ``base`` → the structures (``dense``,
+``diagonal``, ``block``, ``kron``/``kron_base``, ``kfac``, ``ekfac``, ``lowrank``) —
+and ``io`` and ``distributed`` sit on ``base`` alone: each structure registers itself
+in :data:`STRUCTURES` when its module is imported.
+"""
+
+from fisherflow.matrices.base import KINDS, STRUCTURES, FisherMatrix
 from fisherflow.matrices.block import Block
 from fisherflow.matrices.dense import Dense
 from fisherflow.matrices.diagonal import Diagonal
 from fisherflow.matrices.ekfac import EKFAC
-from fisherflow.matrices.io import STRUCTURES, load, save
+from fisherflow.matrices.io import load, save
 from fisherflow.matrices.kfac import KFAC
 from fisherflow.matrices.kron import KronGroup
 from fisherflow.matrices.layout import ParamLayout, Vector

@@ -1,9 +1,14 @@
 """The abstract Fisher matrix: a structured PSD matrix over a parameter layout.
 
-A structure implements a small core (``_matmat``, ``_diagonal``, ``_eigvals``,
-``_power_matmat``, ``_power``, ``_add``, ``_scale``, ``_restrict``, ``_state``,
-``_from_state``); every public operation is derived here, with one name and one
-meaning across all structures.
+A structure implements a small abstract core of **3 members** — ``_matmat``
+(``F @ V``), ``_state`` and ``_from_state`` (its tensors, for files, ``to`` and
+``all_reduce``) — and sets the class attribute ``structure``, which registers it in
+:data:`STRUCTURES`. Everything else has a correct default here, derived from the
+core through the dense matrix (O(P²) memory, O(P³) time: fine for small layouts);
+a structure overrides the defaults it can do better (``_diagonal``, ``_eigvals``,
+``_power_matmat``, ``_pinv_matmat``, ``_rank``, ``_power``, ``_add``, ``_scale``,
+``_restrict``, ``dtype``, ``device``, ``groups``). Every public operation is
+derived here, with one name and one meaning across all structures.
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ from __future__ import annotations
 import abc
 import math
 import numbers
-from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -19,15 +23,26 @@ import torch
 from torch import Tensor
 
 from fisherflow.matrices.layout import ParamLayout, Vector
-from fisherflow.matrices.linalg import all_finite, check_damping, check_power
+from fisherflow.matrices.linalg import default_rcond, eigh, spectral_pinv, spectral_power
+from fisherflow.matrices.validate import check_columns, check_damping, check_power, check_rcond
 
-__all__ = ["KINDS", "FisherMatrix"]
+__all__ = ["KINDS", "STRUCTURES", "FisherMatrix"]
 
 #: Kinds of Fisher estimate (see DESIGN.md): always named, never implied. ``None``
 #: marks information that did not come from a model and data (a prior, a test matrix).
 KINDS = ("exact", "mc", "empirical")
 
 Self = TypeVar("Self", bound="FisherMatrix")
+
+#: Structure name -> :class:`FisherMatrix` subclass: the one place a structure string
+#: is resolved (files, ``all_reduce``, ``fisherflow.estimation``). A subclass that sets
+#: ``structure`` registers itself on definition; all six built-in structures
+#: (``"dense"``, ``"diagonal"``, ``"block"``, ``"kfac"``, ``"ekfac"``, ``"lowrank"``) are
+#: registered once :mod:`fisherflow.matrices` is imported.
+STRUCTURES: dict[str, type[FisherMatrix]] = {}
+
+#: Columns per product when a default builds the dense matrix or its diagonal.
+_CHUNK = 256
 
 
 class FisherMatrix(abc.ABC):
@@ -48,10 +63,30 @@ class FisherMatrix(abc.ABC):
     Raises:
         TypeError: If ``layout`` is not a :class:`ParamLayout`.
         ValueError: If ``num_samples`` is negative or not finite, or ``kind`` is unknown.
+
+    A new structure implements 3 abstract members (``_matmat``, ``_state``,
+    ``_from_state``) and names itself with ``structure = "..."``; subclassing with
+    ``register=False`` keeps it out of :data:`STRUCTURES` (e.g. in tests).
     """
 
     #: The structure name used in files and by ``fisherflow.estimation``.
     structure: ClassVar[str]
+
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("structure")
+        if name is None or not register:
+            return
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{cls.__name__}.structure must be a non-empty string, got {name!r}")
+        known = STRUCTURES.get(name)
+        if known is not None and known.__qualname__ != cls.__qualname__:
+            raise ValueError(
+                f"structure {name!r} is already registered by {known.__qualname__}; "
+                f"registered: {sorted(STRUCTURES)}"
+            )
+        STRUCTURES[name] = cls
+
     layout: ParamLayout
     num_samples: float
     kind: str | None
@@ -80,48 +115,10 @@ class FisherMatrix(abc.ABC):
         self.kind = kind
         self.likelihood = likelihood
 
-    # ----------------------------------------------------------------- core
-    @property
-    @abc.abstractmethod
-    def dtype(self) -> torch.dtype:
-        """Floating dtype of the stored statistics."""
-
-    @property
-    @abc.abstractmethod
-    def device(self) -> torch.device:
-        """Device of the stored statistics."""
-
+    # ------------------------------------------------- abstract core (3 members)
     @abc.abstractmethod
     def _matmat(self, v: Tensor) -> Tensor:
         """``F @ v`` for a flat ``(P, k)`` matrix ``v``."""
-
-    @abc.abstractmethod
-    def _diagonal(self) -> Tensor:
-        """The ``(P,)`` diagonal of F."""
-
-    @abc.abstractmethod
-    def _eigvals(self) -> Tensor:
-        """All P eigenvalues of F, any order."""
-
-    @abc.abstractmethod
-    def _power_matmat(self, v: Tensor, p: float, damping: float) -> Tensor:
-        """``(F + damping I)^p @ v`` for a flat ``(P, k)`` matrix ``v``."""
-
-    @abc.abstractmethod
-    def _power(self, p: float, damping: float) -> FisherMatrix:
-        """``(F + damping I)^p`` as a Fisher structure."""
-
-    @abc.abstractmethod
-    def _add(self, other: FisherMatrix) -> FisherMatrix:
-        """Sum with a matrix of the same structure and layout (metadata already merged)."""
-
-    @abc.abstractmethod
-    def _scale(self, factor: float) -> FisherMatrix:
-        """``factor * F`` with ``num_samples`` scaled too."""
-
-    @abc.abstractmethod
-    def _restrict(self, names: list[str]) -> FisherMatrix:
-        """The diagonal block of F over the parameters ``names``."""
 
     @abc.abstractmethod
     def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -133,6 +130,102 @@ class FisherMatrix(abc.ABC):
         cls, layout: ParamLayout, tensors: dict[str, Tensor], extra: dict[str, Any], **meta: Any
     ) -> FisherMatrix:
         """Rebuild a matrix from :meth:`_state` output (validating shapes)."""
+
+    # ------------------------------------------------ defaults (override to be fast)
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the stored statistics (default: of the first state tensor)."""
+        return next(iter(self._state()[0].values())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the stored statistics (default: of the first state tensor)."""
+        return next(iter(self._state()[0].values())).device
+
+    def _identity_columns(self, start: int, stop: int) -> Tensor:
+        cols = torch.zeros(self.size, stop - start, dtype=self.dtype, device=self.device)
+        cols[start:stop] = torch.eye(stop - start, dtype=self.dtype, device=self.device)
+        return cols
+
+    def _diagonal(self) -> Tensor:
+        """The ``(P,)`` diagonal of F (default: ``_matmat`` on identity columns, chunked)."""
+        parts = []
+        for start in range(0, self.size, _CHUNK):
+            stop = min(start + _CHUNK, self.size)
+            block = self._matmat(self._identity_columns(start, stop))
+            parts.append(block[start:stop].diagonal())
+        if not parts:
+            return torch.zeros(0, dtype=self.dtype, device=self.device)
+        return torch.cat(parts)
+
+    def _dense_eigh(self) -> tuple[Tensor, Tensor]:
+        """Cached eigendecomposition of the dense matrix (the defaults' fallback)."""
+        cached = self.__dict__.get("_dense_eig")
+        if cached is None:
+            cached = eigh(self.to_dense())
+            self.__dict__["_dense_eig"] = cached
+        return cached
+
+    def _eigvals(self) -> Tensor:
+        """All P eigenvalues of F, any order (default: ``eigh`` of the dense matrix)."""
+        return self._dense_eigh()[0]
+
+    def _power_matmat(self, v: Tensor, p: float, damping: float) -> Tensor:
+        """``(F + damping I)^p @ v`` for a flat ``(P, k)`` ``v`` (default: dense ``eigh``)."""
+        vals, vecs = self._dense_eigh()
+        return vecs @ (spectral_power(vals, p, damping)[:, None] * (vecs.T @ v))
+
+    def _pinv_matmat(self, v: Tensor, damping: float, rcond: float | None) -> Tensor:
+        """``(F + damping I)⁺ @ v`` with a relative cut-off (default: dense ``eigh``)."""
+        vals, vecs = self._dense_eigh()
+        return vecs @ (spectral_pinv(vals, damping, rcond)[:, None] * (vecs.T @ v))
+
+    def _rank(self, rcond: float | None) -> int:
+        """Numerical rank (default: eigenvalues above ``rcond`` times the largest)."""
+        vals = self._eigvals().clamp_min(0)
+        top = float(vals.max()) if vals.numel() else 0.0
+        if top <= 0:
+            return 0
+        return int((vals > default_rcond(rcond, self.size, self.dtype) * top).sum())
+
+    def _power(self, p: float, damping: float) -> FisherMatrix:
+        """``(F + damping I)^p`` as a Fisher structure (default: a dense matrix)."""
+        vals, vecs = self._dense_eigh()
+        mat = (vecs * spectral_power(vals, p, damping)) @ vecs.T
+        dense = {"matrix": 0.5 * (mat + mat.T)}
+        return STRUCTURES["dense"]._from_state(self.layout, dense, {}, **self.meta)
+
+    def _add(self, other: FisherMatrix) -> FisherMatrix:
+        """Sum with a matrix of the same structure and layout (metadata already merged).
+
+        Default: add the state tensors, which is exact for structures whose stored
+        tensors are linear in F (dense, diagonal, block).
+        """
+        mine, extra = self._state()
+        theirs, other_extra = other._state()
+        if other_extra != extra or set(theirs) != set(mine):
+            raise ValueError(
+                f"cannot add {self.structure!r} Fishers of different shapes: "
+                f"{extra} vs {other_extra}"
+            )
+        summed = {k: mine[k] + theirs[k] for k in mine}
+        return type(self)._from_state(self.layout, summed, extra, **self.meta)
+
+    def _scale(self, factor: float) -> FisherMatrix:
+        """``factor * F`` with ``num_samples`` scaled too (default: scale the state tensors)."""
+        tensors, extra = self._state()
+        meta = {**self.meta, "num_samples": self.num_samples * factor}
+        scaled = {k: t * factor for k, t in tensors.items()}
+        return type(self)._from_state(self.layout, scaled, extra, **meta)
+
+    def _restrict(self, names: list[str]) -> FisherMatrix:
+        """The diagonal block of F over ``names`` (default: a dense sub-matrix)."""
+        idx = self.layout.indices(names).to(self.device)
+        cols = torch.zeros(self.size, idx.numel(), dtype=self.dtype, device=self.device)
+        cols[idx, torch.arange(idx.numel(), device=self.device)] = 1.0
+        sub = self._matmat(cols)[idx]
+        dense = {"matrix": 0.5 * (sub + sub.T)}
+        return STRUCTURES["dense"]._from_state(self.layout.subset(names), dense, {}, **self.meta)
 
     def groups(self) -> dict[str, list[str]]:
         """Named groups of parameters the structure models jointly (e.g. a layer)."""
@@ -159,21 +252,7 @@ class FisherMatrix(abc.ABC):
     # --------------------------------------------------------------- vectors
     def _as_columns(self, v: Vector, name: str = "v") -> tuple[Tensor, bool, bool]:
         """Flatten ``v`` to ``(P, k)`` in the matrix dtype; remember its form."""
-        as_dict = isinstance(v, Mapping)
-        if as_dict:
-            flat = self.layout.flatten(v)  # type: ignore[arg-type]
-        elif isinstance(v, Tensor):
-            flat = v
-        else:
-            raise TypeError(f"{name} must be a Tensor or a dict of tensors, got {type(v).__name__}")
-        if flat.dim() not in (1, 2) or flat.shape[0] != self.size:
-            raise ValueError(
-                f"{name} must have length P={self.size} (flat (P,) or (P, k)), "
-                f"got shape {tuple(flat.shape)}"
-            )
-        if not all_finite(flat):
-            raise ValueError(f"{name} contains NaN or Inf")
-        vector = flat.dim() == 1
+        flat, vector, as_dict = check_columns(v, self.layout, name)
         cols = flat.reshape(self.size, -1).to(dtype=self.dtype, device=self.device)
         return cols, vector, as_dict
 
@@ -205,6 +284,47 @@ class FisherMatrix(abc.ABC):
         lam = check_damping(damping)
         cols, vector, as_dict = self._as_columns(v)
         return self._as_form(self._power_matmat(cols, -1.0, lam), vector, as_dict)
+
+    def pinv_solve(self, v: Vector, damping: float = 0.0, rcond: float | None = None) -> Vector:
+        """``(F + damping I)⁺ v``: a solve that tolerates a singular F.
+
+        Eigenvalues of ``F + damping I`` at or below ``rcond`` times the largest count
+        as zero (``rcond=None``: ``P · eps(dtype)``, numpy's and torch's tolerance), and
+        directions along them get no component. Dense and block structures apply the
+        cut-off to the Jacobi-scaled matrix ``S (F + λI) S`` (``S = diag(F + λI)^{-1/2}``,
+        per block for block), which is accurate for parameters on very different
+        scales and equals the Moore-Penrose pseudo-inverse when ``F + λI`` is
+        nonsingular or has a constant diagonal; every other structure applies the
+        Moore-Penrose pseudo-inverse in its own eigenbasis.
+
+        Args:
+            v: A flat ``(P,)`` / ``(P, k)`` tensor or a dict ``name -> tensor``.
+            damping: λ >= 0 added to the diagonal before the pseudo-inverse.
+            rcond: Relative eigenvalue cut-off in ``[0, 1)``, or ``None``.
+
+        Returns:
+            ``(F + damping I)⁺ v`` in the same form as ``v``.
+
+        Raises:
+            ValueError: If ``v`` has the wrong length or NaN/Inf, or ``damping`` /
+                ``rcond`` is out of range.
+            TypeError: If ``v``, ``damping`` or ``rcond`` has the wrong type.
+        """
+        lam, cut = check_damping(damping), check_rcond(rcond)
+        cols, vector, as_dict = self._as_columns(v)
+        return self._as_form(self._pinv_matmat(cols, lam, cut), vector, as_dict)
+
+    def rank(self, rcond: float | None = None) -> int:
+        """Numerical rank: eigenvalues above ``rcond`` times the largest.
+
+        ``rcond=None`` means ``P · eps(dtype)``. Dense and block count the eigenvalues
+        of the Jacobi-scaled matrix (per block), consistent with :meth:`pinv_solve`.
+
+        Raises:
+            ValueError: If ``rcond`` is outside ``[0, 1)``.
+            TypeError: If ``rcond`` is neither ``None`` nor a real number.
+        """
+        return self._rank(check_rcond(rcond))
 
     def power(self, p: float, damping: float = 0.0) -> FisherMatrix:
         """``(F + damping I)^p`` for any real ``p`` (e.g. -1, -1/2, -1/4), as a structure.
@@ -377,7 +497,7 @@ class FisherMatrix(abc.ABC):
     # -------------------------------------------------------------- files
     def save(self, path: str) -> None:
         """Write F to a safetensors file with JSON metadata, atomically."""
-        from fisherflow.matrices.io import save
+        from fisherflow.matrices.io import save  # io imports this module: load on use
 
         save(self, path)
 
@@ -388,6 +508,6 @@ class FisherMatrix(abc.ABC):
         same result, equal to adding the per-rank matrices in rank order with ``+``
         (exact for dense, diagonal and block; see each structure for the rest).
         """
-        from fisherflow.matrices.distributed import all_reduce
+        from fisherflow.matrices.distributed import all_reduce  # imports this module
 
         return all_reduce(self, group)

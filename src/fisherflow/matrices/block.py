@@ -10,36 +10,28 @@ from torch import Tensor
 from typing_extensions import override
 
 from fisherflow.matrices.base import FisherMatrix
-from fisherflow.matrices.dense import check_matrix
+from fisherflow.matrices.dense import scaled_rank
 from fisherflow.matrices.layout import ParamLayout
-from fisherflow.matrices.linalg import eigh, equilibrated_solve, spectral_power
+from fisherflow.matrices.linalg import (
+    default_rcond,
+    eigh,
+    equilibrated_eigh,
+    equilibrated_pinv_solve,
+    equilibrated_solve,
+    spectral_power,
+)
+from fisherflow.matrices.validate import check_matrix, check_partition
 
-__all__ = ["Block", "check_partition"]
-
-
-def check_partition(layout: ParamLayout, groups: Mapping[str, Sequence[str]]) -> None:
-    """Check that ``groups`` partitions some of the layout's names (each at most once).
-
-    Raises:
-        ValueError: If a name is unknown or appears in two groups.
-    """
-    seen: dict[str, str] = {}
-    for group, names in groups.items():
-        if not names:
-            raise ValueError(f"group {group!r} is empty")
-        for n in names:
-            if n not in layout:
-                raise ValueError(f"group {group!r} names {n!r}, which is not in the layout")
-            if n in seen:
-                raise ValueError(f"parameter {n!r} is in both group {seen[n]!r} and {group!r}")
-            seen[n] = group
+__all__ = ["Block"]
 
 
 class Block(FisherMatrix):
     """Block-diagonal Fisher: one dense matrix per parameter group, zero across groups.
 
     Costs: ``mv`` Σ Pₗ²; ``solve``/``power``/``logdet``/``sample`` one ``eigh`` per block
-    (Σ Pₗ³, cached); memory Σ Pₗ²; exact ``+``.
+    (Σ Pₗ³, cached); ``pinv_solve``/``rank`` one ``eigh`` of each Jacobi-scaled block
+    (the cut-off relative to each block's own spectrum and size; cached without
+    damping); memory Σ Pₗ²; exact ``+``.
 
     Args:
         blocks: ``{group: (Pₗ, Pₗ) matrix}``; every parameter of ``layout`` in exactly
@@ -87,6 +79,7 @@ class Block(FisherMatrix):
             g: layout.indices(names).to(self._device) for g, names in self._groups.items()
         }
         self._eig: dict[str, tuple[Tensor, Tensor]] = {}
+        self._scaled: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
 
     @override
     def groups(self) -> dict[str, list[str]]:
@@ -107,6 +100,25 @@ class Block(FisherMatrix):
         if group not in self._eig:
             self._eig[group] = eigh(self.blocks[group])
         return self._eig[group]
+
+    def scaled_eigh(self, group: str, damping: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+        """``(s, λ, Q)`` of one Jacobi-scaled block (cached at damping 0)."""
+        if damping != 0.0:
+            return equilibrated_eigh(self.blocks[group], damping)
+        if group not in self._scaled:
+            self._scaled[group] = equilibrated_eigh(self.blocks[group], 0.0)
+        return self._scaled[group]
+
+    @override
+    def _pinv_matmat(self, v: Tensor, damping: float, rcond: float | None) -> Tensor:
+        return self._map(
+            v, lambda g, x: equilibrated_pinv_solve(self.scaled_eigh(g, damping), x, rcond)
+        )
+
+    @override
+    def _rank(self, rcond: float | None) -> int:
+        cut = default_rcond(rcond, self.size, self.dtype)
+        return sum(scaled_rank(self.scaled_eigh(g), cut) for g in self._groups)
 
     def _map(self, v: Tensor, fn: Any) -> Tensor:
         out = torch.empty_like(v)
@@ -154,20 +166,6 @@ class Block(FisherMatrix):
         for g, idx in self._index.items():
             out[idx[:, None], idx[None, :]] = self.blocks[g]
         return out
-
-    def _add(self, other: FisherMatrix) -> Block:
-        assert isinstance(other, Block)
-        if other._groups != self._groups:
-            raise ValueError(
-                f"cannot add block Fishers with different groups: {self._groups} vs {other._groups}"
-            )
-        blocks = {g: self.blocks[g] + other.blocks[g] for g in self._groups}
-        return Block(blocks, self._groups, self.layout, **self.meta)
-
-    def _scale(self, factor: float) -> Block:
-        meta = {**self.meta, "num_samples": self.num_samples * factor}
-        blocks = {g: b * factor for g, b in self.blocks.items()}
-        return Block(blocks, self._groups, self.layout, **meta)
 
     def _restrict(self, names: list[str]) -> Block:
         wanted = set(names)

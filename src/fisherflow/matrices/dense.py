@@ -10,25 +10,29 @@ from typing_extensions import override
 
 from fisherflow.matrices.base import FisherMatrix
 from fisherflow.matrices.layout import ParamLayout
-from fisherflow.matrices.linalg import all_finite, eigh, equilibrated_solve, spectral_power
+from fisherflow.matrices.linalg import (
+    default_rcond,
+    eigh,
+    equilibrated_eigh,
+    equilibrated_pinv_solve,
+    equilibrated_solve,
+    spectral_power,
+)
+from fisherflow.matrices.validate import check_matrix
 
-__all__ = ["Dense", "check_matrix"]
+__all__ = ["Dense", "scaled_rank"]
 
 
-def check_matrix(matrix: Tensor, size: int, name: str) -> Tensor:
-    """Validate a square symmetric-shaped finite floating matrix of side ``size``.
+def scaled_rank(decomposition: tuple[Tensor, Tensor, Tensor], rcond: float) -> int:
+    """Rank from :func:`~fisherflow.matrices.linalg.equilibrated_eigh`: the scaled spectrum.
 
-    Raises:
-        TypeError: If ``matrix`` is not a floating tensor.
-        ValueError: If its shape is not ``(size, size)`` or it has NaN/Inf entries.
+    Example:
+        >>> scaled_rank(equilibrated_eigh(torch.tensor([[4.0, 0.0], [0.0, 0.0]]), 0.0), 1e-6)
+        1
     """
-    if not isinstance(matrix, Tensor) or not matrix.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point Tensor, got {type(matrix).__name__}")
-    if tuple(matrix.shape) != (size, size):
-        raise ValueError(f"{name} must have shape ({size}, {size}), got {tuple(matrix.shape)}")
-    if not all_finite(matrix):
-        raise ValueError(f"{name} contains NaN or Inf")
-    return matrix
+    vals = decomposition[1].clamp_min(0)
+    top = float(vals.max()) if vals.numel() else 0.0
+    return int((vals > rcond * top).sum()) if top > 0 else 0
 
 
 class Dense(FisherMatrix):
@@ -36,7 +40,8 @@ class Dense(FisherMatrix):
 
     Costs: ``mv`` O(P²); ``solve``/``inverse`` an equilibrated Cholesky (O(P³), accurate
     for badly scaled parameters); ``power``/``logdet``/``eigvalsh``/``sample`` one
-    ``eigh`` of P×P (O(P³), cached) then O(P²) per vector; memory P².
+    ``eigh`` of P×P (O(P³), cached) then O(P²) per vector; ``pinv_solve``/``rank`` one
+    ``eigh`` of the Jacobi-scaled matrix (cached without damping); memory P².
 
     Args:
         matrix: The ``(P, P)`` symmetric PSD matrix (summed information).
@@ -56,6 +61,7 @@ class Dense(FisherMatrix):
         super().__init__(layout, **meta)
         self.matrix = check_matrix(matrix, layout.size, "matrix")
         self._eig: tuple[Tensor, Tensor] | None = None
+        self._scaled: tuple[Tensor, Tensor, Tensor] | None = None
 
     @classmethod
     def from_fisher(cls, fisher: FisherMatrix) -> Dense:
@@ -78,8 +84,24 @@ class Dense(FisherMatrix):
             self._eig = eigh(self.matrix)
         return self._eig
 
+    def scaled_eigh(self, damping: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+        """``(s, λ, Q)`` of the Jacobi-scaled ``S (F + damping I) S`` (cached at damping 0)."""
+        if damping != 0.0:
+            return equilibrated_eigh(self.matrix, damping)
+        if self._scaled is None:
+            self._scaled = equilibrated_eigh(self.matrix, 0.0)
+        return self._scaled
+
     def _matmat(self, v: Tensor) -> Tensor:
         return self.matrix @ v
+
+    @override
+    def _pinv_matmat(self, v: Tensor, damping: float, rcond: float | None) -> Tensor:
+        return equilibrated_pinv_solve(self.scaled_eigh(damping), v, rcond)
+
+    @override
+    def _rank(self, rcond: float | None) -> int:
+        return scaled_rank(self.scaled_eigh(), default_rcond(rcond, self.size, self.dtype))
 
     def _diagonal(self) -> Tensor:
         return self.matrix.diagonal().clone()
@@ -105,14 +127,6 @@ class Dense(FisherMatrix):
     @override
     def to_dense(self) -> Tensor:
         return self.matrix.clone()
-
-    def _add(self, other: FisherMatrix) -> Dense:
-        assert isinstance(other, Dense)
-        return Dense(self.matrix + other.matrix, self.layout, **self.meta)
-
-    def _scale(self, factor: float) -> Dense:
-        meta = {**self.meta, "num_samples": self.num_samples * factor}
-        return Dense(self.matrix * factor, self.layout, **meta)
 
     def _restrict(self, names: list[str]) -> Dense:
         idx = self.layout.indices(names).to(self.device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -11,31 +10,10 @@ from typing_extensions import override
 
 from fisherflow.matrices.base import FisherMatrix
 from fisherflow.matrices.layout import ParamLayout
-from fisherflow.matrices.linalg import spectral_power
+from fisherflow.matrices.linalg import spectral_pinv, spectral_power
+from fisherflow.matrices.validate import check_vector
 
-__all__ = ["Diagonal", "check_vector"]
-
-
-def check_vector(values: Tensor, size: int, name: str, nonnegative: bool = True) -> Tensor:
-    """Validate a finite floating ``(size,)`` tensor, optionally entrywise >= 0.
-
-    Raises:
-        TypeError: If ``values`` is not a floating tensor.
-        ValueError: If the shape is wrong, an entry is NaN/Inf, or (when required) negative.
-    """
-    if not isinstance(values, Tensor) or not values.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point Tensor, got {type(values).__name__}")
-    if tuple(values.shape) != (size,):
-        raise ValueError(f"{name} must have shape ({size},), got {tuple(values.shape)}")
-    if values.numel() == 0:
-        return values
-    # one reduction and one sync: NaN propagates to both ends, ±Inf shows at one end
-    lo, hi = torch.stack(torch.aminmax(values)).tolist()
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"{name} contains NaN or Inf")
-    if nonnegative and lo < 0:
-        raise ValueError(f"{name} must be >= 0 (information is PSD), min is {lo}")
-    return values
+__all__ = ["Diagonal"]
 
 
 class Diagonal(FisherMatrix):
@@ -82,20 +60,16 @@ class Diagonal(FisherMatrix):
     def _power_matmat(self, v: Tensor, p: float, damping: float) -> Tensor:
         return spectral_power(self.values, p, damping)[:, None] * v
 
+    @override
+    def _pinv_matmat(self, v: Tensor, damping: float, rcond: float | None) -> Tensor:
+        return spectral_pinv(self.values, damping, rcond)[:, None] * v
+
     def _power(self, p: float, damping: float) -> Diagonal:
         return Diagonal(spectral_power(self.values, p, damping), self.layout, **self.meta)
 
     @override
     def to_dense(self) -> Tensor:
         return torch.diag(self.values)
-
-    def _add(self, other: FisherMatrix) -> Diagonal:
-        assert isinstance(other, Diagonal)
-        return Diagonal(self.values + other.values, self.layout, **self.meta)
-
-    def _scale(self, factor: float) -> Diagonal:
-        meta = {**self.meta, "num_samples": self.num_samples * factor}
-        return Diagonal(self.values * factor, self.layout, **meta)
 
     def _restrict(self, names: list[str]) -> Diagonal:
         idx = self.layout.indices(names).to(self.device)

@@ -20,7 +20,8 @@ from fisherflow.matrices.dense import Dense
 from fisherflow.matrices.kron import KronGroup, left, right
 from fisherflow.matrices.kron_base import KronStructure
 from fisherflow.matrices.layout import ParamLayout
-from fisherflow.matrices.linalg import all_finite, spectral_power
+from fisherflow.matrices.linalg import spectral_power
+from fisherflow.matrices.validate import all_finite
 
 __all__ = ["EKFAC"]
 
@@ -40,9 +41,13 @@ class EKFAC(KronStructure):
     diagonal factor) and ``S`` is an ``(n_out, n_in + has_bias)`` array of
     eigenvalues ``>= 0``.
 
-    **Addition** is exact when both matrices share the basis; otherwise the second is
-    projected onto the first's basis (its diagonal there, the EKFAC correction in a
-    fixed basis), which is exact for the part of it the basis can represent.
+    **Addition** is exact when both matrices share the basis (``Q_A``, ``Q_G`` equal:
+    the eigenvalues add); otherwise the second is projected onto the first's basis
+    (its diagonal there, the EKFAC correction in a fixed basis), which is exact for
+    the part of it the basis can represent.
+
+    ``pinv_solve`` and ``rank`` are exact: the eigenvalues ``S`` and ``rest`` are the
+    whole spectrum, so the pseudo-inverse is elementwise in the basis.
 
     Costs: ``mv`` and every ``power`` O(n_out² n_cols + n_out n_cols²) per layer (two
     basis changes); ``power``/``inverse`` are elementwise on ``S`` and stay EKFAC; memory
@@ -116,6 +121,9 @@ class EKFAC(KronStructure):
 
     def _group_power_matmat(self, g: str, x: Tensor, p: float, damping: float) -> Tensor:
         return self._rotate_out(g, spectral_power(self.S[g], p, damping) * self._rotate_in(g, x))
+
+    def _group_spectral_matmat(self, g: str, x: Tensor, fn: Any) -> Tensor:
+        return self._rotate_out(g, fn(self.S[g]) * self._rotate_in(g, x))
 
     def _group_diagonal(self, g: str) -> Tensor:
         n_out, n_cols = self.dims[g]

@@ -1,7 +1,9 @@
 """Fisher files: safetensors tensors plus JSON metadata, written atomically.
 
 Nothing is ever unpickled: a file holds raw tensors (safetensors) and a JSON
-string under the metadata key ``"fisherflow"``.
+string under the metadata key ``"fisherflow"``. The structure named in the file is
+resolved through :data:`fisherflow.matrices.STRUCTURES`, where every structure
+registers itself, so this module depends on the base class only.
 """
 
 from __future__ import annotations
@@ -15,24 +17,13 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from fisherflow.matrices.base import FisherMatrix
-from fisherflow.matrices.block import Block
-from fisherflow.matrices.dense import Dense
-from fisherflow.matrices.diagonal import Diagonal
-from fisherflow.matrices.ekfac import EKFAC
-from fisherflow.matrices.kfac import KFAC
+from fisherflow.matrices.base import STRUCTURES, FisherMatrix
 from fisherflow.matrices.layout import ParamLayout
-from fisherflow.matrices.lowrank import LowRank
 
-__all__ = ["FORMAT_VERSION", "STRUCTURES", "load", "save"]
+__all__ = ["FORMAT_VERSION", "load", "save"]
 
 #: Version of the on-disk format (bumped on incompatible changes).
 FORMAT_VERSION = 1
-
-#: Structure name -> class; the one place a structure string is resolved.
-STRUCTURES: dict[str, type[FisherMatrix]] = {
-    cls.structure: cls for cls in (Dense, Diagonal, Block, KFAC, EKFAC, LowRank)
-}
 
 
 def save(fisher: FisherMatrix, path: str | os.PathLike[str]) -> None:

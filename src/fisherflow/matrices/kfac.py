@@ -14,10 +14,10 @@ from torch import Tensor
 from typing_extensions import override
 
 from fisherflow.matrices.base import FisherMatrix
-from fisherflow.matrices.kron import KronGroup, check_factor, factor_diag, factor_eigh, left, right
+from fisherflow.matrices.kron import KronGroup, factor_diag, factor_eigh, left, right
 from fisherflow.matrices.kron_base import KronStructure
 from fisherflow.matrices.layout import ParamLayout
-from fisherflow.matrices.linalg import all_finite
+from fisherflow.matrices.validate import all_finite, check_factor
 
 __all__ = ["KFAC"]
 
@@ -38,7 +38,8 @@ class KFAC(KronStructure):
     /``eigvalsh``/``sample`` one ``eigh`` of each factor (cached), never a P×P matrix;
     ``power`` and ``inverse`` return an :class:`~fisherflow.matrices.EKFAC` in the
     factors' eigenbasis because ``(G ⊗ A + λI)^p`` is not a Kronecker product when
-    ``λ > 0``.
+    ``λ > 0``. ``pinv_solve`` and ``rank`` are exact, in the same eigenbasis (the
+    eigenvalues of ``G ⊗ A`` are the products of the factors' eigenvalues).
 
     Args:
         groups: ``{layer name: KronGroup}``.
@@ -118,6 +119,9 @@ class KFAC(KronStructure):
 
     def _group_power_matmat(self, g: str, x: Tensor, p: float, damping: float) -> Tensor:
         return self.eigenbasis()._group_power_matmat(g, x, p, damping)
+
+    def _group_spectral_matmat(self, g: str, x: Tensor, fn: Any) -> Tensor:
+        return self.eigenbasis()._group_spectral_matmat(g, x, fn)
 
     def _power(self, p: float, damping: float) -> FisherMatrix:
         return self.eigenbasis()._power(p, damping)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fisherflow.matrices.layout import ParamLayout
-from fisherflow.matrices.linalg import all_finite, eigh
+from fisherflow.matrices.linalg import eigh
 
 __all__ = ["KronGroup", "factor_diag", "factor_eigh", "left", "right"]
 
@@ -135,25 +135,3 @@ def factor_eigh(factor: Tensor) -> tuple[Tensor, Tensor | None]:
     if factor.dim() == 1:
         return factor, None
     return eigh(factor)
-
-
-def check_factor(factor: Tensor, size: int, name: str, finite: bool = True) -> Tensor:
-    """Validate a Kronecker factor: finite, floating, ``(size, size)`` or diagonal ``(size,)``.
-
-    With ``finite=False`` only the type and shape (the caller checks finiteness, e.g.
-    of several factors at once with :func:`~fisherflow.matrices.linalg.all_finite`).
-
-    Raises:
-        TypeError: If not a floating tensor.
-        ValueError: If the shape is wrong or it has NaN/Inf entries.
-    """
-    if not isinstance(factor, Tensor) or not factor.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point Tensor, got {type(factor).__name__}")
-    if tuple(factor.shape) not in ((size, size), (size,)):
-        raise ValueError(
-            f"{name} must have shape ({size}, {size}) or ({size},) for a diagonal factor, "
-            f"got {tuple(factor.shape)}"
-        )
-    if finite and not all_finite(factor):
-        raise ValueError(f"{name} contains NaN or Inf")
-    return factor

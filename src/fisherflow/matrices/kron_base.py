@@ -16,11 +16,11 @@ from torch import Tensor
 from typing_extensions import override
 
 from fisherflow.matrices.base import FisherMatrix
-from fisherflow.matrices.block import check_partition
-from fisherflow.matrices.diagonal import Diagonal, check_vector
+from fisherflow.matrices.diagonal import Diagonal
 from fisherflow.matrices.kron import KronGroup
 from fisherflow.matrices.layout import ParamLayout
-from fisherflow.matrices.linalg import spectral_power
+from fisherflow.matrices.linalg import default_rcond, spectral_pinv, spectral_power
+from fisherflow.matrices.validate import check_partition, check_vector
 
 __all__ = ["KronStructure"]
 
@@ -86,6 +86,10 @@ class KronStructure(FisherMatrix):
     def _group_power_matmat(self, g: str, x: Tensor, p: float, damping: float) -> Tensor:
         """Apply ``(block + damping I)^p`` to ``(k, n_out, n_cols)`` views."""
 
+    @abc.abstractmethod
+    def _group_spectral_matmat(self, g: str, x: Tensor, fn: Any) -> Tensor:
+        """Apply ``Q fn(S) Qᵀ`` (``fn`` of the block's ``(n_out, n_cols)`` eigenvalues)."""
+
     # derived ----------------------------------------------------------------------
     @override
     def groups(self) -> dict[str, list[str]]:
@@ -118,6 +122,21 @@ class KronStructure(FisherMatrix):
             v,
             lambda g, x: self._group_power_matmat(g, x, p, damping),
             lambda x: rest_pow[:, None] * x,
+        )
+
+    def _pinv_matmat(self, v: Tensor, damping: float, rcond: float | None) -> Tensor:
+        # one cut-off for the whole matrix: relative to its largest damped eigenvalue
+        top = self._eigvals().clamp_min(0).max() + damping if self.size else None
+        cut = default_rcond(rcond, self.size, self.dtype)
+
+        def pinv(vals: Tensor) -> Tensor:
+            return spectral_pinv(vals, damping, cut, top)
+
+        rest_pinv = pinv(self.rest)
+        return self._map(
+            v,
+            lambda g, x: self._group_spectral_matmat(g, x, pinv),
+            lambda x: rest_pinv[:, None] * x,
         )
 
     def _diagonal(self) -> Tensor:

@@ -2,73 +2,22 @@
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 from torch import Tensor
 
+from fisherflow.matrices.validate import all_finite
+
 __all__ = [
     "CPU_EIGH_MAX",
-    "all_finite",
-    "check_damping",
-    "check_power",
+    "default_rcond",
     "eigh",
+    "equilibrated_eigh",
+    "equilibrated_pinv_solve",
     "equilibrated_solve",
     "gram_eigh",
+    "spectral_pinv",
     "spectral_power",
 ]
-
-
-def all_finite(*tensors: Tensor) -> bool:
-    """Whether every entry of every tensor is finite, cheaply in the common case.
-
-    A finite sum proves every entry finite (NaN and ±Inf propagate through a sum), so
-    the elementwise scan runs only when a sum is not finite (a non-finite entry, or
-    an overflow of large finite entries). One reduction per tensor and one host
-    synchronisation for all of them, which matters for large Kronecker factors
-    validated on every build and on GPUs, where each synchronisation stalls.
-
-    Example:
-        >>> all_finite(torch.tensor([1.0, 2.0])), all_finite(torch.tensor([1.0, float("nan")]))
-        (True, False)
-    """
-    sums = [t.sum().float() for t in tensors if t.numel()]
-    if not sums or bool(torch.isfinite(torch.stack(sums)).all()):
-        return True
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def check_damping(damping: object, name: str = "damping") -> float:
-    """Validate a damping value: a finite real number >= 0.
-
-    Raises:
-        TypeError: If ``damping`` is not a real number.
-        ValueError: If it is negative, NaN or infinite.
-    """
-    if isinstance(damping, Tensor) and damping.numel() == 1:
-        damping = damping.item()
-    if isinstance(damping, bool) or not isinstance(damping, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(damping).__name__}")
-    value = float(damping)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    return value
-
-
-def check_power(p: object) -> float:
-    """Validate an exponent: a finite real number.
-
-    Raises:
-        TypeError: If ``p`` is not a real number.
-        ValueError: If it is NaN or infinite.
-    """
-    if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"p must be a real number, got {type(p).__name__}")
-    value = float(p)
-    if not math.isfinite(value):
-        raise ValueError(f"p must be finite, got {value}")
-    return value
 
 
 #: Largest side of a float32 CUDA matrix that :func:`eigh` decomposes on the CPU.
@@ -226,3 +175,76 @@ def equilibrated_solve(matrix: Tensor, rhs: Tensor, damping: float) -> Tensor:
             f"F + damping*I is singular (damping={damping}) to working precision; pass damping > 0"
         )
     return scale[:, None] * torch.cholesky_solve(scale[:, None] * rhs, factor)
+
+
+def default_rcond(rcond: float | None, size: int, dtype: torch.dtype) -> float:
+    """The relative cut-off in use: ``rcond``, or ``size * eps(dtype)`` when ``None``.
+
+    ``size * eps`` is numpy's and torch's ``matrix_rank`` / ``pinv`` tolerance.
+
+    Example:
+        >>> default_rcond(None, 4, torch.float64) == 4 * torch.finfo(torch.float64).eps
+        True
+    """
+    return rcond if rcond is not None else max(size, 1) * torch.finfo(dtype).eps
+
+
+def spectral_pinv(
+    eigenvalues: Tensor, damping: float, rcond: float | None, top: Tensor | None = None
+) -> Tensor:
+    """Pseudo-inverse of a PSD spectrum: ``1 / (max(λ, 0) + damping)`` or 0 below the cut-off.
+
+    An eigenvalue counts as zero when ``max(λ, 0) + damping <= rcond * top``, with
+    ``top`` the largest damped eigenvalue (of this spectrum unless given, e.g. the
+    largest of a whole matrix whose spectrum comes in pieces) and ``rcond`` as in
+    :func:`default_rcond` over this spectrum's size.
+
+    Example:
+        >>> spectral_pinv(torch.tensor([4.0, 1e-12, 0.0]), 0.0, 1e-6).tolist()
+        [0.25, 0.0, 0.0]
+    """
+    rcond = default_rcond(rcond, eigenvalues.numel(), eigenvalues.dtype)
+    shifted = eigenvalues.clamp_min(0) + damping
+    if top is None:
+        top = shifted.max() if shifted.numel() else shifted.new_tensor(0.0)
+    keep = shifted > rcond * top.clamp_min(torch.finfo(eigenvalues.dtype).tiny)
+    return torch.where(keep, 1.0 / torch.where(keep, shifted, 1.0), torch.zeros_like(shifted))
+
+
+def equilibrated_eigh(matrix: Tensor, damping: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(s, λ, Q)``: the eigendecomposition of the Jacobi-scaled ``S (M + damping I) S``.
+
+    ``S = diag(M + λI)^{-1/2}`` (zero where the diagonal is not positive). Scaling
+    by the diagonal first (van der Sluis 1969) removes the ill-conditioning that
+    comes from parameters on very different scales, which is most of it for
+    regression designs.
+
+    Returns:
+        ``(s, eigenvalues ascending, eigenvectors)`` with ``s`` the ``(n,)`` scaling.
+    """
+    a = matrix + damping * torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    d = a.diagonal().clamp_min(0)
+    s = torch.where(d > 0, d.rsqrt(), torch.zeros_like(d))
+    vals, vecs = eigh(s[:, None] * a * s[None, :])
+    return s, vals, vecs
+
+
+def equilibrated_pinv_solve(
+    decomposition: tuple[Tensor, Tensor, Tensor], cols: Tensor, rcond: float | None
+) -> Tensor:
+    """``S (S (M + λI) S)⁺ S cols`` from :func:`equilibrated_eigh`'s ``(s, λ, Q)``.
+
+    The rank cut-off applies to the scaled spectrum. The result is a generalised
+    inverse of ``M + λI`` applied to ``cols``: the Moore-Penrose pseudo-inverse when
+    ``M + λI`` is nonsingular (within the cut-off) or its diagonal is constant.
+
+    Example:
+        >>> M = torch.tensor([[4.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+        >>> equilibrated_pinv_solve(equilibrated_eigh(M, 0.0), torch.ones(2, 1,
+        ...     dtype=torch.float64), None).flatten().tolist()
+        [0.25, 0.0]
+    """
+    s, vals, vecs = decomposition
+    inv = spectral_pinv(vals, 0.0, rcond)
+    inv = torch.where(vals.clamp_min(0) > 0, inv, torch.zeros_like(inv))
+    return s[:, None] * (vecs @ (inv[:, None] * (vecs.T @ (s[:, None] * cols))))

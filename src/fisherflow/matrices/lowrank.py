@@ -15,9 +15,9 @@ from typing_extensions import override
 
 from fisherflow.matrices.base import FisherMatrix
 from fisherflow.matrices.dense import Dense
-from fisherflow.matrices.diagonal import check_vector
 from fisherflow.matrices.layout import ParamLayout
-from fisherflow.matrices.linalg import all_finite, eigh, spectral_power
+from fisherflow.matrices.linalg import default_rcond, eigh, spectral_pinv, spectral_power
+from fisherflow.matrices.validate import all_finite, check_damping, check_vector
 
 __all__ = ["LowRank", "orthonormal_factor"]
 
@@ -52,6 +52,9 @@ class LowRank(FisherMatrix):
     * ``solve``, ``logdet`` and ``sample`` are exact via Woodbury and the determinant
       lemma, O(P r²);
     * ``eigvalsh`` materialises the dense matrix (O(P³); for small P);
+    * ``pinv_solve`` and ``rank`` are exact: isotropic in O(P r); otherwise by
+      Woodbury (O(P r²)) when the diagonal alone keeps every eigenvalue above the
+      cut-off, else through the dense matrix (O(P³));
     * ``power``/``inverse`` exist only for p in {0, 1}: ``(D + USUᵀ + λI)^p`` has no
       low-rank-plus-diagonal form for other p, so they raise ``NotImplementedError``
       (use ``solve``, or ``Dense.from_fisher(F).power(p)`` for small P).
@@ -108,8 +111,8 @@ class LowRank(FisherMatrix):
             raise ValueError("U diag(s) Uᵀ + d I must be PSD")
 
     @property
-    def rank(self) -> int:
-        """Number of low-rank components r."""
+    def num_components(self) -> int:
+        """Number of low-rank components r (the numerical rank is :meth:`rank`)."""
         return self.s.shape[0]
 
     @property
@@ -137,7 +140,7 @@ class LowRank(FisherMatrix):
     def _eigvals(self) -> Tensor:
         if self.isotropic:
             c = self._c()
-            return torch.cat([self.s + c, c.expand(self.size - self.rank)])
+            return torch.cat([self.s + c, c.expand(self.size - self.num_components)])
         return eigh(self.to_dense())[0]
 
     def _whitened(self, damping: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -169,6 +172,39 @@ class LowRank(FisherMatrix):
             return inv_sqrt[:, None] * x
         raise NotImplementedError(self._no_power(p))
 
+    def _well_conditioned(self, damping: float, cut: float) -> bool:
+        """Whether ``min(d) + λ > cut · λ_max`` (λ_max bounded by ``max d + λ + max s``).
+
+        Then no eigenvalue of ``F + λI`` falls below the cut-off (``USUᵀ`` is PSD, so
+        every eigenvalue is at least ``min(d) + λ``) and the pseudo-inverse is the inverse.
+        """
+        if bool((self.s < 0).any()):
+            return False
+        d = self.diag + damping
+        top = d.max() + (self.s.max() if self.num_components else 0.0)
+        return bool(d.min() > cut * top)
+
+    @override
+    def _pinv_matmat(self, v: Tensor, damping: float, rcond: float | None) -> Tensor:
+        cut = default_rcond(rcond, self.size, self.dtype)
+        if self.isotropic:
+            c = self._c().reshape(1)
+            top = torch.cat([self.s + c, c]).clamp_min(0).max() + damping
+            base = spectral_pinv(c, damping, cut, top)
+            inv = spectral_pinv(self.s + c, damping, cut, top)
+            return base * v + self._lowrank_mv(inv - base, v)
+        if self._well_conditioned(damping, cut):
+            return self._power_matmat(v, -1.0, damping)
+        return super()._pinv_matmat(v, damping, rcond)
+
+    @override
+    def _rank(self, rcond: float | None) -> int:
+        if not self.isotropic and self._well_conditioned(
+            0.0, default_rcond(rcond, self.size, self.dtype)
+        ):
+            return self.size
+        return super()._rank(rcond)
+
     def _inv_sqrt_matmat(self, z: Tensor, damping: float) -> Tensor:
         if self.isotropic:
             return self._power_matmat(z, -0.5, damping)
@@ -178,8 +214,6 @@ class LowRank(FisherMatrix):
 
     def logdet(self, damping: float = 0.0) -> Tensor:
         """``log det(F + damping I)`` by the determinant lemma, O(P r²)."""
-        from fisherflow.matrices.linalg import check_damping
-
         lam = check_damping(damping)
         if self.isotropic:
             return super().logdet(lam)
@@ -219,7 +253,7 @@ class LowRank(FisherMatrix):
     def _add(self, other: FisherMatrix) -> LowRank:
         assert isinstance(other, LowRank)
         B = torch.cat([self._factor(), other._factor()], dim=1)
-        U, s = orthonormal_factor(B, rank=max(self.rank, other.rank))
+        U, s = orthonormal_factor(B, rank=max(self.num_components, other.num_components))
         return LowRank(U, s, self.layout, self.diag + other.diag, _canonical=True, **self.meta)
 
     def _scale(self, factor: float) -> LowRank:
