@@ -82,7 +82,7 @@ def test_flow_bad_updates_leave_state_unchanged():
     with pytest.raises(TypeError, match="params must be"):
         FisherFlow([0.0, 1.0])
     with pytest.raises(ValueError, match="structure must be one of"):
-        FisherFlow(torch.zeros(2), structure="kfac")
+        FisherFlow(torch.zeros(2), structure="sparse")
 
 
 def test_kind_mismatch_is_an_error():

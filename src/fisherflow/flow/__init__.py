@@ -4,10 +4,16 @@ Information from new data adds, estimates combine weighted by their information,
 old information can be forgotten, and estimates from independent sources fuse —
 plainly, robustly, or across ``torch.distributed`` ranks. :class:`OnlineGLM` keeps a
 GLM's coefficients with their standard errors batch by batch.
+
+Information may be in any structure of :data:`fisherflow.matrices.STRUCTURES`
+(dense, diagonal, block, K-FAC, EKFAC, low-rank); every fusion goes through
+:func:`information_weighted`, whose module says what is exact in each structure.
+
+Layer 3: imports :mod:`fisherflow.matrices`, :mod:`fisherflow.stats` (layer 1) and
+:mod:`fisherflow.distributed` (layer 0), never a higher layer.
 """
 
 from fisherflow.flow._common import (
-    STRUCTURES,
     ConvergenceWarning,
     RankDeficiencyWarning,
     SeparationWarning,
@@ -38,13 +44,13 @@ from fisherflow.flow.fusion import (
 )
 from fisherflow.flow.glm import Batches, OnlineGLM
 from fisherflow.flow.state import Estimate, FisherFlow, fusion_update, scoring_update
+from fisherflow.flow.weighting import fuse_information, information_sums, information_weighted
 
 __all__ = [
     "FAMILIES",
     "FORGETTING",
     "INFORMATION",
     "LOCATIONS",
-    "STRUCTURES",
     "Adaptive",
     "Batches",
     "ConvergenceWarning",
@@ -65,8 +71,11 @@ __all__ = [
     "coordinate_median",
     "fuse",
     "fuse_across_ranks",
+    "fuse_information",
     "fusion_update",
     "glm_score_information",
+    "information_sums",
+    "information_weighted",
     "make_forgetting",
     "robust_fuse",
     "score_and_information",

@@ -11,27 +11,30 @@ single-process full-batch fit. The same code runs with one process (world size 1
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
-import torch.distributed as dist
 
-from fisherflow.flow._common import as_information, check_flat, pinv_solve
+from fisherflow.distributed import all_gather, is_distributed, require_distributed
+from fisherflow.flow._common import check_flat
+from fisherflow.flow._information import as_information
+from fisherflow.flow.fusion import parse_estimates
 from fisherflow.flow.state import Estimate, FisherFlow
+from fisherflow.flow.weighting import information_weighted
 from fisherflow.matrices import FisherMatrix, Vector
 
 __all__ = ["all_reduce_information", "fuse_across_ranks", "is_distributed"]
 
 
-def is_distributed() -> bool:
-    """Whether a ``torch.distributed`` process group is initialised."""
-    return dist.is_available() and dist.is_initialized()
-
-
 def all_reduce_information(information: FisherMatrix, group: Any = None) -> FisherMatrix:
     """Sum information across ranks (rank order); every rank gets the same matrix.
 
+    Any structure of :data:`fisherflow.matrices.STRUCTURES`; the sum is the
+    structure's own ``+`` (exact for dense, diagonal, block, and EKFAC in a shared
+    basis; factor-wise for K-FAC; truncated for low-rank).
+
     Raises:
+        TypeError: If ``information`` is not a FisherMatrix.
         RuntimeError: If no process group is initialised.
     """
     if not isinstance(information, FisherMatrix):
@@ -45,7 +48,7 @@ def fuse_across_ranks(
     """Information-weighted fusion of one estimate per rank; the result on every rank.
 
     Equals ``fisherflow.flow.fuse([estimate_rank0, estimate_rank1, ...])`` in one
-    process (same operations in the same order).
+    process (same operations in the same order), for every structure.
 
     Args:
         estimate: This rank's estimate: a FisherFlow, an Estimate or ``(params, info)``.
@@ -58,21 +61,14 @@ def fuse_across_ranks(
         RuntimeError: If no process group is initialised.
         ValueError: If ranks disagree on layout or structure.
     """
-    if not is_distributed():
-        raise RuntimeError("fuse_across_ranks needs an initialised torch.distributed process group")
-    from fisherflow.flow.fusion import _parse
-
-    thetas, infos, layout, form, structure = _parse([estimate])
+    require_distributed("fuse_across_ranks")
+    thetas, infos, layout, form, structure = parse_estimates([estimate])
     theta, info = thetas[0], infos[0]
     total = info.all_reduce(group)
-    h = info.mv(theta)
-    assert isinstance(h, torch.Tensor)
-    world = dist.get_world_size(group)
-    parts = [torch.empty_like(h) for _ in range(world)]
-    dist.all_gather(parts, h.contiguous(), group=group)
+    parts = all_gather(cast(torch.Tensor, info.mv(theta)), group)
     h_sum = parts[0]
     for part in parts[1:]:
         h_sum = h_sum + part
     total = as_information(total, layout, structure, "information", theta.dtype)
-    fused, _ = pinv_solve(total, check_flat(h_sum, layout, "h", theta.dtype))
+    fused = information_weighted(total, check_flat(h_sum, layout, "h", theta.dtype))
     return Estimate(form(fused), total)

@@ -23,7 +23,7 @@ import torch
 from scipy import stats as sps
 from torch import Tensor
 
-from fisherflow.flow._common import check_real, matrix_rank, pinv_dense
+from fisherflow.flow._common import check_real, pinv_dense
 from fisherflow.matrices import Diagonal, FisherMatrix
 
 __all__ = [
@@ -80,9 +80,9 @@ def score_drift_statistic(
         if not bool(keep.any()):
             return None
         return float((score[keep] ** 2 / var[keep]).sum()), int(keep.sum())
-    if matrix_rank(info) < info.size:
+    if info.rank() < info.size:
         return None
-    inv, _ = pinv_dense(info)
+    inv = pinv_dense(info)
     b = info_batch.to_dense().to(inv.dtype)
     var = b + b @ inv @ b
     vals, vecs = torch.linalg.eigh(0.5 * (var + var.T))

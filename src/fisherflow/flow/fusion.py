@@ -25,15 +25,10 @@ import torch
 from scipy import stats as sps
 from torch import Tensor
 
-from fisherflow.flow._common import (
-    STRUCTURES,
-    RankDeficiencyWarning,
-    as_information,
-    check_real,
-    flat_layout,
-    pinv_solve,
-)
+from fisherflow.flow._common import RankDeficiencyWarning, check_real, flat_layout
+from fisherflow.flow._information import as_information
 from fisherflow.flow.state import Estimate, FisherFlow
+from fisherflow.flow.weighting import fuse_information
 from fisherflow.matrices import FisherMatrix, ParamLayout, Vector
 
 __all__ = [
@@ -49,7 +44,7 @@ __all__ = [
 
 
 # ------------------------------------------------------------------ parsing
-def _parse(
+def parse_estimates(
     estimates: Iterable[Any],
 ) -> tuple[list[Tensor], list[FisherMatrix], ParamLayout, Callable[[Tensor], Vector], str]:
     """Flat parameters, information, common layout, output form and structure."""
@@ -78,6 +73,8 @@ def _parse(
             flat = lay.flatten(params)
         elif isinstance(params, Tensor):
             lay = flat_layout(params.numel())
+            if layout is None and isinstance(info, FisherMatrix) and info.groups():
+                lay = info.layout if info.size == lay.size else lay  # its groups name them
             flat = params.reshape(-1)
         else:
             raise TypeError(
@@ -87,7 +84,7 @@ def _parse(
             layout = lay
             shape = tuple(params.shape) if isinstance(params, Tensor) else None
             form = (lambda t, s=shape: t.reshape(s)) if shape is not None else lay.unflatten
-            if isinstance(info, FisherMatrix) and info.structure in STRUCTURES:
+            if isinstance(info, FisherMatrix):
                 structure = info.structure
             elif isinstance(info, Tensor) and info.dim() == 1:
                 structure = "diagonal"
@@ -106,22 +103,15 @@ def _parse(
     return thetas, infos, layout, form, structure
 
 
-def _fuse_flat(
-    thetas: list[Tensor], infos: list[FisherMatrix]
-) -> tuple[Tensor, FisherMatrix, bool]:
-    total, h = infos[0], infos[0].mv(thetas[0])
-    for t, info in zip(thetas[1:], infos[1:], strict=True):
-        total = total + info
-        h = h + info.mv(t)  # type: ignore[operator]
-    theta, singular = pinv_solve(total, h)  # type: ignore[arg-type]
-    return theta, total, singular
-
-
 def fuse(estimates: Iterable[Any]) -> Estimate:
     r"""Information-weighted fusion of independent estimates.
 
     ``I = Σᵢ Iᵢ`` and ``θ = I⁻¹ Σᵢ Iᵢ θᵢ`` (sums in the order given; a pseudo-inverse,
-    with a :class:`RankDeficiencyWarning`, when ``I`` is singular).
+    with a :class:`RankDeficiencyWarning`, when ``I`` is singular), by
+    :func:`fisherflow.flow.weighting.fuse_information`. Every structure of
+    :data:`fisherflow.matrices.STRUCTURES` is accepted and kept; ``Σ Iᵢ`` is the
+    structure's own sum, exact for dense, diagonal and block, for EKFAC in a shared
+    basis and for K-FAC with equal input factors (see :mod:`fisherflow.flow.weighting`).
 
     Args:
         estimates: :class:`Estimate`\\ s, :class:`FisherFlow`\\ s or ``(params, info)``
@@ -143,9 +133,9 @@ def fuse(estimates: Iterable[Any]) -> Estimate:
     """
     import warnings
 
-    thetas, infos, _, form, _ = _parse(estimates)
-    theta, total, singular = _fuse_flat(thetas, infos)
-    if singular:
+    thetas, infos, _, form, _ = parse_estimates(estimates)
+    theta, total = fuse_information(thetas, infos)
+    if total.rank() < total.size:
         warnings.warn(
             "fused information is singular: unidentified directions are set by the pseudo-inverse",
             RankDeficiencyWarning,
@@ -325,7 +315,9 @@ def robust_fuse(
     **Breakdown point**: ``⌊(n-1)/2⌋/n`` for ``"geometric_median"`` and ``"median"``
     (any ``f < n/2`` corrupted sources, whatever θ and information they claim, move
     the center a bounded amount), ``⌊trim·n⌋/n`` for ``"trimmed_mean"``. Costs
-    O(n P² + P³) (dense matrices: for small P).
+    O(n P² + P³): steps 1-4 compare the sources' dense matrices, whatever their
+    structure (for models of up to a few thousand parameters); step 5 fuses in the
+    sources' own structure.
 
     Args:
         estimates: As for :func:`fuse`.
@@ -355,7 +347,7 @@ def robust_fuse(
     trim = check_real(trim, "trim", low=0.0, high=0.5, high_open=True)
     info_cap = check_real(info_cap, "info_cap", low=1.0)
     alpha = check_real(alpha, "alpha", low=0.0, high=1.0, low_open=True, high_open=True)
-    thetas, infos, layout, form, structure = _parse(estimates)
+    thetas, infos, layout, form, _ = parse_estimates(estimates)
     n, p = len(thetas), layout.size
     dense = [info.to_dense().to(thetas[0].dtype) for info in infos]
     metric = _median_metric(dense)
@@ -388,12 +380,8 @@ def robust_fuse(
     kept = [i for i in range(n) if keep[i]]
     if not kept:  # cannot happen for the center of the points, but never fuse nothing
         kept = list(range(n))
-    convert = STRUCTURES[structure]
-    kept_infos = [
-        convert(infos[i] * float(scale[i]) if float(scale[i]) != 1.0 else infos[i], layout)
-        for i in kept
-    ]
-    theta, total, _ = _fuse_flat([thetas[i] for i in kept], kept_infos)
+    kept_infos = [infos[i] * float(scale[i]) if float(scale[i]) != 1.0 else infos[i] for i in kept]
+    theta, total = fuse_information([thetas[i] for i in kept], kept_infos)
     downweighted = [
         Downweight(i, float(weights[i]), "; ".join(reasons))
         for i, reasons in sorted(report.items())

@@ -20,15 +20,14 @@ import torch
 from scipy import stats as sps
 from torch import Tensor
 
+from fisherflow.distributed import all_reduce_sum
 from fisherflow.flow._common import (
     ConvergenceWarning,
     RankDeficiencyWarning,
     SeparationWarning,
     as_float_tensor,
     check_real,
-    check_structure,
     flat_layout,
-    matrix_rank,
     pinv_dense,
 )
 from fisherflow.flow.families import FAMILIES, Family, glm_score_information
@@ -40,6 +39,9 @@ from fisherflow.matrices import Dense, FisherMatrix
 __all__ = ["Batches", "OnlineGLM"]
 
 DTYPE = torch.float64
+
+#: Structures an OnlineGLM keeps its information in (its batch information is dense).
+GLM_STRUCTURES = ("dense", "diagonal", "block")
 
 
 class Batches:
@@ -124,7 +126,9 @@ class OnlineGLM:
         self.family: Family = FAMILIES[family]
         self.fit_intercept = fit_intercept
         self.prior_precision = check_real(prior_precision, "prior_precision", low=0.0)
-        self.structure = check_structure(structure)
+        if not isinstance(structure, str) or structure not in GLM_STRUCTURES:
+            raise ValueError(f"structure must be one of {list(GLM_STRUCTURES)}, got {structure!r}")
+        self.structure = structure
         make_forgetting(forgetting)  # validate now; a fresh policy is built per model
         self._forgetting_spec = forgetting
         self.flow: FisherFlow | None = None
@@ -315,12 +319,12 @@ class OnlineGLM:
                 and (acc["correct"] == acc["rows"] or acc["correct_p"] == acc["rows"])
             )
             if probe is not None:
-                p_step = pinv_dense(Dense(acc["Jp"], flat_layout(probe.numel())))[0] @ acc["Up"]
+                p_step = pinv_dense(Dense(acc["Jp"], flat_layout(probe.numel()))) @ acc["Up"]
                 probe = probe + p_step if torch.isfinite(p_step).all() else probe
             p = beta.shape[0]
             U = acc["U"] - lam * beta
             J = acc["J"] + lam * torch.eye(p, dtype=DTYPE)
-            cov, _ = pinv_dense(Dense(J, flat_layout(beta.numel())))
+            cov = pinv_dense(Dense(J, flat_layout(beta.numel())))
             step = cov @ U
             if not torch.isfinite(step).all():
                 raise FloatingPointError(
@@ -363,7 +367,7 @@ class OnlineGLM:
                 ConvergenceWarning,
                 stacklevel=2,
             )
-        if matrix_rank(flow.information) < beta.shape[0]:
+        if flow.information.rank() < beta.shape[0]:
             warnings.warn(
                 "the information matrix is singular (rank-deficient design): coefficients "
                 "are the minimum-norm solution and some are not identified",
@@ -469,14 +473,14 @@ class OnlineGLM:
         Ib = flow.information.mv(beta)
         assert isinstance(Ib, Tensor)
         rss = float(yy - 2 * beta @ xy + beta @ Ib)
-        df = flow.num_samples - matrix_rank(flow.information)
+        df = flow.num_samples - flow.information.rank()
         return max(rss, 0.0) / df if df > 0 else float("nan")
 
     @property
     def df_resid(self) -> float:
         """Residual degrees of freedom ``n - rank``."""
         flow = self._require()
-        return flow.num_samples - matrix_rank(flow.information)
+        return flow.num_samples - flow.information.rank()
 
     @property
     def information(self) -> FisherMatrix:
@@ -487,8 +491,8 @@ class OnlineGLM:
 
     def _cov(self) -> Tensor:
         flow = self._require()
-        cov, singular = pinv_dense(flow.information)
-        if singular:
+        cov = pinv_dense(flow.information)
+        if flow.information.rank() < flow.information.size:
             warnings.warn(
                 "the information matrix is singular: covariance is a pseudo-inverse and "
                 "some coefficients are not identified",
@@ -599,22 +603,23 @@ def _kind_of(X: Any) -> str:
 
 
 def _all_reduce(acc: dict[str, Any], group: Any) -> dict[str, Any]:
-    import torch.distributed as dist
-
+    """Sum one pass's statistics over ranks (``binary`` holds when it holds on every rank)."""
     out = dict(acc)
     for key in ("U", "J", "yy", "xy", "Up", "Jp"):
-        t = torch.as_tensor(acc[key], dtype=DTYPE).clone()
-        dist.all_reduce(t, group=group)
-        out[key] = t
+        out[key] = all_reduce_sum(torch.as_tensor(acc[key], dtype=DTYPE), group)
     scalars = torch.tensor(
-        [acc["ll"], acc["n"], acc["rows"], acc["correct"], acc["correct_p"], float(acc["binary"])],
+        [
+            acc["ll"],
+            acc["n"],
+            acc["rows"],
+            acc["correct"],
+            acc["correct_p"],
+            float(not acc["binary"]),
+        ],
         dtype=DTYPE,
     )
-    sums, b = scalars[:5].clone(), scalars[5:].clone()
-    dist.all_reduce(sums, group=group)
-    dist.all_reduce(b, op=dist.ReduceOp.MIN, group=group)
-    scalars = sums
-    out["ll"], out["n"] = float(scalars[0]), float(scalars[1])
-    out["rows"], out["correct"], out["binary"] = int(scalars[2]), int(scalars[3]), bool(b[0])
-    out["correct_p"] = int(scalars[4]) if acc["correct_p"] >= 0 else -1
+    sums = all_reduce_sum(scalars, group)
+    out["ll"], out["n"] = float(sums[0]), float(sums[1])
+    out["rows"], out["correct"], out["binary"] = int(sums[2]), int(sums[3]), float(sums[5]) == 0
+    out["correct_p"] = int(sums[4]) if acc["correct_p"] >= 0 else -1
     return out

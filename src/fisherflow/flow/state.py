@@ -8,7 +8,7 @@ Update rules (pure functions below, applied by :class:`FisherFlow`):
 
 * information-weighted fusion, ``θ ← (I + I_B)⁻¹ (I θ + I_B θ_B)``, ``I ← I + I_B``
   (the information filter form of the Kalman update; exact Gaussian posterior
-  for a linear-Gaussian model);
+  for a linear-Gaussian model), by :func:`fisherflow.flow.weighting.information_weighted`;
 * one natural-gradient / Fisher-scoring step, ``I ← I + I_B``,
   ``θ ← θ + lr (I + λ)⁻¹ g`` (recursive Fisher scoring; with a Gaussian
   likelihood it is recursive least squares and again exact).
@@ -24,23 +24,16 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from fisherflow.flow._common import (
-    as_information,
-    check_flat,
-    check_real,
-    check_structure,
-    flat_layout,
-    pinv_dense,
-    pinv_solve,
-    zeros_information,
-)
+from fisherflow.flow._common import check_flat, check_real, flat_layout, pinv_dense
+from fisherflow.flow._information import as_information, check_structure, zeros_information
 from fisherflow.flow.forgetting import Decision, ForgettingPolicy, make_forgetting
-from fisherflow.matrices import FisherMatrix, ParamLayout, Vector
+from fisherflow.flow.weighting import fuse_information, information_weighted
+from fisherflow.matrices import Diagonal, FisherMatrix, ParamLayout, Vector
 
 __all__ = ["Estimate", "FisherFlow", "fusion_update", "scoring_update"]
 
@@ -62,9 +55,7 @@ def fusion_update(
         >>> th.tolist(), I.diagonal().tolist()
         ([2.0], [3.0])
     """
-    total = info + info_batch
-    delta, _ = pinv_solve(total, info_batch.mv(theta_batch - theta))  # type: ignore[arg-type]
-    return theta + delta, total
+    return fuse_information([theta, theta_batch], [info, info_batch], anchor=theta)
 
 
 def scoring_update(
@@ -79,8 +70,7 @@ def scoring_update(
         ...                torch.tensor([2.0])).tolist()
         [1.5]
     """
-    step, _ = pinv_solve(info, score, damping)
-    return theta + lr * step
+    return theta + lr * cast(Tensor, info.pinv_solve(score, damping=damping))
 
 
 @dataclass
@@ -98,7 +88,7 @@ class Estimate:
 
     def covariance(self, damping: float = 0.0) -> Tensor:
         """The dense ``(P, P)`` covariance ``(I + λ)⁺`` (pseudo-inverse if singular)."""
-        return pinv_dense(self.information, check_real(damping, "damping", low=0.0))[0]
+        return pinv_dense(self.information, check_real(damping, "damping", low=0.0))
 
     def bse(self, damping: float = 0.0) -> Tensor:
         """Standard errors ``sqrt(diag((I + λ)⁺))`` as a flat ``(P,)`` tensor."""
@@ -111,11 +101,20 @@ class FisherFlow:
     Args:
         params: Initial parameters: a tensor (any shape) or a dict ``name -> tensor``.
             Statistics are kept in the parameters' dtype (float32 at least; integer
-            input becomes float64).
+            input becomes float64). A tensor is read in the layout of an initial
+            information whose groups name parameters (block, K-FAC, EKFAC).
         information: Initial information (a prior): a :class:`FisherMatrix`, a
             ``(P, P)`` or ``(P,)`` tensor, or ``None`` for zero information.
-        structure: ``"dense"``, ``"diagonal"`` or ``"block"`` (one block per parameter):
-            the structure information is kept in; batch information is converted.
+        structure: The structure information is kept in, any of
+            :data:`fisherflow.matrices.STRUCTURES`: ``"dense"``, ``"diagonal"``,
+            ``"block"`` (one block per parameter), ``"kfac"``, ``"ekfac"`` or
+            ``"lowrank"``; batch information is converted where it can be (see
+            :mod:`fisherflow.flow._information`). Without an initial ``information``
+            a K-FAC or EKFAC flow takes its layer groups (and EKFAC basis) from the
+            first batch. What adds exactly in each structure, and so what the
+            updates keep exact, is in :mod:`fisherflow.flow.weighting`; with
+            forgetting, K-FAC's ``A`` factors become a ``num_samples``-weighted
+            running average.
         forgetting: ``None``/``"none"``, ``"exponential"``, ``"window"``, ``"adaptive"`` or a
             :class:`~fisherflow.flow.forgetting.ForgettingPolicy`. The initial
             information is forgotten like any other by exponential and adaptive
@@ -165,6 +164,7 @@ class FisherFlow:
             if first is not None and first.dtype in (torch.float32, torch.float64)
             else torch.float64
         )
+        self._adopt_layout(information)
         theta = check_flat(params, self.layout, "params", self.dtype)
         info = (
             zeros_information(self.layout, self.structure, self.dtype)
@@ -177,12 +177,23 @@ class FisherFlow:
         self._set_state(theta, info)
 
     # ----------------------------------------------------------------- state
-    def _set_state(self, theta: Tensor, info: FisherMatrix) -> None:
+    def _adopt_layout(self, information: object) -> None:
+        """Read tensor parameters in the layout of information that names parameters."""
+        if (
+            self._shape is not None
+            and isinstance(information, FisherMatrix)
+            and information.groups()
+            and information.size == self.layout.size
+        ):
+            self.layout = information.layout
+
+    def _set_state(self, theta: Tensor, info: FisherMatrix | None) -> None:
         self._theta = theta
+        self._pending = info is None  # K-FAC/EKFAC zero: groups come with the first batch
+        if info is None:
+            info = Diagonal(torch.zeros(self.layout.size, dtype=self.dtype), self.layout)
         self.information = info
-        h0 = info.mv(theta)
-        assert isinstance(h0, Tensor)
-        self._base: tuple[FisherMatrix, Tensor] = (info, h0)
+        self._base: tuple[FisherMatrix, Tensor] = (info, cast(Tensor, info.mv(theta)))
         self._window: deque[tuple[FisherMatrix, Tensor | None, dict[str, Tensor]]] = deque()
         self.totals: dict[str, Tensor] = {}
         self.num_updates = 0
@@ -197,6 +208,17 @@ class FisherFlow:
         info = as_information(information, self.layout, self.structure, "information", self.dtype)
         self._set_state(theta, info)
         return self
+
+    def _batch_information(self, info_batch: object) -> FisherMatrix:
+        """Read a batch's information; a pending K-FAC/EKFAC zero takes its structure."""
+        if self._pending:
+            self._adopt_layout(info_batch)
+        info_b = as_information(info_batch, self.layout, self.structure, "info_batch", self.dtype)
+        if self._pending:
+            zero = info_b * 0.0  # the same groups (and basis), no information
+            self.information, self._base = zero, (zero, torch.zeros_like(self._theta))
+            self._pending = False
+        return info_b
 
     def _flat(self, v: Vector, name: str) -> Tensor:
         if isinstance(v, Tensor) and self._shape is not None and v.dim() != 1:
@@ -288,9 +310,7 @@ class FisherFlow:
         info = (self.information * f if f != 1.0 else self.information) + info_batch
         h = None
         if h_batch is not None:
-            old_h = self.information.mv(self._theta)
-            assert isinstance(old_h, Tensor)
-            h = f * old_h + h_batch
+            h = f * cast(Tensor, self.information.mv(self._theta)) + h_batch
         new_totals = {k: f * v for k, v in self.totals.items()}
         for k, v in totals.items():
             new_totals[k] = new_totals[k] + v if k in new_totals else v
@@ -338,17 +358,14 @@ class FisherFlow:
             ValueError: On non-finite input or mismatched dimensions (state unchanged).
         """
         theta_b = self._flat(theta_batch, "theta_batch")
-        info_b = as_information(info_batch, self.layout, self.structure, "info_batch", self.dtype)
+        info_b = self._batch_information(info_batch)
         tot = self._check_totals(totals)
-        score = info_b.mv(theta_b - self._theta)
-        assert isinstance(score, Tensor)
+        score = cast(Tensor, info_b.mv(theta_b - self._theta))
         decision = self.forgetting.decide(score, self.information, info_b)
-        h_b = info_b.mv(theta_b)
-        assert isinstance(h_b, Tensor)
+        h_b = cast(Tensor, info_b.mv(theta_b))
         info, h, new_totals, hist = self._combine(decision, info_b, h_b, tot)
-        assert h is not None
-        delta, _ = pinv_solve(info, h - info.mv(self._theta))  # type: ignore[operator]
-        self._commit(self._theta + delta, info, new_totals, hist, decision)
+        theta = information_weighted(info, cast(Tensor, h), anchor=self._theta)
+        self._commit(theta, info, new_totals, hist, decision)
         return self
 
     def step(
@@ -381,7 +398,7 @@ class FisherFlow:
             FloatingPointError: If the step is not finite (state unchanged).
         """
         g = self._flat(score, "score")
-        info_b = as_information(info_batch, self.layout, self.structure, "info_batch", self.dtype)
+        info_b = self._batch_information(info_batch)
         lr = check_real(lr, "lr", low=0.0, low_open=True)
         damping = check_real(damping, "damping", low=0.0)
         tot = self._check_totals(totals)
