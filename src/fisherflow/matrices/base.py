@@ -16,23 +16,30 @@ from __future__ import annotations
 import abc
 import math
 import numbers
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from fisherflow.matrices.layout import ParamLayout, Vector
-from fisherflow.matrices.linalg import default_rcond, eigh, spectral_pinv, spectral_power
-from fisherflow.matrices.validate import check_columns, check_damping, check_power, check_rcond
+from fisherflow.matrices.linalg import (
+    default_rcond,
+    eigh,
+    linear_operator,
+    spectral_pinv,
+    spectral_power,
+)
+from fisherflow.matrices.validate import (
+    KINDS,
+    check_columns,
+    check_damping,
+    check_meta,
+    check_power,
+    check_rcond,
+)
 
 __all__ = ["KINDS", "STRUCTURES", "FisherMatrix"]
 
-#: Kinds of Fisher estimate (see DESIGN.md): always named, never implied. ``None``
-#: marks information that did not come from a model and data (a prior, a test matrix).
-KINDS = ("exact", "mc", "empirical")
-
-Self = TypeVar("Self", bound="FisherMatrix")
 
 #: Structure name -> :class:`FisherMatrix` subclass: the one place a structure string
 #: is resolved (files, ``all_reduce``, ``fisherflow.estimation``). A subclass that sets
@@ -100,18 +107,8 @@ class FisherMatrix(abc.ABC):
         kind: str | None = None,
         likelihood: str | None = None,
     ) -> None:
-        if not isinstance(layout, ParamLayout):
-            raise TypeError(f"layout must be a ParamLayout, got {type(layout).__name__}")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Real):
-            raise TypeError(f"num_samples must be a real number, got {type(num_samples).__name__}")
-        if not math.isfinite(float(num_samples)) or num_samples < 0:
-            raise ValueError(f"num_samples must be finite and >= 0, got {num_samples}")
-        if kind is not None and kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
-        if likelihood is not None and not isinstance(likelihood, str):
-            raise TypeError(f"likelihood must be a string or None, got {type(likelihood).__name__}")
         self.layout = layout
-        self.num_samples = float(num_samples)
+        self.num_samples = check_meta(layout, num_samples, kind, likelihood)
         self.kind = kind
         self.likelihood = likelihood
 
@@ -397,20 +394,28 @@ class FisherMatrix(abc.ABC):
 
     def to_scipy(self) -> Any:
         """A ``scipy.sparse.linalg.LinearOperator`` applying F (float64 numpy)."""
-        from scipy.sparse.linalg import LinearOperator
+        return linear_operator(self._matmat, self.size, self.dtype, self.device)
 
-        def matmat(x: np.ndarray) -> np.ndarray:
-            cols = torch.as_tensor(np.asarray(x).reshape(self.size, -1))
-            out = self._matmat(cols.to(dtype=self.dtype, device=self.device))
-            return out.detach().cpu().double().numpy().reshape(np.shape(x))
+    def with_layout(self, layout: ParamLayout) -> FisherMatrix:
+        """The same matrix over another layout of equal size (new names and shapes).
 
-        return LinearOperator(
-            (self.size, self.size),
-            matvec=matmat,
-            matmat=matmat,
-            rmatvec=matmat,
-            dtype=np.float64,
-        )
+        Raises:
+            TypeError: If ``layout`` is not a :class:`ParamLayout`.
+            ValueError: If the sizes differ, or the structure names its parameters in
+                groups (block, K-FAC, EKFAC), which a new layout would not have.
+        """
+        if not isinstance(layout, ParamLayout):
+            raise TypeError(f"layout must be a ParamLayout, got {type(layout).__name__}")
+        if layout == self.layout:
+            return self
+        if layout.size != self.size or self.groups():
+            raise ValueError(
+                f"a {self.structure!r} Fisher over {self.layout.to_json()} cannot move to "
+                f"layout {layout.to_json()}: "
+                + ("sizes differ" if layout.size != self.size else "its groups name parameters")
+            )
+        tensors, extra = self._state()
+        return type(self)._from_state(layout, tensors, extra, **self.meta)
 
     def mean(self) -> FisherMatrix:
         """Per-observation average ``F / num_samples`` (``num_samples`` becomes 1).

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -15,6 +19,7 @@ __all__ = [
     "equilibrated_pinv_solve",
     "equilibrated_solve",
     "gram_eigh",
+    "linear_operator",
     "spectral_pinv",
     "spectral_power",
 ]
@@ -248,3 +253,32 @@ def equilibrated_pinv_solve(
     inv = spectral_pinv(vals, 0.0, rcond)
     inv = torch.where(vals.clamp_min(0) > 0, inv, torch.zeros_like(inv))
     return s[:, None] * (vecs @ (inv[:, None] * (vecs.T @ (s[:, None] * cols))))
+
+
+def linear_operator(
+    matmat: Callable[[Tensor], Tensor], size: int, dtype: torch.dtype, device: torch.device
+) -> Any:
+    """A float64 ``scipy.sparse.linalg.LinearOperator`` for a symmetric ``matmat``.
+
+    Args:
+        matmat: ``(size, k)`` tensor ``->`` ``(size, k)`` tensor, in ``dtype`` on ``device``.
+        size: The side of the square operator.
+        dtype: The tensor dtype ``matmat`` expects.
+        device: The device ``matmat`` expects.
+
+    Returns:
+        The operator (``matvec``, ``matmat`` and ``rmatvec`` all apply ``matmat``).
+
+    Example:
+        >>> op = linear_operator(lambda v: 2 * v, 2, torch.float64, torch.device("cpu"))
+        >>> op.matvec(np.ones(2)).tolist()
+        [2.0, 2.0]
+    """
+    from scipy.sparse.linalg import LinearOperator
+
+    def apply(x: np.ndarray) -> np.ndarray:
+        cols = torch.as_tensor(np.asarray(x).reshape(size, -1))
+        out = matmat(cols.to(dtype=dtype, device=device))
+        return out.detach().cpu().double().numpy().reshape(np.shape(x))
+
+    return LinearOperator((size, size), matvec=apply, matmat=apply, rmatvec=apply, dtype=np.float64)

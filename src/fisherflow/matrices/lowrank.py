@@ -107,7 +107,8 @@ class LowRank(FisherMatrix):
         else:
             self.U, self.s = orthonormal_factor(U * s.sqrt())
         self.isotropic = bool((self.diag == self.diag[0]).all()) if layout.size else True
-        if self.isotropic and bool((self.s + self._c() < -1e-6 * (1 + self.s.abs().max())).any()):
+        scale = 1 + (self.s.abs().max() if self.num_components else 0.0)
+        if self.isotropic and bool((self.s + self._c() < -1e-6 * scale).any()):
             raise ValueError("U diag(s) Uᵀ + d I must be PSD")
 
     @property

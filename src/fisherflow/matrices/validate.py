@@ -19,16 +19,43 @@ from torch import Tensor
 from fisherflow.matrices.layout import ParamLayout
 
 __all__ = [
+    "KINDS",
     "all_finite",
     "check_columns",
     "check_damping",
     "check_factor",
     "check_matrix",
+    "check_meta",
     "check_partition",
     "check_power",
     "check_rcond",
     "check_vector",
 ]
+
+#: Kinds of Fisher estimate (see DESIGN.md): always named, never implied. ``None``
+#: marks information that did not come from a model and data (a prior, a test matrix).
+KINDS = ("exact", "mc", "empirical")
+
+
+def check_meta(layout: object, num_samples: object, kind: object, likelihood: object) -> float:
+    """Validate a Fisher matrix's layout and metadata; return ``num_samples`` as a float.
+
+    Raises:
+        TypeError: If ``layout`` is not a :class:`ParamLayout`, ``num_samples`` is not a
+            real number or ``likelihood`` is neither a string nor ``None``.
+        ValueError: If ``num_samples`` is negative or not finite, or ``kind`` is unknown.
+    """
+    if not isinstance(layout, ParamLayout):
+        raise TypeError(f"layout must be a ParamLayout, got {type(layout).__name__}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Real):
+        raise TypeError(f"num_samples must be a real number, got {type(num_samples).__name__}")
+    if not math.isfinite(float(num_samples)) or num_samples < 0:
+        raise ValueError(f"num_samples must be finite and >= 0, got {num_samples}")
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
+    if likelihood is not None and not isinstance(likelihood, str):
+        raise TypeError(f"likelihood must be a string or None, got {type(likelihood).__name__}")
+    return float(num_samples)
 
 
 def all_finite(*tensors: Tensor) -> bool:
