@@ -1,5 +1,9 @@
 """Score and information of any differentiable log-likelihood, by autograd.
 
+Built on :mod:`fisherflow.stats.likelihood` (the one implementation of
+per-observation scores and observed information); this module maps the flat
+parameter vector to the user's form and stores the result as a Fisher matrix.
+
 Three named kinds of information (DESIGN.md: kinds are always named):
 
 * ``"observed"``: ``-∇² Σₙ log p(yₙ | θ)`` (the observed information; Efron & Hinkley
@@ -20,6 +24,7 @@ import torch
 from torch import Tensor
 
 from fisherflow.matrices import Dense, FisherMatrix, ParamLayout
+from fisherflow.stats.likelihood import observation_scores, observed_information
 
 __all__ = ["INFORMATION", "check_information_kind", "score_and_information"]
 
@@ -42,20 +47,16 @@ def check_information_kind(information: object, sampler: object, mc_samples: obj
         raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
 
 
-def _per_observation(
-    fn: Callable[..., Tensor], theta: Tensor, data: Any, to_form: Callable[[Tensor], Any]
-) -> tuple[Tensor, Tensor]:
-    """Per-observation log-likelihoods ``(n,)`` and their Jacobian ``(n, P)``."""
+def _flat(fn: Callable[..., Tensor], to_form: Callable[[Tensor], Any]) -> Callable[..., Tensor]:
+    """``fn`` as a function of the flat parameter vector, returning ``(n,)`` values."""
 
-    def f(flat: Tensor) -> Tensor:
+    def flat_log_likelihood(flat: Tensor, data: Any) -> Tensor:
         out = fn(to_form(flat), data)
         if not isinstance(out, Tensor):
             raise TypeError(f"log_likelihood must return a Tensor, got {type(out).__name__}")
         return out.reshape(-1)
 
-    values = f(theta)
-    jac = torch.func.jacrev(f)(theta)
-    return values, jac.reshape(values.shape[0], theta.shape[0])
+    return flat_log_likelihood
 
 
 def score_and_information(
@@ -100,28 +101,23 @@ def score_and_information(
         ([4.0], [[2.0]])
     """
     check_information_kind(information, sampler, mc_samples)
-    form = to_form if to_form is not None else (lambda t: t)
+    ll = _flat(log_likelihood, to_form if to_form is not None else (lambda t: t))
     theta = theta.detach()
-    values, jac = _per_observation(log_likelihood, theta, data, form)
-    score = jac.sum(0)
+    values, scores = observation_scores(ll, theta, data)
+    score = scores.sum(0)
     n = values.shape[0]
     if information == "empirical":
-        mat = jac.T @ jac
+        mat = scores.T @ scores
     elif information == "observed":
-
-        def total(flat: Tensor) -> Tensor:
-            return log_likelihood(form(flat), data).sum()
-
-        mat = -torch.func.jacrev(torch.func.jacrev(total))(theta).reshape(
-            theta.shape[0], theta.shape[0]
-        )
+        mat = observed_information(ll, theta, data)
     else:
-        assert sampler is not None
+        if sampler is None:  # pragma: no cover - check_information_kind refuses it
+            raise ValueError("information='expected' needs a sampler")
         mat = torch.zeros(theta.shape[0], theta.shape[0], dtype=theta.dtype)
+        form = to_form if to_form is not None else (lambda t: t)
         for _ in range(mc_samples):
-            drawn = sampler(form(theta), data, generator)
-            _, jac_s = _per_observation(log_likelihood, theta, drawn, form)
-            mat = mat + jac_s.T @ jac_s / mc_samples
+            _, drawn = observation_scores(ll, theta, sampler(form(theta), data, generator))
+            mat = mat + drawn.T @ drawn / mc_samples
     mat = 0.5 * (mat + mat.T)
     if not (torch.isfinite(score).all() and torch.isfinite(mat).all()):
         raise ValueError("log_likelihood produced a non-finite score or information")

@@ -8,9 +8,17 @@ uses (McCullagh & Nelder 1989, *Generalized Linear Models*, 2nd ed., §2.5):
 * expected information ``J = Σᵢ wᵢ h'(ηᵢ)² / V(μᵢ) · xᵢ xᵢᵀ``.
 
 Both are sums over observations, so they accumulate batch by batch. For canonical
-links (logistic, poisson, binomial, gaussian) expected and observed information
-coincide. The gaussian family works with unit scale; the dispersion ``σ²`` is
-estimated separately by the model.
+links (bernoulli, poisson, binomial, gaussian) expected and observed information
+coincide.
+
+**Names.** The likelihood names are those of :mod:`fisherflow.estimation` and
+DESIGN.md: ``"gaussian"``, ``"bernoulli"`` (logit link), ``"poisson"``, plus
+``"probit"`` (Bernoulli with a probit link) and ``"binomial"`` (proportions with
+trials). ``"logistic"`` is a documented alias of ``"bernoulli"`` (:data:`ALIASES`);
+information from a ``"logistic"`` model is recorded as ``likelihood="bernoulli"``.
+
+The gaussian family works with unit scale; the dispersion ``σ²`` is estimated
+separately by the model.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["FAMILIES", "Family", "glm_score_information"]
+__all__ = ["ALIASES", "FAMILIES", "Family", "family", "glm_score_information"]
 
 _EPS = 1e-12
 
@@ -116,7 +124,7 @@ FAMILIES: dict[str, Family] = {
         _check_any,
         has_scale=True,
     ),
-    "logistic": Family("logistic", "logit", binary=True, **_LOGIT),  # type: ignore[arg-type]
+    "bernoulli": Family("bernoulli", "logit", binary=True, **_LOGIT),  # type: ignore[arg-type]
     "probit": Family(
         "probit",
         "probit",
@@ -140,6 +148,29 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+#: Other names accepted for a family: ``alias -> canonical name``.
+ALIASES: dict[str, str] = {"logistic": "bernoulli"}
+
+
+def family(name: object) -> Family:
+    """The family called ``name`` (canonical or alias, see :data:`ALIASES`).
+
+    Raises:
+        ValueError: If the name is unknown (the message lists names and aliases).
+
+    Example:
+        >>> family("logistic").name
+        'bernoulli'
+    """
+    if isinstance(name, str) and name in ALIASES:
+        name = ALIASES[name]
+    if not isinstance(name, str) or name not in FAMILIES:
+        raise ValueError(
+            f"family must be one of {sorted(FAMILIES)} (aliases: {ALIASES}), got {name!r}"
+        )
+    return FAMILIES[name]
+
+
 def glm_score_information(
     family: Family, X: Tensor, y: Tensor, w: Tensor, beta: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -158,7 +189,7 @@ def glm_score_information(
     Example:
         >>> X = torch.ones(2, 1, dtype=torch.float64); y = torch.tensor([0.0, 1.0], dtype=X.dtype)
         >>> w, b = torch.ones(2, dtype=X.dtype), torch.zeros(1, dtype=X.dtype)
-        >>> U, J, _, _ = glm_score_information(FAMILIES["logistic"], X, y, w, b)
+        >>> U, J, _, _ = glm_score_information(FAMILIES["bernoulli"], X, y, w, b)
         >>> U.tolist(), J.tolist()  # score Σ(y - 1/2) = 0, information Σ 1/4 = 1/2
         ([0.0], [[0.5]])
     """

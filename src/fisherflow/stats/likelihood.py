@@ -12,6 +12,10 @@ Hennig 2019, "Limitations of the empirical Fisher approximation"):
 All three agree in expectation at the true parameter of a well-specified
 model; at the MLE of a misspecified model, or away from the truth, they
 differ (the "sandwich" uses both observed and empirical).
+
+This module is the one autograd implementation of scores and information of a
+user log-likelihood: :mod:`fisherflow.flow`'s ``FisherFlow.from_log_likelihood``
+builds on :func:`observation_scores` and :func:`observed_information`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["empirical_fisher", "observed_information"]
+__all__ = ["empirical_fisher", "observation_scores", "observed_information"]
 
 LogLikelihood = Callable[[Tensor, Any], Tensor]
 
@@ -103,16 +107,46 @@ def empirical_fisher(log_likelihood: LogLikelihood, theta: Tensor, data: Any) ->
         >>> round(empirical_fisher(ll, torch.tensor([0.75], dtype=torch.float64), x).item(), 6)
         21.333333
     """
+    _, scores = observation_scores(log_likelihood, theta, data)
+    return scores.transpose(0, 1) @ scores
+
+
+def observation_scores(
+    log_likelihood: LogLikelihood, theta: Tensor, data: Any
+) -> tuple[Tensor, Tensor]:
+    """Per-observation log-likelihoods and scores ``sₙ = ∇_θ log p(xₙ | θ)``.
+
+    Args:
+        log_likelihood: ``log_likelihood(theta, data)`` returning per-observation
+            log-likelihoods, shape ``(n,)``.
+        theta: 1-D parameter vector of length k.
+        data: anything ``log_likelihood`` accepts.
+
+    Returns:
+        ``(values (n,), scores (n, k))``, detached.
+
+    Raises:
+        TypeError: invalid ``log_likelihood`` or ``theta``, or a non-tensor result.
+        ValueError: ``log_likelihood`` does not return a 1-D tensor.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([1.0, 3.0], dtype=torch.float64)
+        >>> ll = lambda t, x: -0.5 * (x - t[0]) ** 2  # N(mu, 1): score x - mu
+        >>> observation_scores(ll, torch.zeros(1, dtype=torch.float64), x)[1].flatten().tolist()
+        [1.0, 3.0]
+    """
     t = _check(log_likelihood, theta)
     with torch.no_grad():
         probe = log_likelihood(t, data)
-    if not isinstance(probe, Tensor) or probe.dim() != 1:
+    if not isinstance(probe, Tensor):
+        raise TypeError(f"log_likelihood must return a Tensor, got {type(probe).__name__}")
+    if probe.dim() != 1:
         raise ValueError(
-            "log_likelihood must return per-observation log-likelihoods of shape (n,) for the "
-            f"empirical Fisher, got {getattr(probe, 'shape', type(probe).__name__)}"
+            "log_likelihood must return per-observation log-likelihoods of shape (n,), got "
+            f"{tuple(probe.shape)}"
         )
-    jac = _per_example_scores(log_likelihood, t, data)  # (n, k)
-    return jac.transpose(0, 1) @ jac
+    return probe.detach(), _per_example_scores(log_likelihood, t, data)  # (n,), (n, k)
 
 
 def _per_example_scores(log_likelihood: LogLikelihood, theta: Tensor, data: Any) -> Tensor:
