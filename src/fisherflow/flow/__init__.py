@@ -20,7 +20,7 @@ from fisherflow.flow._common import (
 )
 from fisherflow.flow.autograd import INFORMATION, score_and_information
 from fisherflow.flow.distributed import all_reduce_information, fuse_across_ranks
-from fisherflow.flow.families import FAMILIES, Family, glm_score_information
+from fisherflow.flow.families import ALIASES, FAMILIES, Family, glm_score_information
 from fisherflow.flow.forgetting import (
     FORGETTING,
     Adaptive,
@@ -42,11 +42,13 @@ from fisherflow.flow.fusion import (
     trimmed_mean,
     weiszfeld,
 )
-from fisherflow.flow.glm import Batches, OnlineGLM
+from fisherflow.flow.glm import OnlineGLM
+from fisherflow.flow.glm_input import Batches
 from fisherflow.flow.state import Estimate, FisherFlow, fusion_update, scoring_update
 from fisherflow.flow.weighting import fuse_information, information_sums, information_weighted
 
 __all__ = [
+    "ALIASES",
     "FAMILIES",
     "FORGETTING",
     "INFORMATION",

@@ -11,84 +11,51 @@ convergence the coefficients and standard errors are the maximum-likelihood ones
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from scipy import stats as sps
 from torch import Tensor
 
-from fisherflow.distributed import all_reduce_sum
 from fisherflow.flow._common import (
     ConvergenceWarning,
     RankDeficiencyWarning,
     SeparationWarning,
-    as_float_tensor,
     check_real,
-    flat_layout,
     pinv_dense,
 )
-from fisherflow.flow.families import FAMILIES, Family, glm_score_information
+from fisherflow.flow.distributed import fuse_across_ranks
+from fisherflow.flow.families import Family, glm_score_information
+from fisherflow.flow.families import family as family_of
 from fisherflow.flow.forgetting import make_forgetting
+from fisherflow.flow.glm_input import (
+    DTYPE,
+    GLMBatch,
+    design_matrix,
+    output,
+    output_kind,
+    read_batch,
+)
+from fisherflow.flow.glm_irls import irls
 from fisherflow.flow.state import FisherFlow
 from fisherflow.flow.summary import format_summary
 from fisherflow.matrices import Dense, FisherMatrix
 
-__all__ = ["Batches", "OnlineGLM"]
-
-DTYPE = torch.float64
+__all__ = ["GLM_STRUCTURES", "OnlineGLM"]
 
 #: Structures an OnlineGLM keeps its information in (its batch information is dense).
 GLM_STRUCTURES = ("dense", "diagonal", "block")
-
-
-class Batches:
-    """A re-iterable view of in-memory arrays as ``(X, y, sample_weight)`` batches.
-
-    For :meth:`OnlineGLM.refine` when the data fit in memory anyway; streams from
-    disk should pass their own re-iterable (or a callable returning an iterator).
-
-    Args:
-        X: Design (array, frame or tensor).
-        y: Response.
-        sample_weight: Optional weights.
-        batch_size: Rows per batch (>= 1).
-
-    Raises:
-        ValueError: If ``batch_size`` is not a positive integer or lengths differ.
-    """
-
-    def __init__(self, X: Any, y: Any, sample_weight: Any = None, batch_size: int = 1024) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if len(X) != len(y) or (sample_weight is not None and len(sample_weight) != len(X)):
-            raise ValueError(
-                f"X, y and sample_weight must have the same length, got {len(X)}, {len(y)}"
-            )
-        self.X, self.y, self.w, self.batch_size = X, y, sample_weight, batch_size
-
-    def _rows(self, a: Any, i: int) -> Any:
-        if a is None:
-            return None
-        sl = slice(i, i + self.batch_size)
-        return a.iloc[sl] if hasattr(a, "iloc") else a[sl]
-
-    def __iter__(self) -> Any:
-        for i in range(0, len(self.X), self.batch_size):
-            yield self._rows(self.X, i), self._rows(self.y, i), self._rows(self.w, i)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.X) / self.batch_size)
 
 
 class OnlineGLM:
     """A streaming GLM that always holds its coefficients with standard errors.
 
     Args:
-        family: ``"gaussian"``, ``"logistic"``, ``"probit"``, ``"poisson"`` or
-            ``"binomial"`` (see :data:`fisherflow.flow.families.FAMILIES`). Binomial
+        family: ``"gaussian"``, ``"bernoulli"`` (alias ``"logistic"``), ``"probit"``,
+            ``"poisson"`` or ``"binomial"`` (see :mod:`fisherflow.flow.families`;
+            the names are the likelihood names of ``ff.estimate``). Binomial
             ``y`` is ``(successes, failures)`` columns, or proportions with the trials
             as ``sample_weight``.
         fit_intercept: Prepend a constant column named ``"const"``.
@@ -113,17 +80,15 @@ class OnlineGLM:
 
     def __init__(
         self,
-        family: str = "logistic",
+        family: str = "bernoulli",
         fit_intercept: bool = True,
         forgetting: object = None,
         prior_precision: float = 0.0,
         structure: str = "dense",
     ) -> None:
-        if not isinstance(family, str) or family not in FAMILIES:
-            raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
         if not isinstance(fit_intercept, bool):
             raise TypeError(f"fit_intercept must be a bool, got {type(fit_intercept).__name__}")
-        self.family: Family = FAMILIES[family]
+        self.family: Family = family_of(family)
         self.fit_intercept = fit_intercept
         self.prior_precision = check_real(prior_precision, "prior_precision", low=0.0)
         if not isinstance(structure, str) or structure not in GLM_STRUCTURES:
@@ -140,58 +105,8 @@ class OnlineGLM:
         self.n_iter = 0
 
     # ---------------------------------------------------------------- input
-    def _design(self, X: Any) -> tuple[Tensor, list[str]]:
-        Xt = as_float_tensor(X, "X", DTYPE)
-        if Xt.dim() == 1:
-            Xt = Xt[:, None]
-        if Xt.dim() != 2:
-            raise ValueError(f"X must be 2-D (n, features), got {Xt.dim()}-D")
-        if hasattr(X, "columns"):
-            names = [str(c) for c in X.columns]
-        else:
-            names = [f"x{i + 1}" for i in range(Xt.shape[1])]
-        if self.fit_intercept:
-            Xt = torch.cat([torch.ones(Xt.shape[0], 1, dtype=DTYPE), Xt], dim=1)
-            names = ["const", *names]
-        if self.feature_names is not None and Xt.shape[1] != len(self.feature_names):
-            k = len(self.feature_names) - int(self.fit_intercept)
-            raise ValueError(
-                f"X has {Xt.shape[1] - int(self.fit_intercept)} features, but the model was "
-                f"fitted with {k}"
-            )
-        return Xt, names
-
-    def _batch(
-        self, X: Any, y: Any, sample_weight: Any
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
-        """Validated ``(X, y, w, freq, names)``; ``w`` includes binomial trials."""
-        Xt, names = self._design(X)
-        n = Xt.shape[0]
-        if n == 0:
-            raise ValueError("X has no rows")
-        yt = as_float_tensor(y, "y", DTYPE)
-        trials = torch.ones(n, dtype=DTYPE)
-        if self.family.name == "binomial" and yt.dim() == 2 and yt.shape[1] == 2:
-            if bool((yt < 0).any()):
-                raise ValueError("binomial (successes, failures) must be >= 0")
-            trials = yt.sum(1)
-            yt = torch.where(trials > 0, yt[:, 0] / trials.clamp_min(1e-300), 0.0)
-        elif yt.dim() == 2 and yt.shape[1] == 1:
-            yt = yt[:, 0]
-        if yt.dim() != 1 or yt.shape[0] != n:
-            raise ValueError(f"y must have shape ({n},) to match X, got {tuple(yt.shape)}")
-        msg = self.family.check_y(yt)
-        if msg is not None:
-            raise ValueError(f"{msg} for family {self.family.name!r}")
-        if sample_weight is None:
-            freq = torch.ones(n, dtype=DTYPE)
-        else:
-            freq = as_float_tensor(sample_weight, "sample_weight", DTYPE).reshape(-1)
-            if freq.shape[0] != n:
-                raise ValueError(f"sample_weight must have {n} entries, got {freq.shape[0]}")
-            if bool((freq < 0).any()):
-                raise ValueError("sample_weight must be >= 0")
-        return Xt, yt, freq * trials, freq, names
+    def _read(self, X: Any, y: Any, sample_weight: Any, names: list[str] | None) -> GLMBatch:
+        return read_batch(self.family, X, y, sample_weight, self.fit_intercept, names)
 
     def _new_flow(self, p: int) -> FisherFlow:
         params = torch.zeros(p, dtype=DTYPE)
@@ -223,16 +138,15 @@ class OnlineGLM:
             ValueError: On non-finite values, mismatched dimensions or an invalid
                 response; the model is left unchanged.
         """
-        Xt, yt, w, freq, names = self._batch(X, y, sample_weight)
-        flow = self.flow if self.flow is not None else self._new_flow(Xt.shape[1])
-        beta = flow.flat_params
-        U, J, _, _ = glm_score_information(self.family, Xt, yt, w, beta)
-        totals = self._totals(Xt, yt, w)
-        flow.step(U, self._batch_info(J, freq, flow.layout), totals=totals)
+        b = self._read(X, y, sample_weight, self.feature_names)
+        flow = self.flow if self.flow is not None else self._new_flow(b.X.shape[1])
+        U, J, _, _ = glm_score_information(self.family, b.X, b.y, b.w, flow.flat_params)
+        totals = self._totals(b.X, b.y, b.w)
+        flow.step(U, self._batch_info(J, b.freq, flow.layout), totals=totals)
         if self.flow is None:
-            self.flow, self.feature_names = flow, names
-            self._out = _kind_of(X)
-        self.nobs += float(freq.sum())
+            self.flow, self.feature_names = flow, b.names
+            self._out = output_kind(X)
+        self.nobs += float(b.freq.sum())
         self.llf = None
         return self
 
@@ -291,54 +205,29 @@ class OnlineGLM:
                 )
         passes = data if callable(data) else (lambda: data)
         beta = self.flow.flat_params if self.flow is not None else None
-        names = self.feature_names
-        lam = self.prior_precision
-        converged = separated = False
-        it = 0
-        acc: dict[str, Any] = {}
-        # With a prior the penalised fit stays finite on separated data; an unpenalised
-        # probe iterate run alongside reveals the separation (it classifies everything).
         if group is not None and self.flow is not None:
-            from fisherflow.flow.distributed import fuse_across_ranks
-
             # every rank must iterate from the same point: the fused per-rank estimates
             beta = fuse_across_ranks(self.flow, group).params.reshape(-1)  # type: ignore[union-attr]
-        probe = beta.clone() if beta is not None and self.family.binary and lam > 0 else None
-        for it in range(1, n_iter + 1):  # noqa: B007
-            acc = self._pass(passes(), beta, names, probe)
-            if beta is None:
-                beta = torch.zeros(acc["p"], dtype=DTYPE)
-                probe = beta.clone() if self.family.binary and lam > 0 else None
-                names = acc["names"]
-                acc = self._pass(passes(), beta, names, probe)
-            if group is not None:
-                acc = _all_reduce(acc, group)
-            separated = separated or (
-                self.family.binary
-                and acc["binary"]
-                and (acc["correct"] == acc["rows"] or acc["correct_p"] == acc["rows"])
-            )
-            if probe is not None:
-                p_step = pinv_dense(Dense(acc["Jp"], flat_layout(probe.numel()))) @ acc["Up"]
-                probe = probe + p_step if torch.isfinite(p_step).all() else probe
-            p = beta.shape[0]
-            U = acc["U"] - lam * beta
-            J = acc["J"] + lam * torch.eye(p, dtype=DTYPE)
-            cov = pinv_dense(Dense(J, flat_layout(beta.numel())))
-            step = cov @ U
-            if not torch.isfinite(step).all():
-                raise FloatingPointError(
-                    "Fisher scoring produced a non-finite step; model unchanged"
-                )
-            small = bool((step.abs() <= tol * (1 + beta.abs())).all())
-            beta = beta + step
-            if small:
-                converged = True
-                break
-        assert beta is not None and names is not None
+        lam = self.prior_precision
+        fit = irls(
+            self.family,
+            passes,
+            beta,
+            self.feature_names,
+            self._read,
+            penalty=lam,
+            n_iter=n_iter,
+            tol=tol,
+            group=group,
+        )
+        beta, acc, names, converged = fit.beta, fit.stats, fit.names, fit.converged
         flow = self.flow if self.flow is not None else self._new_flow(beta.shape[0])
         info = Dense(
-            J, flow.layout, num_samples=float(acc["n"]), kind="exact", likelihood=self.family.name
+            fit.information,
+            flow.layout,
+            num_samples=float(acc["n"]),
+            kind="exact",
+            likelihood=self.family.name,
         )
         flow.reset(beta, info)
         if self.family.has_scale:
@@ -348,8 +237,8 @@ class OnlineGLM:
             self._out = acc["kind"]
         self.nobs = float(acc["n"])
         self.llf = float(acc["ll"])
-        self.converged, self.n_iter = converged, it
-        if separated:
+        self.converged, self.n_iter = converged, fit.n_iter
+        if fit.separated:
             warnings.warn(
                 "perfect separation: a linear predictor classifies every outcome correctly, "
                 "so the unpenalised MLE does not exist"
@@ -376,89 +265,14 @@ class OnlineGLM:
             )
         return self
 
-    def _pass(
-        self,
-        batches: Iterable[Any],
-        beta: Tensor | None,
-        names: list[str] | None,
-        probe: Tensor | None = None,
-    ) -> dict[str, Any]:
-        acc: dict[str, Any] = {
-            "U": 0.0,
-            "J": 0.0,
-            "Up": 0.0,
-            "Jp": 0.0,
-            "correct_p": -1,
-            "ll": 0.0,
-            "n": 0.0,
-            "yy": 0.0,
-            "xy": 0.0,
-            "rows": 0,
-            "correct": 0,
-            "binary": True,
-            "kind": None,
-        }
-        saved = self.feature_names
-        for batch in batches:
-            if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
-                raise ValueError(
-                    "each batch must be (X, y) or (X, y, sample_weight), "
-                    f"got {type(batch).__name__}"
-                )
-            X, y = batch[0], batch[1]
-            sw = batch[2] if len(batch) == 3 else None
-            self.feature_names = names
-            try:
-                Xt, yt, w, freq, bnames = self._batch(X, y, sw)
-            finally:
-                self.feature_names = saved
-            if names is None:
-                names = bnames
-            if acc["kind"] is None:
-                acc["kind"] = _kind_of(X)
-            if beta is None:  # first pass on a fresh model only discovers the width
-                acc["p"], acc["names"] = Xt.shape[1], names
-                return acc
-            U, J, ll, eta = glm_score_information(self.family, Xt, yt, w, beta)
-            acc["U"] = acc["U"] + U
-            acc["J"] = acc["J"] + J
-            acc["ll"] += float(ll)
-            acc["n"] += float(freq.sum())
-            if self.family.has_scale:
-                acc["yy"] = acc["yy"] + (w * yt * yt).sum()
-                acc["xy"] = acc["xy"] + Xt.T @ (w * yt)
-            active = w > 0
-            acc["rows"] += int(active.sum())
-            acc["binary"] = acc["binary"] and bool(((yt == 0) | (yt == 1))[active].all())
-            acc["correct"] += _correct(yt, eta, active)
-            if probe is not None:
-                Up, Jp, _, eta_p = glm_score_information(self.family, Xt, yt, w, probe)
-                acc["Up"], acc["Jp"] = acc["Up"] + Up, acc["Jp"] + Jp
-                acc["correct_p"] = max(acc["correct_p"], 0) + _correct(yt, eta_p, active)
-        if acc["rows"] == 0:
-            raise ValueError("refine got no observations (empty data)")
-        return acc
-
     # ----------------------------------------------------------- results
     def _require(self) -> FisherFlow:
         if self.flow is None:
             raise RuntimeError("the model has no data yet: call partial_fit or refine first")
         return self.flow
 
-    def _output(
-        self, arr: Tensor, index: Sequence[str] | None = None, kind: str | None = None
-    ) -> Any:
-        kind = kind or self._out
-        if kind == "torch":
-            return arr.clone()
-        out = arr.detach().cpu().numpy()
-        if kind == "pandas" and index is not None:
-            import pandas as pd
-
-            if out.ndim == 1:
-                return pd.Series(out, index=list(index))
-            return pd.DataFrame(out, index=list(index))
-        return out
+    def _output(self, arr: Tensor, index: Any = None, kind: str | None = None) -> Any:
+        return output(arr, kind or self._out, index)
 
     @property
     def scale(self) -> float:
@@ -531,13 +345,13 @@ class OnlineGLM:
 
     def _eta(self, X: Any) -> tuple[Tensor, Tensor]:
         flow = self._require()
-        Xt, _ = self._design(X)
+        Xt, _ = design_matrix(X, self.fit_intercept, self.feature_names)
         return Xt, Xt @ flow.flat_params
 
     def predict(self, X: Any) -> Any:
         """Predicted mean ``h(Xβ)`` (probabilities, rates, means)."""
         _, eta = self._eta(X)
-        return self._output(self.family.mean(eta), kind=_kind_of(X))
+        return self._output(self.family.mean(eta), kind=output_kind(X))
 
     def predict_interval(self, X: Any, alpha: float = 0.05) -> tuple[Any, Any]:
         """Confidence interval for the mean at ``X`` by the delta method.
@@ -554,7 +368,7 @@ class OnlineGLM:
         cov = self._cov()
         se = ((Xt @ cov) * Xt).sum(1).clamp_min(0).sqrt()
         z = float(sps.norm.isf(alpha / 2))
-        kind = _kind_of(X)
+        kind = output_kind(X)
         return (
             self._output(self.family.mean(eta - z * se), kind=kind),
             self._output(self.family.mean(eta + z * se), kind=kind),
@@ -587,39 +401,3 @@ class OnlineGLM:
             f"prior_precision={self.prior_precision}, structure={self.structure!r}, "
             f"nobs={self.nobs:g})"
         )
-
-
-def _correct(y: Tensor, eta: Tensor, active: Tensor) -> int:
-    """Observations strictly on the correct side of ``η = 0``."""
-    return int((((y == 1) & (eta > 0)) | ((y == 0) & (eta < 0)))[active].sum())
-
-
-def _kind_of(X: Any) -> str:
-    if isinstance(X, Tensor):
-        return "torch"
-    if hasattr(X, "iloc"):
-        return "pandas"
-    return "numpy"
-
-
-def _all_reduce(acc: dict[str, Any], group: Any) -> dict[str, Any]:
-    """Sum one pass's statistics over ranks (``binary`` holds when it holds on every rank)."""
-    out = dict(acc)
-    for key in ("U", "J", "yy", "xy", "Up", "Jp"):
-        out[key] = all_reduce_sum(torch.as_tensor(acc[key], dtype=DTYPE), group)
-    scalars = torch.tensor(
-        [
-            acc["ll"],
-            acc["n"],
-            acc["rows"],
-            acc["correct"],
-            acc["correct_p"],
-            float(not acc["binary"]),
-        ],
-        dtype=DTYPE,
-    )
-    sums = all_reduce_sum(scalars, group)
-    out["ll"], out["n"] = float(sums[0]), float(sums[1])
-    out["rows"], out["correct"], out["binary"] = int(sums[2]), int(sums[3]), float(sums[5]) == 0
-    out["correct_p"] = int(sums[4]) if acc["correct_p"] >= 0 else -1
-    return out
