@@ -1,14 +1,15 @@
 """Structured Fisher matrices over a parameter layout, their linear algebra and files.
 
 Layer 1 of fisherflow: imports only :mod:`fisherflow.distributed` (layer 0) besides
-torch, numpy, scipy and safetensors. Inside the package the imports go one way —
-``layout`` → ``validate`` → ``linalg`` → ``base`` → the structures (``dense``,
-``diagonal``, ``block``, ``kron``/``kron_base``, ``kfac``, ``ekfac``, ``lowrank``) —
-and ``io`` and ``distributed`` sit on ``base`` alone: each structure registers itself
-in :data:`STRUCTURES` when its module is imported.
+torch, numpy, scipy and safetensors. Inside the package the imports go one way, with
+no cycle: ``registry`` and ``layout`` at the bottom; ``validate``, ``linalg``; ``io``
+(the file format) and ``distributed`` (all-reduce), which resolve structures through
+the registry; ``base``; then the structures (``dense``, ``diagonal``, ``block``,
+``kron``/``kron_base``, ``kfac``, ``ekfac``, ``lowrank``), each of which registers
+itself in :data:`STRUCTURES` when its module is imported.
 """
 
-from fisherflow.matrices.base import KINDS, STRUCTURES, FisherMatrix
+from fisherflow.matrices.base import KINDS, FisherMatrix
 from fisherflow.matrices.block import Block
 from fisherflow.matrices.dense import Dense
 from fisherflow.matrices.diagonal import Diagonal
@@ -19,6 +20,7 @@ from fisherflow.matrices.kron import KronGroup
 from fisherflow.matrices.layout import ParamLayout, Vector
 from fisherflow.matrices.linalg import eigh
 from fisherflow.matrices.lowrank import LowRank, orthonormal_factor
+from fisherflow.matrices.registry import STRUCTURES
 
 __all__ = [
     "EKFAC",

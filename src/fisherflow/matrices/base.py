@@ -3,12 +3,13 @@
 A structure implements a small abstract core of **3 members** — ``_matmat``
 (``F @ V``), ``_state`` and ``_from_state`` (its tensors, for files, ``to`` and
 ``all_reduce``) — and sets the class attribute ``structure``, which registers it in
-:data:`STRUCTURES`. Everything else has a correct default here, derived from the
-core through the dense matrix (O(P²) memory, O(P³) time: fine for small layouts);
-a structure overrides the defaults it can do better (``_diagonal``, ``_eigvals``,
-``_power_matmat``, ``_pinv_matmat``, ``_rank``, ``_power``, ``_add``, ``_scale``,
-``_restrict``, ``dtype``, ``device``, ``groups``). Every public operation is
-derived here, with one name and one meaning across all structures.
+:data:`fisherflow.matrices.registry.STRUCTURES`. Everything else has a correct
+default here, derived from the core through the dense matrix (O(P²) memory, O(P³)
+time: fine for small layouts); a structure overrides the defaults it can do better
+(``_diagonal``, ``_eigvals``, ``_power_matmat``, ``_pinv_matmat``, ``_rank``,
+``_power``, ``_add``, ``_scale``, ``_restrict``, ``dtype``, ``device``, ``groups``).
+Every public operation is derived here, with one name and one meaning across all
+structures.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from fisherflow.matrices import distributed, io
 from fisherflow.matrices.layout import ParamLayout, Vector
 from fisherflow.matrices.linalg import (
     default_rcond,
@@ -29,6 +31,8 @@ from fisherflow.matrices.linalg import (
     spectral_pinv,
     spectral_power,
 )
+from fisherflow.matrices.registry import STRUCTURES
+from fisherflow.matrices.registry import register as register_structure
 from fisherflow.matrices.validate import (
     KINDS,
     check_columns,
@@ -40,13 +44,6 @@ from fisherflow.matrices.validate import (
 
 __all__ = ["KINDS", "STRUCTURES", "FisherMatrix"]
 
-
-#: Structure name -> :class:`FisherMatrix` subclass: the one place a structure string
-#: is resolved (files, ``all_reduce``, ``fisherflow.estimation``). A subclass that sets
-#: ``structure`` registers itself on definition; all six built-in structures
-#: (``"dense"``, ``"diagonal"``, ``"block"``, ``"kfac"``, ``"ekfac"``, ``"lowrank"``) are
-#: registered once :mod:`fisherflow.matrices` is imported.
-STRUCTURES: dict[str, type[FisherMatrix]] = {}
 
 #: Columns per product when a default builds the dense matrix or its diagonal.
 _CHUNK = 256
@@ -81,18 +78,8 @@ class FisherMatrix(abc.ABC):
 
     def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        name = cls.__dict__.get("structure")
-        if name is None or not register:
-            return
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"{cls.__name__}.structure must be a non-empty string, got {name!r}")
-        known = STRUCTURES.get(name)
-        if known is not None and known.__qualname__ != cls.__qualname__:
-            raise ValueError(
-                f"structure {name!r} is already registered by {known.__qualname__}; "
-                f"registered: {sorted(STRUCTURES)}"
-            )
-        STRUCTURES[name] = cls
+        if register and "structure" in cls.__dict__:
+            register_structure(cls)
 
     layout: ParamLayout
     num_samples: float
@@ -502,9 +489,7 @@ class FisherMatrix(abc.ABC):
     # -------------------------------------------------------------- files
     def save(self, path: str) -> None:
         """Write F to a safetensors file with JSON metadata, atomically."""
-        from fisherflow.matrices.io import save  # io imports this module: load on use
-
-        save(self, path)
+        io.save(self, path)
 
     def all_reduce(self, group: Any = None) -> FisherMatrix:
         """Sum F across the ranks of a ``torch.distributed`` process group.
@@ -513,6 +498,4 @@ class FisherMatrix(abc.ABC):
         same result, equal to adding the per-rank matrices in rank order with ``+``
         (exact for dense, diagonal and block; see each structure for the rest).
         """
-        from fisherflow.matrices.distributed import all_reduce  # imports this module
-
-        return all_reduce(self, group)
+        return distributed.all_reduce(self, group)

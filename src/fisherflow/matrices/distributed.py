@@ -6,12 +6,15 @@ each rank's matrix is resolved through :data:`fisherflow.matrices.STRUCTURES`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fisherflow.distributed import all_gather, all_gather_columns, require_distributed
-from fisherflow.matrices.base import STRUCTURES, FisherMatrix
+from fisherflow.matrices.registry import STRUCTURES
+
+if TYPE_CHECKING:  # annotations only: the base class imports this module
+    from fisherflow.matrices.base import FisherMatrix
 
 __all__ = ["all_reduce"]
 

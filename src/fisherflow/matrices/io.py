@@ -3,7 +3,7 @@
 Nothing is ever unpickled: a file holds raw tensors (safetensors) and a JSON
 string under the metadata key ``"fisherflow"``. The structure named in the file is
 resolved through :data:`fisherflow.matrices.STRUCTURES`, where every structure
-registers itself, so this module depends on the base class only.
+registers itself, so this module imports neither the base class nor a structure.
 """
 
 from __future__ import annotations
@@ -12,13 +12,17 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from fisherflow.matrices.base import STRUCTURES, FisherMatrix
+from fisherflow._version import __version__
 from fisherflow.matrices.layout import ParamLayout
+from fisherflow.matrices.registry import STRUCTURES
+
+if TYPE_CHECKING:  # annotations only: the base class imports this module
+    from fisherflow.matrices.base import FisherMatrix
 
 __all__ = ["FORMAT_VERSION", "load", "save"]
 
@@ -35,10 +39,11 @@ def save(fisher: FisherMatrix, path: str | os.PathLike[str]) -> None:
     Raises:
         TypeError: If ``fisher`` is not a :class:`FisherMatrix`.
     """
-    from fisherflow._version import __version__
-
-    if not isinstance(fisher, FisherMatrix):
-        raise TypeError(f"fisher must be a FisherMatrix, got {type(fisher).__name__}")
+    if STRUCTURES.get(getattr(fisher, "structure", None)) is not type(fisher):  # type: ignore[arg-type]
+        raise TypeError(
+            f"fisher must be a FisherMatrix of a registered structure {sorted(STRUCTURES)}, "
+            f"got {type(fisher).__name__}"
+        )
     tensors, extra = fisher._state()
     header = {
         "format_version": FORMAT_VERSION,

@@ -14,6 +14,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from fisherflow.matrices.base import FisherMatrix
+from fisherflow.matrices.ekfac import EKFAC
 from fisherflow.matrices.kron import KronGroup, factor_diag, factor_eigh, left, right
 from fisherflow.matrices.kron_base import KronStructure
 from fisherflow.matrices.layout import ParamLayout
@@ -83,7 +84,7 @@ class KFAC(KronStructure):
             for g in groups:  # name the culprit
                 check_factor(self.A[g], self.dims[g][1], f"A[{g!r}]")
                 check_factor(self.G[g], self.dims[g][0], f"G[{g!r}]")
-        self._basis: Any = None
+        self._basis: EKFAC | None = None
 
     def _group_dtype(self) -> torch.dtype:
         return next(iter(self.A.values())).dtype if self.A else torch.get_default_dtype()
@@ -91,14 +92,12 @@ class KFAC(KronStructure):
     def _group_device(self) -> torch.device:
         return next(iter(self.A.values())).device if self.A else torch.device("cpu")
 
-    def eigenbasis(self) -> Any:
+    def eigenbasis(self) -> EKFAC:
         """The same matrix as an EKFAC in the factors' eigenbasis (cached).
 
         Its eigenvalues per layer are the outer product of the factors' eigenvalues.
         """
         if self._basis is None:
-            from fisherflow.matrices.ekfac import EKFAC
-
             QA, QG, S = {}, {}, {}
             for g in self.kron_groups:
                 ea, qa = factor_eigh(self.A[g])
