@@ -108,13 +108,14 @@ class FisherFlow:
         structure: The structure information is kept in, any of
             :data:`fisherflow.matrices.STRUCTURES`: ``"dense"``, ``"diagonal"``,
             ``"block"`` (one block per parameter), ``"kfac"``, ``"ekfac"`` or
-            ``"lowrank"``; batch information is converted where it can be (see
-            :mod:`fisherflow.flow._information`). Without an initial ``information``
-            a K-FAC or EKFAC flow takes its layer groups (and EKFAC basis) from the
-            first batch. What adds exactly in each structure, and so what the
-            updates keep exact, is in :mod:`fisherflow.flow.weighting`; with
-            forgetting, K-FAC's ``A`` factors become a ``num_samples``-weighted
-            running average.
+            ``"lowrank"``. Batch information is converted where that invents
+            nothing (K-FAC from K-FAC; EKFAC from EKFAC or K-FAC; low-rank from
+            low-rank, diagonal or dense; the others from anything). Without an
+            initial ``information`` a K-FAC or EKFAC flow takes its layer groups
+            (and EKFAC basis) from the first batch. What adds exactly in each
+            structure, and so what the updates keep exact, is in
+            :mod:`fisherflow.flow.weighting`; with forgetting, K-FAC's ``A`` factors
+            become a ``num_samples``-weighted running average.
         forgetting: ``None``/``"none"``, ``"exponential"``, ``"window"``, ``"adaptive"`` or a
             :class:`~fisherflow.flow.forgetting.ForgettingPolicy`. The initial
             information is forgotten like any other by exponential and adaptive

@@ -29,7 +29,11 @@ from fisherflow.stats.information import (
 )
 from fisherflow.stats.jeffreys import JeffreysPrior, jeffreys_prior
 from fisherflow.stats.kl import kl_quadratic, kl_quadratic_check
-from fisherflow.stats.likelihood import empirical_fisher, observed_information
+from fisherflow.stats.likelihood import (
+    empirical_fisher,
+    observation_scores,
+    observed_information,
+)
 from fisherflow.stats.reparam import (
     change_parameterization,
     model_fisher_information,
@@ -61,6 +65,7 @@ __all__ = [
     "location_fisher_information",
     "model_fisher_information",
     "null_directions",
+    "observation_scores",
     "observed_information",
     "parameter_jacobian",
     "register_fisher",
