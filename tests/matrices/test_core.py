@@ -7,7 +7,7 @@ import torch
 
 from fisherflow.matrices import STRUCTURES, Dense, FisherMatrix, ParamLayout
 
-from .cases import DT, spd
+from .cases import DT, make, spd
 
 
 class Symmetric(FisherMatrix, register=False):
@@ -62,3 +62,24 @@ def test_a_second_structure_of_the_same_name_is_refused():
 
         class Other(Symmetric):
             structure = "dense"
+
+
+def test_only_registered_structures_are_saved(tmp_path):
+    layout = ParamLayout.from_shapes({"a": (2,)})
+    F = Symmetric(torch.eye(2, dtype=DT), layout)
+    with pytest.raises(TypeError, match="FisherMatrix of a registered structure"):
+        F.save(tmp_path / "f.safetensors")
+
+
+def test_with_layout_renames_or_refuses():
+    layout = ParamLayout.from_shapes({"a": (3,), "b": (2, 2)})
+    D = Dense(spd(7, torch.Generator().manual_seed(1)), layout, num_samples=2.0)
+    flat = ParamLayout.from_shapes({"theta": (7,)})
+    moved = D.with_layout(flat)
+    assert moved.layout == flat and moved.num_samples == 2.0
+    assert torch.equal(moved.to_dense(), D.to_dense())
+    block = D.block("a")  # a Dense over a sub-layout
+    with pytest.raises(ValueError, match="sizes differ"):
+        block.with_layout(flat)
+    with pytest.raises(ValueError, match="its groups name parameters"):
+        make("kfac", "tiny").with_layout(ParamLayout.from_shapes({"t": (8,)}))
