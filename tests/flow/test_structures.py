@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fisherflow.flow import Exponential, FisherFlow, fuse, robust_fuse
+from fisherflow.flow import Exponential, FisherFlow, Window, fuse, robust_fuse
 from fisherflow.flow._information import _CONVERTERS
 from fisherflow.matrices import EKFAC, KFAC, STRUCTURES, Dense, KronGroup, LowRank, ParamLayout
 from tests.matrices.cases import KRON, LAYOUTS, make, spd
@@ -195,3 +195,20 @@ def test_kron_group_layout_of_the_cases_is_the_one_used_here():
     assert set(KRON["mixed"]) == {"lin", "emb", "conv"}
     assert all(isinstance(g, KronGroup) for g in KRON["mixed"].values())
     assert isinstance(LAYOUT, ParamLayout)
+
+
+@pytest.mark.parametrize("forgetting", ["window", "adaptive"])
+def test_kfac_flow_with_window_and_adaptive_forgetting(forgetting):
+    prior, first, second, third = kfac_with_shared_A([1, 2, 3, 4])
+    policy = Window(2) if forgetting == "window" else "adaptive"
+    flow = FisherFlow(params(0), prior, structure="kfac", forgetting=policy)
+    for info in (first, second, third):
+        flow.update_estimate(params(0), info)  # the same estimate: no drift
+    assert isinstance(flow.information, KFAC)
+    mats = [f.to_dense() for f in (prior, first, second, third)]
+    if forgetting == "window":  # the prior stays; the window keeps the latest 2 batches
+        want = mats[0] + mats[2] + mats[3]
+    else:  # no drift detected: nothing is forgotten
+        want = sum(mats)
+    torch.testing.assert_close(flow.information.to_dense(), want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(flat(flow.params), flat(params(0)), rtol=1e-9, atol=1e-10)
