@@ -280,6 +280,7 @@ class FisherEstimator:
         self._started = False
         self._count = 0
         self._pass = 0
+        self._batches = 0  # fed in the current pass
         self._finished = False
         self._reduced = False
         self._generator = torch.Generator(device=self._device)
@@ -368,6 +369,7 @@ class FisherEstimator:
         finally:
             capture.start(0)  # drop the batch's records (activations, graph)
         self._check = None
+        self._batches += 1
         if self._pass == 0:  # later passes revisit the same observations
             self._count += count
         return count
@@ -507,13 +509,19 @@ class FisherEstimator:
             estimate is complete (always, for single-pass structures).
 
         Raises:
-            RuntimeError: Before any :meth:`update`.
+            RuntimeError: Before any :meth:`update`, or when a pass that needs the data
+                again has not been fed.
         """
         acc = self._accumulator("finish_pass")
         if self._finished or acc.passes == 1:
             return False
+        if self._batches == 0:
+            raise RuntimeError(
+                f"finish_pass(): pass {self._pass} of {self.structure!r} has had no batch; "
+                "call update() on every batch again first"
+            )
         more = acc.end_pass()
-        self._reduced = False
+        self._reduced, self._batches = False, 0
         if more:
             self._pass += 1
         else:
