@@ -308,3 +308,33 @@ def test_estimator_matches_reference_on_a_tied_transformer():
     est = _fed(model, data, lik, "empirical", "dense")
     R = reference_fisher(model, data, lik, "empirical")
     torch.testing.assert_close(est.result().to_dense(), R, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.distributed
+def test_all_reduce_over_two_processes_equals_one(tmp_path):
+    """torchrun (gloo, 2 processes): update per shard + all_reduce = one process on all."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("estimator_dist_worker.py")
+    src = Path(ff.__file__).resolve().parents[1]  # the fisherflow under test, not an install
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        str(worker),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ESTIMATOR-DISTRIBUTED-OK" in proc.stdout
