@@ -16,16 +16,12 @@ from torch import nn
 
 from fisherflow.distributed import is_distributed
 from fisherflow.estimation.data import Forward, evaluating
-from fisherflow.estimation.estimator import (
+from fisherflow.estimation.estimator import FisherEstimator
+from fisherflow.estimation.likelihoods import Likelihood
+from fisherflow.estimation.prepare import (
     _PREPARED as _PREPARED,  # the per-model cache, named here for its tests
 )
-from fisherflow.estimation.estimator import (
-    CONVENTIONS,
-    STRUCTURES,
-    FisherEstimator,
-    clear_cache,
-)
-from fisherflow.estimation.likelihoods import Likelihood
+from fisherflow.estimation.prepare import CONVENTIONS, STRUCTURES, clear_cache
 from fisherflow.matrices import FisherMatrix
 
 __all__ = ["CONVENTIONS", "STRUCTURES", "clear_cache", "estimate"]

@@ -10,10 +10,7 @@ label sampler and the observation count.
 from __future__ import annotations
 
 import contextlib
-import inspect
-import numbers
-import weakref
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -39,89 +36,16 @@ from fisherflow.estimation.engine import (
     probe,
     run_pass,
 )
-from fisherflow.estimation.likelihoods import LIKELIHOODS, Likelihood, get_likelihood
-from fisherflow.estimation.scores import KIND_SCORES
+from fisherflow.estimation.likelihoods import Likelihood
+from fisherflow.estimation.prepare import (
+    CONVENTIONS,
+    check_arguments,
+    prepared,
+    resolve_likelihood,
+)
 from fisherflow.matrices import FisherMatrix, ParamLayout
 
-__all__ = ["CONVENTIONS", "STRUCTURES", "FisherEstimator", "clear_cache"]
-
-#: Structures an estimator can build.
-STRUCTURES = tuple(ACCUMULATORS)
-#: K-FAC conventions for layers shared over positions: ``{name: reduce?}``.
-CONVENTIONS = {"expand": False, "reduce": True}
-
-
-class _Prepared:
-    """Per-model, per-``params`` state reused across estimates: layout, capture, plans."""
-
-    def __init__(self, layout: ParamLayout, capture: Capture | None) -> None:
-        self.layout, self.capture = layout, capture
-        self.plans: dict[Hashable, Plan] = {}
-
-
-#: ``{model: {(model signature, params): _Prepared}}``. Values never reference the
-#: model strongly (a :class:`Capture` holds it weakly), so entries die with it.
-_PREPARED: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, _Prepared]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def clear_cache() -> None:
-    """Forget every cached capture, layout and plan (rebuilt on the next estimate)."""
-    _PREPARED.clear()
-
-
-def _prepared(model: nn.Module, names: tuple[str, ...] | None, sig: Hashable) -> _Prepared:
-    key = (sig, names)
-    try:
-        cache = _PREPARED.setdefault(model, {})
-    except TypeError:  # pragma: no cover - model not weak-referenceable
-        cache = {}
-    hit = cache.get(key)
-    if hit is not None:
-        return hit
-    layout = ParamLayout.from_model(model, names)
-    if len(cache) >= 4:
-        cache.clear()
-    cache[key] = prep = _Prepared(layout, None)
-    return prep
-
-
-def _check_arguments(
-    kind: str, structure: str, mc_samples: int, rank: int, convention: str, seed: int | None
-) -> None:
-    if kind not in KIND_SCORES:
-        raise ValueError(f"kind must be one of {sorted(KIND_SCORES)}, got {kind!r}")
-    if structure not in ACCUMULATORS:
-        raise ValueError(f"structure must be one of {sorted(ACCUMULATORS)}, got {structure!r}")
-    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be one of {sorted(CONVENTIONS)}, got {convention!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise ValueError(f"seed must be an integer or None, got {seed!r}")
-
-
-def _likelihood(likelihood: str | Likelihood, options: dict[str, float]) -> Likelihood:
-    """The likelihood, with an option its factory does not take named in a ``TypeError``."""
-    if options and isinstance(likelihood, Likelihood):
-        raise TypeError(
-            f"likelihood options {sorted(options)} need a likelihood name; "
-            f"got a {type(likelihood).__name__} instance (configure it directly)"
-        )
-    factory = LIKELIHOODS.get(likelihood) if isinstance(likelihood, str) else None
-    if options and factory is not None:
-        params = inspect.signature(factory).parameters
-        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            for name in options:
-                if name not in params:
-                    raise TypeError(
-                        f"likelihood {likelihood!r} got an unexpected option {name!r}; "
-                        f"it takes {sorted(params)}"
-                    )
-    return get_likelihood(likelihood, **options)
+__all__ = ["FisherEstimator"]
 
 
 class FisherEstimator:
@@ -228,15 +152,15 @@ class FisherEstimator:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        _check_arguments(kind, structure, mc_samples, rank, convention, seed)
+        check_arguments(kind, structure, mc_samples, rank, convention, seed)
         if forward is not None and not callable(forward):
             raise TypeError(f"forward must be callable or None, got {type(forward).__name__}")
         self.model, self.kind, self.structure = model, kind, structure
         self.mc_samples, self.convention, self.seed = mc_samples, convention, seed
         self.shift_labels = shift_labels
-        self.likelihood = _likelihood(likelihood, likelihood_options)
+        self.likelihood = resolve_likelihood(likelihood, likelihood_options)
         self._model_sig = model_signature(model)
-        self._prep = _prepared(model, None if params is None else tuple(params), self._model_sig)
+        self._prep = prepared(model, None if params is None else tuple(params), self._model_sig)
         if self._prep.layout.size == 0:
             raise ValueError("params selects no trainable parameters")
         p0 = next(p for n, p in model.named_parameters() if n in self._prep.layout)
