@@ -140,6 +140,7 @@ def estimate(
         TypeError: If ``model`` is not a module or a batch has the wrong form.
 
     Example:
+        >>> import torch
         >>> model = nn.Linear(2, 1, bias=False)
         >>> x = torch.tensor([[1.0, 2.0]])
         >>> F = estimate(model, [(x, None)], "gaussian", kind="exact",

@@ -106,12 +106,14 @@ class FisherEstimator:
             ``"ekfac"`` or ``"lowrank"``.
         mc_samples: Sampled labels per observation (``"mc"``).
         rank: Rank of ``"lowrank"`` (other structures ignore it).
-        params: Names of the parameters to estimate over (default all trainable).
-        convention: ``"expand"`` or ``"reduce"`` (K-FAC on shared layers).
-        forward: ``forward(model, inputs) -> output`` for models not called as
-            ``model(inputs)`` / ``model(**inputs)``.
-        shift_labels: Shift dict labels for causal LMs (``None``: automatic, see
-            :func:`fisherflow.estimation.data.split_batch`).
+        params: Parameter names the Fisher covers (default: every trainable one).
+        convention: K-FAC's treatment of layers shared over positions: ``"expand"``
+            (every position is an input vector) or ``"reduce"`` (averaged per row).
+        forward: Calls the model, ``forward(model, inputs) -> output`` (default:
+            ``model(inputs)``, or ``model(**inputs)`` for a dict).
+        shift_labels: Whether the dict labels of a causal LM are shifted by one
+            (``None``: decided per batch by
+            :func:`~fisherflow.estimation.data.split_batch`).
         seed: Seed of the MC label sampler (re-seeded by :meth:`reset`).
         **likelihood_options: Options of a named likelihood (e.g. ``variance=0.5``).
 
