@@ -230,6 +230,41 @@ def test_bad_types_and_states():
     est.update(data[1])  # and feeding goes on
 
 
+class _TiedByMatmul(nn.Module):
+    """An embedding matrix reused outside its module: only the hook check can see it."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+
+    def forward(self, ids):
+        return self.emb(ids) @ self.emb.weight.T
+
+
+@pytest.mark.parametrize("how", ["update", "update_from"])
+def test_first_update_checks_the_hooks(how):
+    """The first batch (of each reset) demotes a parameter its hooks would miss."""
+    torch.manual_seed(0)
+    model = _TiedByMatmul().double()
+    data = [(torch.randint(0, 5, (3, 4)), torch.randint(0, 5, (3, 4))) for _ in range(2)]
+    R = reference_fisher(model, data, "categorical", "empirical")
+    est = FisherEstimator(model, "categorical", "empirical", "diagonal")
+    for round_ in range(2):
+        for i, (x, y) in enumerate(data):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", FallbackNotice)
+                if how == "update":
+                    est.update((x, y))
+                else:
+                    with est.update_from((x, y)) as record:
+                        record(model(x))
+            notices = [w for w in caught if issubclass(w.category, FallbackNotice)]
+            assert len(notices) == (1 if i == 0 else 0), (round_, i)
+            assert "emb" in str(notices[0].message) if notices else True
+        torch.testing.assert_close(est.result().diagonal(), R.diagonal(), rtol=1e-10, atol=1e-12)
+        est.reset()
+
+
 # ---------------------------------------------------------------------- update_from
 class _Scaled(nn.Module):
     """A parameterised module without a capture rule (per-sample fallback)."""

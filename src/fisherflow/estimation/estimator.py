@@ -317,8 +317,8 @@ class FisherEstimator:
             ValueError: For NaN/Inf outputs or targets the likelihood rejects.
             TypeError: If the batch has the wrong form.
         """
-        capture = self._begin(batch, "update")
         with evaluating(self.model):
+            capture = self._begin(batch, "update")
             return self._feed(batch, capture, self._forward)
 
     @contextlib.contextmanager
