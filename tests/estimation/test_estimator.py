@@ -373,3 +373,17 @@ def test_all_reduce_over_two_processes_equals_one(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "ESTIMATOR-DISTRIBUTED-OK" in proc.stdout
+
+
+def test_update_from_on_a_hugging_face_dict_batch():
+    """Dict batches (labels shifted for a causal LM) and outputs with ``.logits``."""
+    model, data, lik = make_case("gpt2")
+    est = FisherEstimator(model, lik, "empirical", "kfac")
+    for batch in data:
+        with est.update_from(batch) as record:
+            out = model(**batch)  # the model's own loss from its labels
+            record(out)
+            out.loss.backward(retain_graph=True)
+    G = estimate(model, data, lik, "empirical", "kfac", progress=False)
+    torch.testing.assert_close(est.result().to_dense(), G.to_dense(), rtol=1e-12, atol=1e-14)
+    assert est.num_samples == G.num_samples
