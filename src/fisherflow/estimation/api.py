@@ -68,6 +68,9 @@ def estimate(
 ) -> FisherMatrix:
     """Estimate the Fisher information of ``model`` on ``data``.
 
+    A loop over :class:`~fisherflow.estimation.FisherEstimator`, which optimizers and
+    custom training loops use directly to feed batches one at a time.
+
     The result holds the **sum** over observations (``num_samples`` of them; every
     unmasked token of a sequence is one observation). Per-row gradients are computed
     with hooks on common layers (``nn.Linear``, ``nn.Conv1d/2d``, ``nn.Embedding``,
