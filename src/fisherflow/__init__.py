@@ -4,6 +4,7 @@ from fisherflow import distributed, estimation, flow, matrices, stats
 from fisherflow._version import __version__
 from fisherflow.estimation import (
     FallbackNotice,
+    FisherEstimator,
     Likelihood,
     estimate,
     reference_fisher,
@@ -30,6 +31,7 @@ __all__ = [
     "Dense",
     "Diagonal",
     "FallbackNotice",
+    "FisherEstimator",
     "FisherFlow",
     "FisherMatrix",
     "KronGroup",

@@ -8,11 +8,15 @@ from pathlib import Path
 
 import pytest
 
+import fisherflow
+
 
 @pytest.mark.distributed
 def test_distributed_equals_single_process(tmp_path):
     worker = Path(__file__).with_name("dist_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    src = Path(fisherflow.__file__).resolve().parents[1]  # the fisherflow under test
+    env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")])
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

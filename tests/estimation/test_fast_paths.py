@@ -317,22 +317,22 @@ def test_rms_norm_with_one_plus_weight_is_also_exact():
 @pytest.mark.parametrize("kind", ["empirical", "exact", "mc"])
 def test_ekfac_basis_from_kept_rows_matches_eigh(monkeypatch, kind):
     """Few rows per factor: the eigenbasis from the rows (thin SVD) gives the same EKFAC."""
-    from fisherflow.estimation import accumulate
+    from fisherflow.estimation.accumulators import KFACAcc, ekfac
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 12)).double()
     data = [(torch.randn(3, 40, dtype=torch.float64), torch.randint(0, 12, (3,)))]
     calls = []
-    real = accumulate.gram_eigh
+    real = ekfac.gram_eigh
 
     def spy(rows):
         calls.append(tuple(rows.shape))
         return real(rows)
 
-    monkeypatch.setattr(accumulate, "gram_eigh", spy)
+    monkeypatch.setattr(ekfac, "gram_eigh", spy)
     E = estimate(model, data, "categorical", kind, "ekfac", progress=False, seed=3)
     assert (3, 41) in calls  # the first layer's input factor came from its rows
-    monkeypatch.setattr(accumulate.KFACAcc, "kept_rows", lambda self, side, group: None)
+    monkeypatch.setattr(KFACAcc, "kept_rows", lambda self, side, group: None)
     D = estimate(model, data, "categorical", kind, "ekfac", progress=False, seed=3)
     torch.testing.assert_close(E.to_dense(), D.to_dense())
 

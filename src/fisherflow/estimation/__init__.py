@@ -3,10 +3,20 @@
 ``estimate`` streams over the data once (twice for EKFAC) and returns a structured
 :class:`~fisherflow.matrices.FisherMatrix`; ``reference_fisher`` is the dense
 brute-force answer from per-example Jacobians, for small models and tests.
+
+``FisherEstimator`` is the reusable engine under ``estimate`` and the way optimizers
+and custom training loops get a Fisher: ``update(batch)`` (or ``update_from(batch)``
+around a training step's own forward) adds a batch, ``all_reduce(group)`` sums the
+statistics across ranks, ``result()`` builds the ``FisherMatrix`` (as often as
+needed), ``reset()`` starts over, and ``finish_pass()`` says whether a multi-pass
+structure (EKFAC) needs the data again. Each structure's accumulator
+(:mod:`fisherflow.estimation.accumulators`) is built from the options it names, and
+reduces its own state across ranks.
 """
 
 from fisherflow.estimation.api import CONVENTIONS, STRUCTURES, estimate
 from fisherflow.estimation.capture import LAYER_HANDLERS, FallbackNotice
+from fisherflow.estimation.estimator import FisherEstimator
 from fisherflow.estimation.likelihoods import (
     LIKELIHOODS,
     Bernoulli,
@@ -29,6 +39,7 @@ __all__ = [
     "Bernoulli",
     "Categorical",
     "FallbackNotice",
+    "FisherEstimator",
     "Gaussian",
     "Likelihood",
     "Poisson",

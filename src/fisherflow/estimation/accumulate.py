@@ -1,43 +1,38 @@
-"""Streaming accumulators: per-row gradients of each score → a structured Fisher.
+"""The accumulator protocol: what a pass feeds, and what a structure must implement.
 
-Every accumulator holds *sums* (so shards add exactly), consumes one score at a time
-(``add``), and builds its :class:`~fisherflow.matrices.FisherMatrix` at the end.
+A pass (:func:`~fisherflow.estimation.engine.run_pass`) records every captured layer
+use of a batch and calls, for each of its accumulators, :meth:`Accumulator.begin`
+once with the batch's records, then :meth:`Accumulator.add` per score (or
+:meth:`Accumulator.add_many` for a chunk of scores). An accumulator holds **sums**
+(so shards add exactly) and implements, besides ``add``:
+
+- :meth:`Accumulator.build`: the :class:`~fisherflow.matrices.FisherMatrix` of the
+  sums so far (without disturbing them: more batches may follow);
+- :meth:`Accumulator.reduce`: sum its own state across ``torch.distributed`` ranks,
+  in place, through :mod:`fisherflow.distributed` (the default sums every tensor of
+  ``state``; no code outside an accumulator touches its internals);
+- :meth:`Accumulator.end_pass` and :attr:`Accumulator.passes`, for structures that
+  need the data more than once (EKFAC).
+
+The concrete accumulators live in :mod:`fisherflow.estimation.accumulators`; this
+module holds the protocol, the :class:`Plan` they share and the :class:`Recorder`
+that keeps a pass's statistics for replay.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from fisherflow.estimation.layers import (
-    ConvHandler,
-    LayerNormHandler,
-    LinearHandler,
-    Record,
-    gram_into,
-    symmetrize,
-)
-from fisherflow.matrices import (
-    EKFAC,
-    KFAC,
-    Block,
-    Dense,
-    Diagonal,
-    FisherMatrix,
-    KronGroup,
-    LowRank,
-    ParamLayout,
-    orthonormal_factor,
-)
-from fisherflow.matrices.kron import factor_eigh
-from fisherflow.matrices.linalg import gram_eigh
+from fisherflow.distributed import all_reduce_sum
+from fisherflow.estimation.layers import Record
+from fisherflow.matrices import FisherMatrix, KronGroup, ParamLayout
 
-__all__ = ["ACCUMULATORS", "REPLAY_BYTES", "Plan", "Recorder", "per_row_dict"]
+__all__ = ["REPLAY_BYTES", "Accumulator", "Pairs", "Plan", "Recorder", "per_row_dict"]
 
 #: Most bytes of a first pass's statistics (layer inputs and output gradients) kept
 #: by :class:`Recorder` so that EKFAC's second pass replays them instead of running
@@ -121,13 +116,31 @@ def per_row_dict(
 
 
 class Accumulator:
-    """Base: sums over scores; subclasses define ``add`` and ``build``."""
+    """Base of the accumulators: sums over scores, built into a Fisher matrix.
 
-    def __init__(self, plan: Plan, **options: Any) -> None:
+    Subclasses take the plan and their own options as explicit keyword parameters
+    (never ``**options``: a misrouted option is a ``TypeError``), and implement
+    :meth:`add` and :meth:`build`; :meth:`begin`, :meth:`add_many`, :meth:`reduce`
+    and :meth:`end_pass` have defaults.
+
+    Args:
+        plan: What the estimate covers.
+
+    Attributes:
+        plan: The plan.
+        state: Named sums; the default :meth:`reduce` all-reduces each of them.
+        passes: Passes over the data the structure needs (class attribute; 2 for
+            EKFAC, whose :meth:`end_pass` asks for the data again unless it can
+            replay the first pass).
+    """
+
+    passes: ClassVar[int] = 1
+
+    def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.state: dict[str, Tensor] = {}
 
-    def begin(self, pairs: Sequence[Record]) -> None:
+    def begin(self, records: Sequence[Record]) -> None:
         """Called once per batch with its records (input-side statistics)."""
 
     def add(self, pairs: Pairs, func: Mapping[str, Tensor], rows: int) -> None:
@@ -143,360 +156,25 @@ class Accumulator:
             sl = [(rec, d[i * rows : (i + 1) * rows]) for rec, d in pairs]
             self.add(sl, {}, rows)
 
+    def reduce(self, group: Any = None) -> None:
+        """Sum the state across the ranks of ``group``, in place (every rank calls it).
+
+        The default sums each tensor of :attr:`state` (same keys and shapes on every
+        rank); accumulators with other state override it.
+        """
+        for k in list(self.state):
+            self.state[k] = all_reduce_sum(self.state[k], group)
+
+    def end_pass(self) -> bool:
+        """Close a pass over the data; returns whether the data must be streamed again.
+
+        Single-pass structures return ``False`` and may keep accumulating.
+        """
+        return False
+
     def build(self, **meta: Any) -> FisherMatrix:
-        """The Fisher matrix from the accumulated sums."""
+        """The Fisher matrix of the sums so far (the sums are left as they are)."""
         raise NotImplementedError
-
-
-def _one_position(rec: Record, d: Tensor) -> bool:
-    """Whether the diagonal of ``rec`` depends on ``d`` only through ``d²`` elementwise."""
-    return (
-        d.shape[1] == 1
-        and rec.rows is None
-        and isinstance(rec.handler, (LinearHandler, LayerNormHandler))
-        and not isinstance(rec.handler, ConvHandler)
-    )
-
-
-class DiagonalAcc(Accumulator):
-    """``Σ_n g_n²``: fast per-layer formulas when a parameter has a single use.
-
-    ``state`` holds a parameter's sum once it has one: the first contribution is
-    kept as is (handlers return new tensors), later ones are added in place.
-    """
-
-    def __init__(self, plan: Plan, names: Sequence[str] | None = None, **options: Any) -> None:
-        super().__init__(plan)
-        self.names = list(plan.layout.names if names is None else names)
-        self.keep = set(self.names)
-
-    def _accumulate(self, name: str, value: Tensor) -> None:
-        held = self.state.get(name)
-        if held is None:
-            self.state[name] = value
-        else:
-            held += value
-
-    def _kept(self, pairs: Pairs) -> Iterator[tuple[Record, Tensor, str, str | None, bool]]:
-        """Records of kept weights with their names and whether weight and bias are used once.
-
-        A parameter used by several records in a batch (a layer applied twice, tied
-        weights) must have its per-row gradient summed over uses before squaring.
-        """
-        uses: dict[str, int] = {}
-        for rec, _ in pairs:
-            for p in (rec.weight, rec.bias):
-                if p is not None:
-                    n = self.plan.name_of[id(p)]
-                    uses[n] = uses.get(n, 0) + 1
-        for rec, d in pairs:
-            wn = self.plan.name_of[id(rec.weight)]
-            if wn not in self.keep:
-                continue
-            bn = None if rec.bias is None else self.plan.name_of[id(rec.bias)]
-            yield rec, d, wn, bn, uses[wn] == 1 and (bn is None or uses[bn] == 1)
-
-    def _add_diag(self, wn: str, bn: str | None, fast: tuple[Tensor, Tensor | None]) -> None:
-        self._accumulate(wn, fast[0])
-        if bn is not None and fast[1] is not None:
-            self._accumulate(bn, fast[1])
-
-    def add(self, pairs: Pairs, func: Mapping[str, Tensor], rows: int) -> None:
-        slow: list[tuple[Record, Tensor]] = []
-        for rec, d, wn, bn, once in self._kept(pairs):
-            fast = rec.handler.diag(rec, d) if once and rec.rows is None else None
-            if fast is None:
-                slow.append((rec, d))
-            else:
-                self._add_diag(wn, bn, fast)
-        for n, g in per_row_dict(self.plan, slow, func, self.keep).items():
-            self._accumulate(n, (g * g).sum(0))
-
-    def add_many(self, pairs: Pairs, k: int, rows: int) -> None:
-        """Single-use, one-position Linear/norm layers: ``Σ_k δ_k²`` first (one matmul)."""
-        rest: list[tuple[Record, Tensor]] = []
-        for rec, d, wn, bn, once in self._kept(pairs):
-            if not (once and _one_position(rec, d)):
-                rest.append((rec, d))
-                continue
-            d_eff = (d * d).reshape(k, rows, *d.shape[1:]).sum(0).sqrt()
-            fast = rec.handler.diag(rec, d_eff)
-            assert fast is not None
-            self._add_diag(wn, bn, fast)
-        if rest:
-            super().add_many(rest, k, rows)
-
-    def vector(self) -> Tensor:
-        """The accumulated diagonal, flat in the order of ``names`` (zeros where unseen)."""
-        layout = self.plan.layout
-        parts = [
-            self.state[n].reshape(-1)
-            if n in self.state
-            else self.plan.zeros(math.prod(layout.shape(n)))
-            for n in self.names
-        ]
-        return torch.cat(parts) if parts else self.plan.zeros(0)
-
-    def set_vector(self, vector: Tensor) -> None:
-        """Replace the sums by a flat vector in the order of ``names`` (e.g. all-reduced)."""
-        layout = self.plan.layout
-        sizes = [math.prod(layout.shape(n)) for n in self.names]
-        self.state = {
-            n: v.view(layout.shape(n)) for n, v in zip(self.names, vector.split(sizes), strict=True)
-        }
-
-    def build(self, **meta: Any) -> FisherMatrix:
-        return Diagonal(self.vector(), self.plan.layout, **meta)
-
-
-class GroupAcc(Accumulator):
-    """Dense blocks ``Σ_n g_n g_nᵀ`` per group (one group = the whole layout for dense)."""
-
-    def __init__(self, plan: Plan, dense: bool = False, **options: Any) -> None:
-        super().__init__(plan)
-        self.dense = dense
-        self.groups = {"all": list(plan.layout.names)} if dense else plan.groups
-        for g, names in self.groups.items():
-            size = plan.layout.subset(names).size
-            self.state[g] = plan.zeros(size, size)  # a gram_into accumulator
-
-    def add(self, pairs: Pairs, func: Mapping[str, Tensor], rows: int) -> None:
-        rowd = per_row_dict(self.plan, pairs, func)
-        for g, names in self.groups.items():
-            parts = [
-                rowd[n].reshape(rows, -1)
-                if n in rowd
-                else self.plan.zeros(rows, self.plan.layout.subset([n]).size)
-                for n in names
-            ]
-            self.state[g] = gram_into(self.state[g], torch.cat(parts, 1))
-
-    def build(self, **meta: Any) -> FisherMatrix:
-        blocks = {g: symmetrize(m) for g, m in self.state.items()}
-        if self.dense:
-            return Dense(blocks["all"], self.plan.layout, **meta)
-        return Block(blocks, self.groups, self.plan.layout, **meta)
-
-
-class LowRankAcc(Accumulator):
-    """A streaming sketch ``B Bᵀ`` of ``Σ_n g_n g_nᵀ``, truncated to ``rank`` at the end.
-
-    Per-row gradients are appended as columns of ``B``; when ``B`` grows past
-    ``4·keep`` columns it is compressed to its top ``keep = max(2·rank, rank + 16)``
-    eigen-directions (exact while the total number of scores is at most ``keep``).
-    """
-
-    def __init__(self, plan: Plan, rank: int = 10, **options: Any) -> None:
-        super().__init__(plan)
-        self.rank = rank
-        self.keep = min(plan.layout.size, max(2 * rank, rank + 16))
-        self.cols: list[Tensor] = []
-        self.width = 0
-
-    def add(self, pairs: Pairs, func: Mapping[str, Tensor], rows: int) -> None:
-        rowd = per_row_dict(self.plan, pairs, func)
-        parts = [
-            rowd[n].reshape(rows, -1)
-            if n in rowd
-            else self.plan.zeros(rows, self.plan.layout.subset([n]).size)
-            for n in self.plan.layout.names
-        ]
-        self.cols.append(torch.cat(parts, 1).T)
-        self.width += rows
-        if self.width > 4 * self.keep:
-            self._compress(self.keep)
-
-    def _compress(self, rank: int) -> None:
-        B = torch.cat(self.cols, 1)
-        U, s = orthonormal_factor(B, rank)
-        self.cols = [U * s.sqrt()]
-        self.width = self.cols[0].shape[1]
-
-    def factor(self) -> Tensor:
-        """The current ``(P, k)`` factor ``B``."""
-        if not self.cols:
-            return self.plan.zeros(self.plan.layout.size, 1)
-        return torch.cat(self.cols, 1)
-
-    def build(self, **meta: Any) -> FisherMatrix:
-        U, s = orthonormal_factor(self.factor(), min(self.rank, self.plan.layout.size))
-        return LowRank(U, s, self.plan.layout, **meta)
-
-
-class KFACAcc(Accumulator):
-    """K-FAC factors (expand or reduce convention) and the rest's exact diagonal."""
-
-    def __init__(self, plan: Plan, keep_rows: bool = False, **options: Any) -> None:
-        super().__init__(plan)
-        self.rest = DiagonalAcc(plan, plan.rest)
-        self.counts: dict[str, float] = {}
-        self.A: dict[str, Tensor] = {}
-        self.G: dict[str, Tensor] = {}
-        #: ``{("A" | "G", group): rows}`` the vectors whose Gram matrix is a factor, kept
-        #: (with ``keep_rows``) while there are fewer than a third of the factor's side:
-        #: then :func:`~fisherflow.matrices.linalg.gram_eigh` eigendecomposes the factor
-        #: from them far faster than ``eigh`` (EKFAC). ``None`` once dropped.
-        self.rows: dict[tuple[str, str], list[Tensor] | None] = {}
-        self.keep_rows = keep_rows
-
-    def _group(self, rec: Record) -> str | None:
-        return self.plan.group_of_weight.get(self.plan.name_of[id(rec.weight)])
-
-    def _keep(self, key: tuple[str, str], rows: Tensor | None, side: int) -> None:
-        if not self.keep_rows:
-            return
-        held = self.rows.setdefault(key, [])
-        if held is None:
-            return
-        if rows is None or 3 * (sum(r.shape[0] for r in held) + rows.shape[0]) >= side:
-            self.rows[key] = None
-            return
-        held.append(rows.clone())  # not a view that keeps a whole activation alive
-
-    def begin(self, records: Sequence[Record]) -> None:
-        for rec in records:
-            g = self._group(rec)
-            if g is None:
-                continue
-            self.A[g], m = rec.handler.factor_a(rec, self.plan.reduce, self.A.get(g))
-            self.counts[g] = self.counts.get(g, 0) + m
-            if self.keep_rows:
-                side = self.A[g].shape[0]
-                self._keep(("A", g), rec.handler.rows_a(rec, self.plan.reduce), side)
-
-    def _split(
-        self, pairs: Pairs
-    ) -> tuple[list[tuple[str, Record, Tensor]], list[tuple[Record, Tensor]]]:
-        """Records of Kronecker groups (with their group) and the rest (diagonal)."""
-        grouped: list[tuple[str, Record, Tensor]] = []
-        rest: list[tuple[Record, Tensor]] = []
-        for rec, d in pairs:
-            g = self._group(rec)
-            if g is None:
-                rest.append((rec, d))
-            else:
-                grouped.append((g, rec, d))
-        return grouped, rest
-
-    def add(self, pairs: Pairs, func: Mapping[str, Tensor], rows: int) -> None:
-        grouped, rest = self._split(pairs)
-        for g, rec, d in grouped:
-            self._add_g(g, rec, d)
-        self.rest.add(rest, func, rows)
-
-    def add_many(self, pairs: Pairs, k: int, rows: int) -> None:
-        """``G`` of ``k`` scores from one ``(k·rows·S, n_out)`` product per layer."""
-        grouped, rest = self._split(pairs)
-        for g, rec, d in grouped:
-            if not isinstance(rec.handler, LinearHandler):
-                for i in range(k):
-                    self._add_g(g, rec, d[i * rows : (i + 1) * rows])
-                continue
-            self._add_g(g, rec, d)
-        if rest:
-            self.rest.add_many(rest, k, rows)
-
-    def _add_g(self, g: str, rec: Record, d: Tensor) -> None:
-        if rec.rows is None:
-            self.G[g] = rec.handler.factor_g(rec, d, self.plan.reduce, self.G.get(g))
-            if self.keep_rows:
-                side = self.G[g].shape[0]
-                self._keep(("G", g), rec.handler.rows_g(rec, d, self.plan.reduce), side)
-            return
-        self._keep(("G", g), None, 0)  # a use covering some output rows only
-        n_out = self.plan.kron[g].dims(self.plan.layout)[0]
-        if g not in self.G:
-            self.G[g] = self.plan.zeros(n_out, n_out)
-        block = self.G[g][rec.rows, rec.rows]
-        block += symmetrize(rec.handler.factor_g(rec, d, self.plan.reduce))
-        self.G[g][rec.rows, rec.rows] = block
-
-    def kept_rows(self, side: str, group: str) -> Tensor | None:
-        """All kept rows of a factor (``side`` ``"A"`` or ``"G"``), or ``None``."""
-        held = self.rows.get((side, group))
-        return torch.cat(held) if held else None
-
-    def factors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """``(A, G)`` with ``A`` the mean over input vectors and ``G`` the sum.
-
-        Consumes the accumulators (symmetrised and scaled in place): call once, at the end.
-        """
-        A, G = {}, {}
-        for g, spec in self.plan.kron.items():
-            n_out, n_cols = spec.dims(self.plan.layout)
-            A[g] = (
-                symmetrize(self.A[g]).div_(max(self.counts.get(g, 0), 1))
-                if g in self.A
-                else self.plan.zeros(n_cols, n_cols)
-            )
-            G[g] = symmetrize(self.G[g]) if g in self.G else self.plan.zeros(n_out, n_out)
-        return A, G
-
-    def build(self, **meta: Any) -> FisherMatrix:
-        A, G = self.factors()
-        rest = self.rest.vector() if self.plan.rest else None
-        return KFAC(self.plan.kron, A, G, self.plan.layout, rest, **meta)
-
-
-def _basis(factor: Tensor, rows: Tensor | None) -> Tensor | None:
-    """Eigenvectors of a factor (``None`` for a diagonal one), from its rows when kept."""
-    if rows is not None and factor.dim() == 2:
-        return gram_eigh(rows.to(factor.dtype))[1]
-    return factor_eigh(factor)[1]
-
-
-class EKFACAcc(Accumulator):
-    """Second pass of EKFAC: eigenvalue corrections ``S`` in a fixed K-FAC eigenbasis."""
-
-    def __init__(
-        self,
-        plan: Plan,
-        kfac: KFAC | None = None,
-        rows: KFACAcc | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(plan)
-        if kfac is None:
-            raise ValueError("EKFAC needs the K-FAC factors of a first pass")
-        self.kfac = kfac
-        self.QA: dict[str, Tensor | None] = {}
-        self.QG: dict[str, Tensor | None] = {}
-        for g in plan.kron:
-            self.QA[g] = _basis(kfac.A[g], None if rows is None else rows.kept_rows("A", g))
-            self.QG[g] = _basis(kfac.G[g], None if rows is None else rows.kept_rows("G", g))
-            n_out, n_cols = plan.kron[g].dims(plan.layout)
-            self.state[g] = plan.zeros(n_out, n_cols)
-
-    def add(self, pairs: Pairs, func: Mapping[str, Tensor], rows: int) -> None:
-        by_group: dict[str, list[tuple[Record, Tensor]]] = {}
-        for rec, d in pairs:
-            g = self.plan.group_of_weight.get(self.plan.name_of[id(rec.weight)])
-            if g is not None:
-                by_group.setdefault(g, []).append((rec, d))
-        for g, items in by_group.items():
-            qa, qg = self.QA[g], self.QG[g]
-            if len(items) == 1 and items[0][0].rows is None:
-                rec, d = items[0]
-                self.state[g] += rec.handler.ekfac(rec, d, qa, qg)
-                continue
-            n_out, n_cols = self.plan.kron[g].dims(self.plan.layout)
-            x = self.plan.zeros(rows, n_out, n_cols)
-            for rec, d in items:
-                m = rec.handler.matrix(rec, d)
-                if rec.rows is None:
-                    x += m
-                else:
-                    x[:, rec.rows] += m
-            if qg is not None:
-                x = qg.T @ x
-            if qa is not None:
-                x = x @ qa
-            self.state[g] += (x * x).sum(0)
-
-    def build(self, **meta: Any) -> FisherMatrix:
-        k = self.kfac
-        rest = k.rest if k.rest_names else None
-        return EKFAC(k.kron_groups, self.QA, self.QG, dict(self.state), k.layout, rest, **meta)
 
 
 class Recorder(Accumulator):
@@ -504,11 +182,17 @@ class Recorder(Accumulator):
 
     Records are kept without their output tensors (so without the autograd graph);
     ``overflow`` is set, and everything dropped, once the budget is exceeded.
+
+    Args:
+        plan: What the estimate covers.
+        budget: Most bytes kept (default :data:`REPLAY_BYTES` at construction).
     """
 
-    def __init__(self, plan: Plan, budget: int = REPLAY_BYTES, **options: Any) -> None:
+    def __init__(self, plan: Plan, budget: int | None = None) -> None:
         super().__init__(plan)
-        self.budget, self.used, self.overflow = budget, 0, False
+        # read at construction, not import: REPLAY_BYTES may be changed at run time
+        self.budget = REPLAY_BYTES if budget is None else budget
+        self.used, self.overflow = 0, False
         self.items: list[tuple[list[tuple[Record, Tensor]], Mapping[str, Tensor], int, int]] = []
         self._seen: dict[int, Record] = {}
         self._empty = torch.empty(0)
@@ -540,6 +224,9 @@ class Recorder(Accumulator):
     def add_many(self, pairs: Pairs, k: int, rows: int) -> None:  # noqa: D102
         self._keep(pairs, {}, rows, k)
 
+    def reduce(self, group: Any = None) -> None:
+        """Nothing to sum: the kept statistics are this rank's, replayed on this rank."""
+
     def replay(self, accs: Sequence[Accumulator]) -> None:
         """Feed the kept statistics to ``accs`` in the original order."""
         for pairs, func, rows, k in self.items:
@@ -548,14 +235,3 @@ class Recorder(Accumulator):
                     acc.add_many(pairs, k, rows)
                 else:
                     acc.add(pairs, func, rows)
-
-
-#: Accumulator classes by structure name.
-ACCUMULATORS: dict[str, type[Accumulator]] = {
-    "diagonal": DiagonalAcc,
-    "dense": GroupAcc,
-    "block": GroupAcc,
-    "lowrank": LowRankAcc,
-    "kfac": KFACAcc,
-    "ekfac": EKFACAcc,
-}

@@ -1,82 +1,41 @@
-"""``fisherflow.estimation``: the Fisher information of a model on data, in a structure."""
+"""``fisherflow.estimation.estimate``: the Fisher of a model on data, in one call.
+
+A short loop over :class:`~fisherflow.estimation.FisherEstimator`: every batch is fed
+with :meth:`~fisherflow.estimation.FisherEstimator.update`, the sums are all-reduced
+across ranks on request, and the data is streamed again while the structure asks for
+another pass.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import itertools
-import weakref
-from collections.abc import Hashable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import nn
 
-from fisherflow.estimation.accumulate import ACCUMULATORS, Accumulator, Plan, Recorder
-from fisherflow.estimation.capture import Capture
-from fisherflow.estimation.data import Forward, default_forward, evaluating
-from fisherflow.estimation.distributed import reduce_accumulators, want_distributed
-from fisherflow.estimation.engine import Recheck, build_plan, model_signature, probe, run_pass
-from fisherflow.estimation.likelihoods import Likelihood, get_likelihood
-from fisherflow.estimation.scores import KIND_SCORES
-from fisherflow.matrices import KFAC, FisherMatrix, ParamLayout
-
-__all__ = ["CONVENTIONS", "STRUCTURES", "estimate"]
-
-#: Structures ``estimate`` can build.
-STRUCTURES = tuple(ACCUMULATORS)
-#: K-FAC conventions for layers shared over positions: ``{name: reduce?}``.
-CONVENTIONS = {"expand": False, "reduce": True}
-
-
-class _Prepared:
-    """Per-model, per-``params`` state reused across calls: layout, capture, plans."""
-
-    def __init__(self, layout: ParamLayout, capture: Capture | None) -> None:
-        self.layout, self.capture = layout, capture
-        self.plans: dict[Hashable, Plan] = {}
-
-
-#: ``{model: {(model signature, params): _Prepared}}``. Values never reference the
-#: model strongly (a :class:`Capture` holds it weakly), so entries die with it.
-_PREPARED: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, _Prepared]] = (
-    weakref.WeakKeyDictionary()
+from fisherflow.distributed import is_distributed
+from fisherflow.estimation.data import Forward, evaluating
+from fisherflow.estimation.estimator import FisherEstimator
+from fisherflow.estimation.likelihoods import Likelihood
+from fisherflow.estimation.prepare import (
+    _PREPARED as _PREPARED,  # the per-model cache, named here for its tests
 )
+from fisherflow.estimation.prepare import CONVENTIONS, STRUCTURES, clear_cache
+from fisherflow.matrices import FisherMatrix
+
+__all__ = ["CONVENTIONS", "STRUCTURES", "clear_cache", "estimate"]
 
 
-def clear_cache() -> None:
-    """Forget every cached capture, layout and plan (rebuilt on the next call)."""
-    _PREPARED.clear()
+def _want_distributed(distributed: bool) -> bool:
+    """Whether to all-reduce: requested and a process group is initialised.
 
-
-def _prepared(model: nn.Module, params: Iterable[str] | None, sig: Hashable) -> _Prepared:
-    names = None if params is None else tuple(params)
-    key = (sig, names)
-    try:
-        cache = _PREPARED.setdefault(model, {})
-    except TypeError:  # pragma: no cover - model not weak-referenceable
-        cache = {}
-    hit = cache.get(key)
-    if hit is not None:
-        return hit
-    layout = ParamLayout.from_model(model, names)
-    if len(cache) >= 4:
-        cache.clear()
-    cache[key] = prep = _Prepared(layout, None)
-    return prep
-
-
-def _check(kind: str, structure: str, mc_samples: int, rank: int, convention: str) -> None:
-    if kind not in KIND_SCORES:
-        raise ValueError(f"kind must be one of {sorted(KIND_SCORES)}, got {kind!r}")
-    if structure not in ACCUMULATORS:
-        raise ValueError(f"structure must be one of {sorted(ACCUMULATORS)}, got {structure!r}")
-    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be one of {sorted(CONVENTIONS)}, got {convention!r}")
+    Raises:
+        TypeError: If ``distributed`` is not a bool.
+    """
+    if not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be a bool, got {type(distributed).__name__}")
+    return distributed and is_distributed()
 
 
 def _progress(enabled: bool, data: Any, desc: str) -> Any:
@@ -108,6 +67,9 @@ def estimate(
     **likelihood_options: float,
 ) -> FisherMatrix:
     """Estimate the Fisher information of ``model`` on ``data``.
+
+    A loop over :class:`~fisherflow.estimation.FisherEstimator`, which optimizers and
+    custom training loops use directly to feed batches one at a time.
 
     The result holds the **sum** over observations (``num_samples`` of them; every
     unmasked token of a sequence is one observation). Per-row gradients are computed
@@ -181,6 +143,7 @@ def estimate(
         TypeError: If ``model`` is not a module or a batch has the wrong form.
 
     Example:
+        >>> import torch
         >>> model = nn.Linear(2, 1, bias=False)
         >>> x = torch.tensor([[1.0, 2.0]])
         >>> F = estimate(model, [(x, None)], "gaussian", kind="exact",
@@ -188,125 +151,46 @@ def estimate(
         >>> F.to_dense().tolist()  # x xᵀ / σ²
         [[1.0, 2.0], [2.0, 4.0]]
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _check(kind, structure, mc_samples, rank, convention)
-    lik = get_likelihood(likelihood, **likelihood_options)
-    model_sig = model_signature(model)
-    prep = _prepared(model, params, model_sig)
-    layout = prep.layout
-    if layout.size == 0:
-        raise ValueError("params selects no trainable parameters")
-    p0 = next(p for n, p in model.named_parameters() if n in layout)
-    stat = torch.float64 if p0.dtype == torch.float64 else torch.float32
-    device = p0.device
-    fwd = forward or default_forward
+    estimator = FisherEstimator(
+        model,
+        likelihood,
+        kind,
+        structure,
+        mc_samples=mc_samples,
+        rank=rank,
+        params=params,
+        convention=convention,
+        forward=forward,
+        shift_labels=shift_labels,
+        seed=seed,
+        **likelihood_options,
+    )
+    estimator._share_cached_capture()
     iterator = iter(data)
-    if structure == "ekfac" and iterator is data:
+    if estimator.passes > 1 and iterator is data:
         raise ValueError(
-            "structure='ekfac' needs re-iterable data (a list or DataLoader), "
+            f"structure={structure!r} needs re-iterable data (a list or DataLoader), "
             "got a one-shot iterator"
         )
     try:
         first = next(iterator)
     except StopIteration:
         raise ValueError("data is empty") from None
-    gen = torch.Generator(device=device)
-    gen.manual_seed(0 if seed is None else seed)
-    use_dist = want_distributed(distributed)
-    capture = prep.capture
-    stack = contextlib.ExitStack()
-    stack.enter_context(evaluating(model))
-    try:
-        if capture is None:
-            capture = prep.capture = Capture(model, layout, stat)
-        capture.reset()  # fresh hooked set; the fallback notices fire on every call
-        common: dict[str, Any] = dict(
-            lik=lik, forward=fwd, shift_labels=shift_labels, device=device, stat=stat
-        )
-        check = probe(
-            model,
-            first,
-            capture,
-            forward=fwd,
-            shift_labels=shift_labels,
-            device=device,
-            model_sig=model_sig,
-        )
-        bar = _progress(progress, data, f"Fisher ({kind}, {structure})")
-        stream = functools.partial(
-            run_pass,
-            model,
-            kind=kind,
-            mc_samples=mc_samples,
-            generator=gen,
-            progress=bar,
-            **common,
-        )
-        recorder: Recorder | None = None
-        while True:  # again only if the first batch's hook check demotes parameters
-            plan = _plan(prep, capture, layout, stat, device, convention)
-            acc = _make(structure, plan, rank, distributed=use_dist)
-            recorder = Recorder(plan) if structure == "ekfac" else None
-            try:
-                accs = [acc] if recorder is None else [acc, recorder]
-                count = stream(
-                    data=itertools.chain([first], iterator), capture=capture, accs=accs, check=check
-                )
-            except Recheck:
-                assert check is not None
-                check.demote(capture)
-                continue
-            break
-        count = reduce_accumulators([acc], count, group) if use_dist else count
-        meta = {"num_samples": float(count), "kind": kind, "likelihood": lik.name}
-        result = acc.build(**meta)
-        if structure == "ekfac":
-            assert isinstance(result, KFAC)
-            acc2 = ACCUMULATORS["ekfac"](plan, kfac=result, rows=acc)
-            if recorder is not None and not recorder.overflow:
-                recorder.replay([acc2])  # the first pass's gradients, same MC labels
-                recorder = None
-            else:
-                stream(data=iter(data), capture=capture, accs=[acc2])
+    use_dist = _want_distributed(distributed)
+    bar = _progress(progress, data, f"Fisher ({kind}, {structure})")
+    batches: Iterable[Any] = itertools.chain([first], iterator)
+    with evaluating(model):
+        while True:
+            for batch in batches:
+                estimator.update(batch)
+                if bar is not None:
+                    bar.update(1)
             if use_dist:
-                reduce_accumulators([acc2], 0, group)
-            result = acc2.build(**meta)
-        if bar is not None:
-            bar.close()
-    finally:
-        if capture is not None:
-            capture.start(0)  # drop the last batch's records (activations, graph)
-        stack.close()
+                estimator.all_reduce(group)
+            if not estimator.finish_pass():
+                break
+            batches = data  # the structure asks for the data again
+        result = estimator.result()
+    if bar is not None:
+        bar.close()
     return result
-
-
-def _plan(
-    prep: _Prepared,
-    capture: Capture,
-    layout: ParamLayout,
-    stat: torch.dtype,
-    device: torch.device,
-    convention: str,
-) -> Plan:
-    """The (cached) plan for the parameters the capture currently hooks."""
-    key = (frozenset(capture.hooked), convention)
-    plan = prep.plans.get(key)
-    if plan is None:
-        plan = prep.plans[key] = build_plan(capture, layout, stat, device, CONVENTIONS[convention])
-    return plan
-
-
-def _make(structure: str, plan: Plan, rank: int, distributed: bool = False) -> Accumulator:
-    """The first pass's accumulator.
-
-    EKFAC's is K-FAC's, keeping the rows of small factors for fast eigenbases unless
-    the pass is split across processes.
-    """
-    if structure == "dense":
-        return ACCUMULATORS["dense"](plan, dense=True)
-    if structure == "lowrank":
-        return ACCUMULATORS["lowrank"](plan, rank=rank)
-    if structure == "ekfac":
-        return ACCUMULATORS["kfac"](plan, keep_rows=not distributed)
-    return ACCUMULATORS[structure](plan)
