@@ -13,7 +13,7 @@ from torch import nn
 __all__ = ["register", "run", "run_demo"]
 
 KINDS = ("exact", "mc", "empirical")
-STRUCTURES = ("dense", "diagonal", "block", "kfac", "ekfac", "lowrank")
+SHOWN_STRUCTURES = ("dense", "diagonal", "block", "kfac", "ekfac", "lowrank")
 
 
 def register(subparsers: Any) -> None:
@@ -89,7 +89,7 @@ def run_demo(out: str | Path, rows: int = 128, rank: int = 20) -> Path:
         lines += [f"## {name} ({P} parameters, train accuracy {acc:.3f}, {rows} examples)", ""]
         results: dict[tuple[str, str], Any] = {}
         for kind in KINDS:
-            for structure in STRUCTURES:
+            for structure in SHOWN_STRUCTURES:
                 t = time.perf_counter()
                 F = estimate(
                     model, data, "categorical", kind, structure, rank=rank, seed=0, progress=False

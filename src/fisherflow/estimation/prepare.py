@@ -19,7 +19,7 @@ from fisherflow.estimation.accumulators import ACCUMULATORS
 from fisherflow.estimation.capture import Capture
 from fisherflow.estimation.likelihoods import LIKELIHOODS, Likelihood, get_likelihood
 from fisherflow.estimation.scores import KIND_SCORES
-from fisherflow.matrices import ParamLayout
+from fisherflow.matrices import STRUCTURES, ParamLayout
 
 __all__ = [
     "CONVENTIONS",
@@ -31,8 +31,13 @@ __all__ = [
     "resolve_likelihood",
 ]
 
-#: Structures an estimator can build.
-STRUCTURES = tuple(ACCUMULATORS)
+# ``STRUCTURES`` is fisherflow's one table of structures (name -> FisherMatrix class,
+# :data:`fisherflow.matrices.STRUCTURES`); an estimator builds every one of them.
+if set(ACCUMULATORS) != set(STRUCTURES):  # pragma: no cover - a structure without accumulator
+    raise ImportError(
+        f"estimation has accumulators for {sorted(ACCUMULATORS)} but the registered "
+        f"structures are {sorted(STRUCTURES)}"
+    )
 #: K-FAC conventions for layers shared over positions: ``{name: reduce?}``.
 CONVENTIONS = {"expand": False, "reduce": True}
 
