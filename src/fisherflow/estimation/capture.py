@@ -88,6 +88,20 @@ def _is_rms_norm_like(module: nn.Module) -> bool:
     )
 
 
+def _affine_slope(module: nn.Module, x: Tensor) -> Tensor:
+    """``∂y/∂w`` of an elementwise-affine norm ``y = w ⊙ x̂`` (or ``(1 + w) ⊙ x̂``), by its own code.
+
+    ``module(x)`` with the weight set to one minus with it set to zero: ``x̂`` computed
+    exactly as the module computes it (Hugging Face RMS norms normalise in float32
+    whatever the model's dtype).
+    """
+    weight: Tensor = module.weight  # type: ignore[assignment]
+    with torch.no_grad():
+        one = torch.func.functional_call(module, {"weight": torch.ones_like(weight)}, (x,))
+        zero = torch.func.functional_call(module, {"weight": torch.zeros_like(weight)}, (x,))
+    return one - zero  # type: ignore[no-any-return]
+
+
 def _conv(module: nn.Module) -> tuple[Handler | None, str | None]:
     assert isinstance(module, (nn.Conv1d, nn.Conv2d))
     if module.groups != 1 or module.padding_mode != "zeros":
@@ -227,6 +241,8 @@ class Capture:
         self.spread: dict[int, tuple[int, bool]] = {}
         self.fallback = [n for n in self.layout.names if n not in self.hooked]
         self._notices: set[str] = set()
+        #: whether per-sample gradients loop over rows (``None``: not decided yet)
+        self.loop: bool | None = None
         self.start(0)
         if notify:
             for where, why in self._reasons.items():
@@ -242,6 +258,19 @@ class Capture:
             "parameters use per-sample gradients (torch.func), which is slower",
             FallbackNotice,
             stacklevel=4,
+        )
+
+    def notice_loop(self, why: str) -> None:
+        """Warn once that per-sample gradients run as a slow loop over rows."""
+        if "\0loop" in self._notices:
+            return
+        self._notices.add("\0loop")
+        warnings.warn(
+            f"fisherflow.estimation: per-sample gradients of {self.fallback[:3]} use a "
+            f"per-example autograd loop ({why}): one forward per row and one backward per "
+            "row and score, which is slow",
+            FallbackNotice,
+            stacklevel=5,
         )
 
     def demote(self, names: set[str], why: str) -> None:
@@ -360,9 +389,11 @@ class Capture:
             xs = xd.to(self.stat)
             if isinstance(module, nn.LayerNorm):
                 xhat = Fn.layer_norm(xs, shape, None, None, module.eps)
+            elif isinstance(module, nn.RMSNorm):
+                xhat = Fn.rms_norm(xs, shape, None, module.eps)
             else:
-                eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
-                xhat = Fn.rms_norm(xs, shape, None, eps)
+                with self.pause():  # the module runs again: its hook must stay quiet
+                    xhat = _affine_slope(module, xd).to(self.stat)
             data = xhat.reshape(xd.shape[0], -1, math.prod(shape))
         elif isinstance(handler, ConvHandler):
             data = unfold(module, xd.to(self.stat))

@@ -11,10 +11,14 @@ from torch import Tensor, nn
 
 __all__ = [
     "Batch",
+    "batch_rows",
     "default_forward",
     "evaluating",
+    "is_batched",
     "output_tensor",
+    "select_rows",
     "split_batch",
+    "tensor_leaves",
     "to_device",
 ]
 
@@ -116,23 +120,86 @@ def output_tensor(output: Any) -> Tensor:
     )
 
 
-def batch_rows(inputs: Any) -> int:
-    """Number of rows (examples) in a batch's inputs: the first tensor's leading size.
+def tensor_leaves(inputs: Any, path: str = "inputs") -> list[tuple[str, Tensor]]:
+    """Every tensor in nested dicts, lists and tuples, with its path (``inputs['ids']``)."""
+    if isinstance(inputs, Tensor):
+        return [(path, inputs)]
+    if isinstance(inputs, Mapping):
+        return [lf for k, v in inputs.items() for lf in tensor_leaves(v, f"{path}[{k!r}]")]
+    if isinstance(inputs, (list, tuple)):
+        return [lf for i, v in enumerate(inputs) for lf in tensor_leaves(v, f"{path}[{i}]")]
+    return []
+
+
+def batch_rows(inputs: Any, targets: Tensor | None = None) -> int:
+    """Number of rows (examples) in a batch: the size of dimension 0 they share.
+
+    A tensor input gives its leading size. In a dict (or list, tuple) every tensor is
+    looked at: the batch size is the targets' leading size when some input tensor has
+    it; otherwise the one leading size other than 1 (a size-1 leading dimension, such
+    as ``position_ids`` of shape ``(1, T)``, broadcasts over the batch), or 1 when all
+    are 1. Scalars (0-d tensors) carry no batch and are ignored.
+
+    Args:
+        inputs: A batch's inputs.
+        targets: The batch's targets, or ``None``.
+
+    Returns:
+        The number of rows (at least 1).
 
     Raises:
         TypeError: If the inputs hold no tensor.
+        ValueError: If no tensor has a dimension 0, the batch is empty, or the input
+            tensors disagree on the batch size and the targets do not settle it.
     """
+    leaves = tensor_leaves(inputs)
+    if not leaves:
+        raise TypeError(f"cannot find a batch dimension in inputs of type {type(inputs).__name__}")
+    sizes: dict[int, list[str]] = {}
+    for path, t in leaves:
+        if t.dim():
+            sizes.setdefault(int(t.shape[0]), []).append(path)
+    if not sizes:
+        raise ValueError(
+            "inputs must hold the examples in dimension 0 (a batch), got only 0-d tensors "
+            f"{[p for p, _ in leaves][:5]}"
+        )
     if isinstance(inputs, Tensor):
-        return int(inputs.shape[0])
+        rows = int(inputs.shape[0])
+    elif targets is not None and targets.dim() and int(targets.shape[0]) in sizes:
+        rows = int(targets.shape[0])
+    else:
+        big = sorted(s for s in sizes if s != 1)
+        if len(big) > 1:
+            found = {paths[0]: s for s, paths in sorted(sizes.items())}
+            raise ValueError(
+                "inputs: the batch size is ambiguous, the tensors' dimension-0 sizes differ "
+                f"({found}); give targets whose dimension 0 is the batch size, or inputs that "
+                "share it (a size-1 dimension 0 broadcasts)"
+            )
+        rows = big[0] if big else 1
+    if rows == 0:
+        raise ValueError(
+            f"inputs: a batch must have at least one row, got an empty batch (shapes "
+            f"{[tuple(t.shape) for _, t in leaves][:5]})"
+        )
+    return rows
+
+
+def is_batched(value: Any, rows: int) -> bool:
+    """Whether ``value`` is a tensor carrying the batch (``rows``) in dimension 0."""
+    return isinstance(value, Tensor) and value.dim() > 0 and int(value.shape[0]) == rows
+
+
+def select_rows(inputs: Any, start: int, stop: int, rows: int) -> Any:
+    """Rows ``start:stop`` of a batch; tensors without the batch in dimension 0 unchanged."""
+    if isinstance(inputs, Tensor):
+        return inputs[start:stop] if is_batched(inputs, rows) else inputs
     if isinstance(inputs, Mapping):
-        for v in inputs.values():
-            if isinstance(v, Tensor):
-                return int(v.shape[0])
+        return {k: select_rows(v, start, stop, rows) for k, v in inputs.items()}
     if isinstance(inputs, (list, tuple)):
-        for v in inputs:
-            if isinstance(v, Tensor):
-                return int(v.shape[0])
-    raise TypeError(f"cannot find a batch dimension in inputs of type {type(inputs).__name__}")
+        return type(inputs)(select_rows(v, start, stop, rows) for v in inputs)
+    return inputs
 
 
 @contextlib.contextmanager

@@ -22,7 +22,11 @@ from fisherflow.estimation.data import (
     to_device,
 )
 from fisherflow.estimation.likelihoods import Likelihood
-from fisherflow.estimation.persample import per_row_grads
+from fisherflow.estimation.persample import (
+    VMAP_UNSUPPORTED,
+    per_row_grads,
+    per_row_grads_loop,
+)
 from fisherflow.estimation.reference import Wrapped
 from fisherflow.estimation.scores import make_scores
 from fisherflow.matrices import KronGroup, ParamLayout
@@ -179,25 +183,64 @@ def _verify(
                 mine[n][:, rec.rows] += g
             else:
                 mine[n][rec.rows] += g
-    bad = set()
-    for n, ref in zip(params, grads, strict=True):
-        got = mine.get(n)
+    pairs_ = list(zip(grads, [mine.get(n) for n in params], strict=True))
+    return {n for n, bad in zip(params, mismatched(pairs_), strict=True) if bad}
+
+
+#: ``(rtol, noise)`` of the hook check per dtype: a gradient mismatches when its error
+#: exceeds ``rtol`` times its own size and ``noise`` times the largest gradient entry
+#: of all the compared parameters.
+CHECK_TOL = {
+    torch.float64: (1e-5, 1e-11),
+    torch.float32: (2e-2, 1e-5),
+    torch.float16: (2e-2, 1e-2),
+    torch.bfloat16: (2e-2, 1e-2),
+}
+
+
+#: ``(rtol, noise)`` of the check that expanding a batch-less embedding changes nothing.
+SPREAD_TOL = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-4, 1e-6),
+    torch.float16: (1e-2, 1e-3),
+    torch.bfloat16: (1e-2, 1e-3),
+}
+
+
+def mismatched(
+    pairs: list[tuple[Tensor | None, Tensor | None]],
+    tol: Mapping[torch.dtype, tuple[float, float]] = CHECK_TOL,
+) -> list[bool]:
+    """For each ``(ref, got)`` gradient pair, whether they differ beyond rounding noise.
+
+    A pair mismatches when ``max |got − ref|`` exceeds both ``rtol · (max |ref| +
+    max |got|)`` (its own scale) and ``noise · s``, ``s`` the largest entry over all
+    pairs (``tol``, default :data:`CHECK_TOL`): a gradient that is exactly zero in
+    theory (an attention key bias — softmax ignores a shift shared by all keys) but
+    computed as rounding noise of order ``ε · s`` is no mismatch, while a missed use
+    of a parameter still is unless its contribution is negligible against the whole
+    model's gradient. A side that is ``None`` counts as zero; two ``None`` agree.
+    """
+    rows: list[Tensor] = []
+    dtype = next((t.dtype for pair in pairs for t in pair if t is not None), torch.float64)
+    device = next((t.device for pair in pairs for t in pair if t is not None), None)
+    for ref, got in pairs:
         if ref is None and got is None:
+            rows.append(torch.zeros(3, dtype=torch.float64, device=device))
             continue
-        if ref is None or got is None:  # one side has a gradient, the other none
-            one: Tensor = got if got is not None else ref
-            if bool(one.any()):
-                bad.add(n)
+        ref_ = ref if ref is not None else torch.zeros_like(got)  # type: ignore[arg-type]
+        got_ = (got if got is not None else torch.zeros_like(ref_)).to(ref_.dtype)
+        if not ref_.numel():
+            rows.append(torch.zeros(3, dtype=torch.float64, device=device))
             continue
-        got = got.to(ref.dtype)
-        # max |got − ref| against max |ref| + max |got|, with one synchronisation
-        diff, r, g = torch.stack(
-            [(got - ref).abs().max(), ref.abs().max(), got.abs().max()]
-        ).tolist()
-        tol = 1e-5 if ref.dtype == torch.float64 else 2e-2
-        if diff > tol * (r + g + 1e-30):
-            bad.add(n)
-    return bad
+        parts = [(got_ - ref_).abs().max(), ref_.abs().max(), got_.abs().max()]
+        rows.append(torch.stack(parts).to(torch.float64))
+    if not rows:
+        return []
+    table = torch.stack(rows).tolist()  # one synchronisation
+    rtol, noise = tol.get(dtype, tol[torch.float32])
+    scale = max(max(r) for r in table)
+    return [d > rtol * (r + g + 1e-30) and d > noise * scale for d, r, g in table]
 
 
 def run_pass(
@@ -229,7 +272,7 @@ def run_pass(
             batch = split_batch(item, shift_labels)
             inputs = to_device(batch.inputs, device)
             targets = None if batch.targets is None else batch.targets.to(device)
-            rows = batch_rows(inputs)
+            rows = batch_rows(inputs, targets)
             capture.start(rows)
             with torch.enable_grad():
                 out = output_tensor(forward(model, inputs))
@@ -252,14 +295,7 @@ def run_pass(
             func_all: dict[str, Tensor] = {}
             if capture.fallback and cots:
                 with capture.pause():  # torch.func re-runs the model: hooks stay quiet
-                    func_all = per_row_grads(
-                        Wrapped(model, forward),
-                        capture.fallback,
-                        dict(model.named_parameters()),
-                        inputs,
-                        torch.stack(cots),
-                        rows,
-                    )
+                    func_all = _fallback(capture, model, forward, inputs, torch.stack(cots), rows)
             if cots is None and scores.size > 1 and records:
                 _batched(out, records, scores, accs, rows, stat)
             else:
@@ -282,6 +318,34 @@ def run_pass(
             if progress is not None:
                 progress.update(1)
     return total
+
+
+def _fallback(
+    capture: Capture, model: nn.Module, forward: Forward, inputs: Any, cots: Tensor, rows: int
+) -> dict[str, Tensor]:
+    """Per-row gradients of the parameters left to ``torch.func``: ``vmap``, else a loop.
+
+    The loop over rows (:func:`~fisherflow.estimation.persample.per_row_grads_loop`)
+    serves models ``vmap`` cannot run: those with a module of
+    :data:`~fisherflow.estimation.persample.VMAP_UNSUPPORTED` among the fallback's
+    owners, and any whose ``vmap`` fails (decided on the first batch, kept for the
+    pass), with a one-time notice that it is slow.
+    """
+    wrapped, params = Wrapped(model, forward), dict(model.named_parameters())
+    if capture.loop is None:
+        mods = dict(model.named_modules())
+        owners = {capture.owner.get(n, "") for n in capture.fallback}
+        slow = [o for o in sorted(owners) if isinstance(mods.get(o), VMAP_UNSUPPORTED)]
+        capture.loop = bool(slow)
+        if slow:
+            capture.notice_loop(f"torch.func.vmap cannot run {slow[:3]}")
+    if not capture.loop:
+        try:
+            return per_row_grads(wrapped, capture.fallback, params, inputs, cots, rows)
+        except RuntimeError as err:
+            capture.loop = True
+            capture.notice_loop(f"torch.func.vmap failed: {err.__cause__ or err}"[:300])
+    return per_row_grads_loop(wrapped, capture.fallback, params, inputs, cots, rows)
 
 
 def _pairs(records: list[Any], grads: Any, stat: torch.dtype) -> list[tuple[Any, Tensor]]:
@@ -531,10 +595,8 @@ def _try_spread(
             cot = _row_cotangent(out, sel)
             g_ref = torch.autograd.grad(out, params, cot, retain_graph=True, allow_unused=True)
             g_new = torch.autograd.grad(spread, params, cot, retain_graph=True, allow_unused=True)
-            same = all(
-                (a is None and b is None) or (a is not None and b is not None and _close(b, a))
-                for a, b in zip(g_ref, g_new, strict=True)
-            )
+            same = all((a is None) == (b is None) for a, b in zip(g_ref, g_new, strict=True))
+            same = same and not any(mismatched(list(zip(g_ref, g_new, strict=True)), SPREAD_TOL))
     except Exception:  # the expansion broke an assumption of the model (any error)
         same = False
     if same:
