@@ -60,6 +60,9 @@ def test_batched_mc_matches_looped(monkeypatch):
     torch.testing.assert_close(F.diagonal(), G.diagonal())
 
 
+@pytest.mark.filterwarnings(
+    "ignore::fisherflow.estimation.data.DataNotice"
+)  # (ids, ids) on purpose
 def test_hook_check_cached_and_keyed(monkeypatch):
     """The check runs once per model and input shape; a misuse is still reported."""
 
@@ -282,6 +285,9 @@ def _rms_model(norm: nn.Module) -> nn.Module:
     return nn.Sequential(nn.Embedding(11, 6), norm, nn.Linear(6, 11)).double()
 
 
+@pytest.mark.filterwarnings(
+    "ignore::fisherflow.estimation.data.DataNotice"
+)  # (ids, ids) on purpose
 @pytest.mark.parametrize("kind", ["exact", "empirical"])
 def test_hugging_face_rms_norm_is_captured_and_exact(kind):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -302,6 +308,9 @@ def test_hugging_face_rms_norm_is_captured_and_exact(kind):
     torch.testing.assert_close(F.to_dense(), R, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.filterwarnings(
+    "ignore::fisherflow.estimation.data.DataNotice"
+)  # (ids, ids) on purpose
 def test_rms_norm_with_one_plus_weight_is_also_exact():
     """``(1 + w) ⊙ x̂`` has the same weight gradient ``δ ⊙ x̂`` as ``w ⊙ x̂``."""
     model = _rms_model(_GemmaStyleRMSNorm(6))

@@ -11,10 +11,12 @@ from torch import Tensor, nn
 
 __all__ = [
     "Batch",
+    "DataNotice",
     "batch_rows",
     "default_forward",
     "evaluating",
     "is_batched",
+    "output_note",
     "output_tensor",
     "select_rows",
     "split_batch",
@@ -38,16 +40,46 @@ class Batch:
     def __init__(self, inputs: Any, targets: Tensor | None) -> None:
         self.inputs = inputs
         self.targets = targets
+        #: a rule applied to this batch that the user may not expect (see
+        #: :func:`split_batch`), or ``None``
+        self.note: str | None = None
+
+
+class DataNotice(UserWarning):
+    """Issued once per pass when a batch or output is read by a rule that may surprise.
+
+    E.g. a model returning a tuple of several tensors (the first is used), or a pair
+    whose targets equal its inputs (not shifted as a causal LM's would be).
+    """
+
+
+def _shift(labels: Tensor) -> Tensor:
+    """Labels shifted left by one position, the last position masked (``-100``)."""
+    return torch.cat([labels[..., 1:], torch.full_like(labels[..., :1], -100)], dim=-1)
+
+
+def _same_tokens(ids: Any, labels: Any) -> bool:
+    """Whether integer ``labels`` equal ``ids`` wherever not ``-100`` (a causal LM batch)."""
+    return (
+        isinstance(ids, Tensor)
+        and isinstance(labels, Tensor)
+        and not labels.dtype.is_floating_point
+        and ids.shape == labels.shape
+        and bool(((labels == ids) | (labels == -100)).all())
+    )
 
 
 def split_batch(batch: Any, shift_labels: bool | None = None) -> Batch:
     """Split a data item into inputs and targets.
 
     Accepts ``(inputs, targets)`` pairs and dicts with a ``"labels"`` key (the other
-    keys are the model's keyword inputs). With ``shift_labels`` (``None`` = automatic:
-    a dict whose labels equal its ``input_ids`` wherever not ``-100``, i.e. a Hugging
-    Face causal LM batch) the labels are shifted left by one position and the last
-    position masked, so that the output at ``t`` predicts the token at ``t + 1``.
+    keys are the model's keyword inputs). With ``shift_labels`` the labels are shifted
+    left by one position and the last position masked, so that the output at ``t``
+    predicts the token at ``t + 1`` (a causal LM). ``None`` = automatic for dicts
+    only: a dict whose labels equal its ``input_ids`` wherever not ``-100`` (a Hugging
+    Face causal LM batch) is shifted; a pair is never shifted automatically, and one
+    whose targets equal its inputs is flagged (``Batch.note``) so that the pass can
+    issue a one-time :class:`DataNotice`. ``True`` shifts pairs and dicts alike.
 
     Raises:
         TypeError: If the item is neither a pair nor a dict with ``"labels"``.
@@ -58,21 +90,24 @@ def split_batch(batch: Any, shift_labels: bool | None = None) -> Batch:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         labels = batch["labels"]
         if shift_labels is None:
-            ids = inputs.get("input_ids")
-            shift_labels = (
-                isinstance(ids, Tensor)
-                and isinstance(labels, Tensor)
-                and ids.shape == labels.shape
-                and bool(((labels == ids) | (labels == -100)).all())
-            )
+            shift_labels = _same_tokens(inputs.get("input_ids"), labels)
         if shift_labels:
-            labels = torch.cat([labels[..., 1:], torch.full_like(labels[..., :1], -100)], dim=-1)
+            labels = _shift(labels)
         return Batch(inputs, labels)
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         inputs, targets = batch
         if targets is not None and not isinstance(targets, Tensor):
             raise TypeError(f"targets must be a Tensor, got {type(targets).__name__}")
-        return Batch(inputs, targets)
+        if shift_labels and targets is not None:
+            return Batch(inputs, _shift(targets))
+        out = Batch(inputs, targets)
+        if shift_labels is None and _same_tokens(inputs, targets):
+            out.note = (
+                "the targets of an (inputs, targets) pair equal its inputs: they are not "
+                "shifted (only dict batches are shifted automatically); for a causal "
+                "language model pass shift_labels=True"
+            )
+        return out
     raise TypeError(
         "each data item must be an (inputs, targets) pair or a dict with 'labels', "
         f"got {type(batch).__name__}"
@@ -100,7 +135,10 @@ def default_forward(model: nn.Module, inputs: Any) -> Any:
 
 
 def output_tensor(output: Any) -> Tensor:
-    """The prediction tensor of a model output: a tensor, ``.logits`` or a 1-tuple.
+    """The prediction tensor of a model output: a tensor, ``.logits`` or a tuple's first.
+
+    A tuple or list gives its first element (a tensor); :func:`output_note` says when
+    that choice is ambiguous (several tensors).
 
     Raises:
         TypeError: If no tensor can be found (pass ``forward=`` to adapt the model).
@@ -117,6 +155,26 @@ def output_tensor(output: Any) -> Tensor:
     raise TypeError(
         "the model output must be a Tensor or have .logits; pass forward=callable(model, "
         f"inputs) returning a tensor, got {type(output).__name__}"
+    )
+
+
+def output_note(output: Any) -> str | None:
+    """Why :func:`output_tensor`'s choice may be unintended, or ``None``.
+
+    A plain tuple or list holding several tensors (``(logits, hidden)`` or ``(aux,
+    logits)``): the first is used, by rule.
+    """
+    if isinstance(output, Tensor) or not isinstance(output, (tuple, list)):
+        return None
+    if isinstance(getattr(output, "logits", None), Tensor):
+        return None
+    shapes = [tuple(v.shape) for v in output if isinstance(v, Tensor)]
+    if len(shapes) < 2:
+        return None
+    return (
+        f"the model returned a {type(output).__name__} of {len(shapes)} tensors (shapes "
+        f"{shapes[:4]}); by rule its first element is the prediction; pass "
+        "forward=lambda model, inputs: ... returning the logits if it is not"
     )
 
 

@@ -14,9 +14,12 @@ from torch.utils._pytree import tree_flatten
 
 from fisherflow.estimation.accumulate import Accumulator, Plan
 from fisherflow.estimation.capture import RULED, Capture, rule_key
+from fisherflow.estimation.checks import check_inputs, check_output, check_total
 from fisherflow.estimation.data import (
+    DataNotice,
     Forward,
     batch_rows,
+    output_note,
     output_tensor,
     split_batch,
     to_device,
@@ -266,16 +269,25 @@ def run_pass(
     check: :class:`Recheck` is raised, before any accumulator is fed, if it demotes
     parameters.
     """
-    total = 0
+    total = batches = 0
+    noted: set[str] = set()
     with capture:
         for item in data:
             batch = split_batch(item, shift_labels)
             inputs = to_device(batch.inputs, device)
             targets = None if batch.targets is None else batch.targets.to(device)
             rows = batch_rows(inputs, targets)
+            check_inputs(inputs, batches)
             capture.start(rows)
             with torch.enable_grad():
-                out = output_tensor(forward(model, inputs))
+                raw = forward(model, inputs)
+            out = output_tensor(raw)
+            check_output(out, rows, targets, batches)
+            for note in (batch.note, output_note(raw)):
+                if note is not None and note not in noted:
+                    noted.add(note)
+                    warnings.warn(f"fisherflow.estimation: {note}", DataNotice, stacklevel=3)
+            batches += 1
             if check is not None:
                 out = _check_first_batch(check, model, inputs, rows, capture, forward, out, stat)
                 check = None
@@ -317,6 +329,7 @@ def run_pass(
                         acc.add(pairs, func, rows)
             if progress is not None:
                 progress.update(1)
+    check_total(total, batches)
     return total
 
 
