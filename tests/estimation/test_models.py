@@ -101,3 +101,37 @@ def test_per_example_loop_when_vmap_fails():
     loops = [w for w in seen if "per-example autograd loop" in str(w.message)]
     assert len(loops) == 1 and "vmap failed" in str(loops[0].message)
     torch.testing.assert_close(F.to_dense(), R, rtol=1e-10, atol=1e-12)
+
+
+class _MyLinear(nn.Module):
+    """A user's own linear layer (not an ``nn.Linear``)."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) / n_in**0.5)
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def test_one_layer_type_entry_captures_a_new_layer(monkeypatch):
+    """Appending a ``LayerType`` is all it takes: capture, plan and signature follow."""
+    from fisherflow.estimation import handlers
+    from fisherflow.estimation.layers import LinearHandler
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_MyLinear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    data = [(x, torch.tensor([0, 1, 1, 0, 1]))]
+    R = reference_fisher(model, data, "categorical", "exact")
+    with pytest.warns(FallbackNotice, match="_MyLinear"):
+        estimate(model, data, "categorical", "exact", "diagonal", progress=False)
+    entry = handlers.LayerType(
+        lambda m: isinstance(m, _MyLinear), lambda m: (LinearHandler(), None)
+    )
+    monkeypatch.setattr(handlers, "LAYER_HANDLERS", [*handlers.LAYER_HANDLERS, entry])
+    F = estimate(model, data, "categorical", "exact", "kfac", progress=False)  # no notice
+    assert "0" in F.kron_groups  # a Kronecker layer now
+    D = estimate(model, data, "categorical", "exact", "dense", progress=False)
+    torch.testing.assert_close(D.to_dense(), R, rtol=1e-10, atol=1e-12)

@@ -3,6 +3,40 @@
 ``estimate`` streams over the data once (twice for EKFAC) and returns a structured
 :class:`~fisherflow.matrices.FisherMatrix`; ``reference_fisher`` is the dense
 brute-force answer from per-example Jacobians, for small models and tests.
+
+Inside the package (layer 2 of fisherflow: it imports only ``fisherflow.matrices``,
+``fisherflow.stats`` and ``fisherflow.distributed``), modules are layered too, each
+importing only those above it in this list:
+
+1. *What a batch is* — ``data`` (splitting items into inputs and targets, the batch
+   size of a dict, label shifting, the model output's prediction tensor) and
+   ``likelihoods`` (negative log-likelihood, label sampling, the output Fisher).
+2. *What a score is* — ``scores`` (the cotangents of each kind) and ``checks`` (the
+   named errors of a bad batch or output).
+3. *The dense reference* — ``reference`` (per-example Jacobians with ``torch.func``)
+   and ``persample`` (per-row gradients by ``vmap``, or by a loop over rows where
+   ``vmap`` cannot run the model).
+4. *Layers* — ``patches`` and ``layers`` (one :class:`~fisherflow.estimation.layers.Handler`
+   per kind of layer: how it records its input and turns input and output gradient
+   into per-row gradients, diagonals and Kronecker factors), ``attention`` (the
+   explicit ``nn.MultiheadAttention`` forward) and ``handlers`` (one
+   :class:`~fisherflow.estimation.handlers.LayerType` per layer type: which modules,
+   which capture rule, which parameter roles — the single table the rest derive
+   from).
+5. *Capture* — ``capture`` (hooks on the model, the records of a pass, the fallback
+   notices).
+6. *Statistics* — ``accumulate`` (one accumulator per structure, fed the records'
+   output gradients).
+7. *The pass* — ``plan`` (the model signature that keys every cache, parameter
+   groups and Kronecker layers), ``hookcheck`` (the first batch's hook gradients
+   against autograd's, telling rounding noise from a missed use) and ``engine``
+   (one pass over the data: forward, checks, backward per score, accumulate).
+8. *Fronts* — ``distributed`` (all-reduce of the accumulators over
+   ``fisherflow.distributed``) and ``api`` (``estimate``).
+
+No module dispatches on class names: a layer is matched by its
+:class:`~fisherflow.estimation.handlers.LayerType` entry; kinds, structures and
+likelihoods go through dicts whose errors list the valid keys.
 """
 
 from fisherflow.estimation.api import CONVENTIONS, STRUCTURES, estimate

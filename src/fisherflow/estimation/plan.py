@@ -13,6 +13,7 @@ from collections.abc import Hashable
 import torch
 from torch import Tensor, nn
 
+from fisherflow.estimation import handlers
 from fisherflow.estimation.accumulate import Plan
 from fisherflow.estimation.capture import Capture
 from fisherflow.estimation.handlers import is_ruled, roles, rule_key
@@ -26,7 +27,8 @@ def model_signature(model: nn.Module) -> Hashable:
 
     Modules by identity, type, a patched ``forward`` and their capture rule's
     decision (:func:`~fisherflow.estimation.capture.rule_key`); parameters by name,
-    identity, shape, dtype, device and whether trainable.
+    identity, shape, dtype, device and whether trainable; and the table of layer types
+    (:data:`~fisherflow.estimation.handlers.LAYER_HANDLERS`, replaced or grown).
     """
     # one walk over the modules; parameters as ``named_parameters`` lists them (first
     # name of each tensor)
@@ -42,7 +44,8 @@ def model_signature(model: nn.Module) -> Hashable:
             seen.add(id(p))
             name = f"{mname}.{k}" if mname else k
             params.append((name, id(p), tuple(p.shape), p.dtype, p.device, p.requires_grad))
-    return tuple(mods), tuple(params)
+    table = (id(handlers.LAYER_HANDLERS), len(handlers.LAYER_HANDLERS))
+    return tuple(mods), tuple(params), table
 
 
 def build_plan(

@@ -1,0 +1,65 @@
+"""Modules of ``fisherflow.estimation`` import only those before them (package docstring)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import fisherflow.estimation as pkg
+
+#: The order of the package docstring: a module may import only modules listed before it.
+ORDER = [
+    "data",
+    "likelihoods",
+    "scores",
+    "checks",
+    "reference",
+    "persample",
+    "patches",
+    "layers",
+    "attention",
+    "handlers",
+    "capture",
+    "accumulate",
+    "plan",
+    "hookcheck",
+    "engine",
+    "distributed",
+    "api",
+]
+ALLOWED_OUTSIDE = {"fisherflow.matrices", "fisherflow.stats", "fisherflow.distributed"}
+
+
+def _imports(path: Path) -> set[str]:
+    """Modules imported at run time (``if TYPE_CHECKING:`` blocks excluded)."""
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            if isinstance(child, ast.ImportFrom) and child.module:
+                found.add(child.module)
+            elif isinstance(child, ast.Import):
+                found.update(a.name for a in child.names)
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def test_modules_import_only_earlier_modules():
+    root = Path(pkg.__file__).parent
+    bad = []
+    for i, name in enumerate(ORDER):
+        for mod in _imports(root / f"{name}.py"):
+            if not mod.startswith("fisherflow"):
+                continue
+            if mod.startswith("fisherflow.estimation."):
+                other = mod.split(".")[2]
+                if other in ORDER and ORDER.index(other) >= i:
+                    bad.append(f"{name} imports {other}")
+            elif not any(mod == a or mod.startswith(a + ".") for a in ALLOWED_OUTSIDE):
+                bad.append(f"{name} imports {mod} (a higher layer)")
+    assert not bad, bad
