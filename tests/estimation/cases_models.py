@@ -2,8 +2,8 @@
 
 Hugging Face BERT with padding, Llama with grouped-query attention, tied embeddings
 and ``position_ids`` first in its dict, ``nn.TransformerEncoder`` with a padding
-mask, a GRU classifier, a BiLSTM tagger, a ``GRUCell`` loop, and grouped, dilated and
-reflect-padded convolutions.
+mask, a GRU classifier, a BiLSTM tagger, a ``GRUCell`` loop, grouped, dilated and
+reflect-padded convolutions, and circular/reflect/replicate/``"same"`` padding.
 """
 
 from __future__ import annotations
@@ -160,6 +160,22 @@ def _conv1d() -> nn.Module:
     )
 
 
+class _Padded(nn.Module):
+    """Reflect, replicate and circular padding, ``padding="same"`` with dilation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 3, 3, padding="same", dilation=2, padding_mode="circular")
+        self.c2 = nn.Conv2d(3, 2, 3, padding=1, padding_mode="reflect")
+        self.c3 = nn.Conv2d(2, 2, 2, padding=(1, 0), stride=2, padding_mode="replicate")
+        self.head = nn.Linear(2 * 3 * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.c1(x))  # (B, 3, 5)
+        h = torch.tanh(self.c2(h[:, :, None, :].expand(-1, -1, 4, -1)))  # (B, 2, 4, 5)
+        return self.head(self.c3(h).flatten(1))
+
+
 def _cast(data):
     def one(v):
         return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
@@ -224,6 +240,11 @@ def make_model_case(name: str, seed: int = 0):
         x = torch.randn(3, 2, 4, 4, generator=g)
         y = torch.randint(0, 3, (3,), generator=g)
         data = [(x[:2], y[:2]), (x[2:], y[2:])]
+    elif name == "padded":
+        model = _Padded()
+        x = torch.randn(3, 2, 5, generator=g)
+        y = torch.randint(0, 3, (3,), generator=g)
+        data = [(x[:2], y[:2]), (x[2:], y[2:])]
     elif name == "conv1d_odd":
         model = _conv1d()
         x = torch.randn(3, 2, 5, generator=g)
@@ -234,4 +255,14 @@ def make_model_case(name: str, seed: int = 0):
     return model.double().eval(), _cast(data), "categorical"
 
 
-MODEL_CASES = ["bert", "llama", "encoder", "gru", "bilstm", "grucell", "convs", "conv1d_odd"]
+MODEL_CASES = [
+    "bert",
+    "llama",
+    "encoder",
+    "gru",
+    "bilstm",
+    "grucell",
+    "convs",
+    "conv1d_odd",
+    "padded",
+]

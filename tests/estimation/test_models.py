@@ -18,7 +18,7 @@ from torch import nn
 from fisherflow.estimation import FallbackNotice, estimate, reference_fisher
 from fisherflow.estimation.engine import mismatched
 
-#: Cases whose parameters leave hooks (recurrent layers, odd convolutions): each
+#: Cases whose parameters leave hooks (recurrent layers, grouped convolutions): each
 #: notice is expected there, and only there.
 NOTIFIED = {"gru", "bilstm", "grucell", "convs", "conv1d_odd"}
 

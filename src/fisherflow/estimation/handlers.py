@@ -100,11 +100,10 @@ def _is_rms_norm_like(module: nn.Module) -> bool:
 
 
 def _conv(module: nn.Module) -> tuple[Handler | None, str | None]:
-    groups, mode = getattr(module, "groups", 1), getattr(module, "padding_mode", "zeros")
-    if groups != 1 or mode != "zeros":
-        return None, "grouped or non-zero-padded convolution"
+    if getattr(module, "groups", 1) != 1:
+        return None, "grouped convolution"
     padding = getattr(module, "padding", 0)
-    if isinstance(padding, str) and padding != "valid":
+    if isinstance(padding, str) and padding not in ("valid", "same"):
         return None, f"padding={padding!r}"
     return ConvHandler(), None
 

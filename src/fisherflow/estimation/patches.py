@@ -38,14 +38,24 @@ def patches(
 
 
 def unfold(module: nn.Module, x: Tensor) -> Tensor | None:
-    """Patches ``(B, L, C_in·k…)`` of a Conv1d/Conv2d input, or ``None`` if unsupported."""
+    """Patches ``(B, L, C_in·k…)`` of a Conv1d/Conv2d input, or ``None`` if unsupported.
+
+    Any padding: numeric zero padding is applied inside :func:`patches`; ``"same"`` and
+    the ``reflect``/``replicate``/``circular`` modes pad the input first, exactly as
+    the module does (its ``_reversed_padding_repeated_twice``).
+    """
     if not isinstance(module, (nn.Conv1d, nn.Conv2d)) or x.dim() != module.weight.dim():
         return None
     pad = module.padding
-    if isinstance(pad, str):
+    nd = x.dim() - 2
+    if module.padding_mode != "zeros" or pad == "same":
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = Fn.pad(x, list(module._reversed_padding_repeated_twice), mode=mode)
+        pad = (0,) * nd
+    elif isinstance(pad, str):
         if pad != "valid":
             return None
-        pad = (0,) * (x.dim() - 2)
+        pad = (0,) * nd
     cols = patches(
         x,
         tuple(module.kernel_size),
