@@ -1,4 +1,4 @@
-"""Models users bring, against the dense float64 reference (dense and diagonal).
+"""Models users bring, against the dense float64 reference (dense, diagonal, block).
 
 Hugging Face BERT with padding, Llama (GQA, tied embeddings, ``position_ids`` first),
 ``nn.TransformerEncoder`` with a padding mask, GRU/LSTM/GRUCell models and odd
@@ -18,9 +18,9 @@ from torch import nn
 from fisherflow.estimation import FallbackNotice, estimate, reference_fisher
 from fisherflow.estimation.engine import mismatched
 
-#: Cases whose parameters leave hooks (recurrent layers, grouped convolutions): each
-#: notice is expected there, and only there.
-NOTIFIED = {"gru", "bilstm", "grucell", "convs", "conv1d_odd"}
+#: Cases whose parameters leave hooks (recurrent layers): each notice is expected
+#: there, and only there.
+NOTIFIED = {"gru", "bilstm", "grucell"}
 
 
 @functools.cache
@@ -47,6 +47,17 @@ def test_dense_and_diagonal_match_reference(case, kind):
     torch.testing.assert_close(D, R, rtol=1e-9, atol=1e-10)
     d = _est(case, kind, "diagonal").diagonal()
     torch.testing.assert_close(d, R.diagonal(), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_block_matches_reference_blocks(case):
+    R = _ref(case, "empirical")
+    B = _est(case, "empirical", "block")
+    M = torch.zeros_like(R)
+    for names in B.groups().values():
+        idx = B.layout.indices(names)
+        M[idx[:, None], idx] = R[idx[:, None], idx]
+    torch.testing.assert_close(B.to_dense(), M, rtol=1e-9, atol=1e-10)
 
 
 def test_bert_attention_stays_on_hooks():

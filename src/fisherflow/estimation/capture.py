@@ -1,11 +1,13 @@
 """Hooks on supported layers: which parameters are captured, and the records of a pass.
 
-Supported layers (others fall back to per-sample gradients via ``torch.func``, with a
-one-time :class:`FallbackNotice` naming the module): ``nn.Linear`` (any leading
-dimensions), ``nn.Conv1d``/``nn.Conv2d`` (``groups=1``, zero padding),
-``nn.Embedding`` (no ``max_norm``/``scale_grad_by_freq``), ``nn.LayerNorm``,
-``nn.RMSNorm`` and Hugging Face RMS norms, Hugging Face ``Conv1D`` and
-``nn.MultiheadAttention`` (packed
+Supported layers (the table is :data:`~fisherflow.estimation.handlers.LAYER_HANDLERS`;
+others fall back to per-sample gradients via ``torch.func`` — vectorised with
+``vmap``, or a loop over rows where ``vmap`` cannot run the model, e.g. ``nn.GRU`` —
+with a one-time :class:`FallbackNotice` naming the module): ``nn.Linear`` (any
+leading dimensions), ``nn.Conv1d``/``nn.Conv2d`` (any padding mode, ``padding="same"``,
+dilation, stride; grouped ones without Kronecker factors), ``nn.Embedding`` (no
+``max_norm``/``scale_grad_by_freq``), ``nn.LayerNorm``, ``nn.RMSNorm`` and Hugging
+Face RMS norms, Hugging Face ``Conv1D`` and ``nn.MultiheadAttention`` (packed
 projections, no ``bias_k``/``add_zero_attn``; its forward is replaced during
 estimation by an equivalent explicit computation so that both fused projections are
 seen). A captured layer must see the batch in dimension 0.

@@ -23,6 +23,7 @@ from fisherflow.estimation.attention import make_mha_forward
 from fisherflow.estimation.layers import (
     ConvHandler,
     EmbeddingHandler,
+    GroupedConvHandler,
     Handler,
     LayerNormHandler,
     LinearHandler,
@@ -100,12 +101,11 @@ def _is_rms_norm_like(module: nn.Module) -> bool:
 
 
 def _conv(module: nn.Module) -> tuple[Handler | None, str | None]:
-    if getattr(module, "groups", 1) != 1:
-        return None, "grouped convolution"
     padding = getattr(module, "padding", 0)
     if isinstance(padding, str) and padding not in ("valid", "same"):
         return None, f"padding={padding!r}"
-    return ConvHandler(), None
+    groups = getattr(module, "groups", 1)
+    return (ConvHandler() if groups == 1 else GroupedConvHandler(groups)), None
 
 
 def _embedding(module: nn.Module) -> tuple[Handler | None, str | None]:

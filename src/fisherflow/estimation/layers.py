@@ -36,6 +36,7 @@ __all__ = [
     "SYRK_MAX",
     "ConvHandler",
     "EmbeddingHandler",
+    "GroupedConvHandler",
     "Handler",
     "LayerNormHandler",
     "LinearHandler",
@@ -344,6 +345,37 @@ class ConvHandler(LinearHandler):
 
     def delta(self, rec: Record, grad: Tensor) -> Tensor:  # noqa: D102
         return grad.reshape(grad.shape[0], grad.shape[1], -1).transpose(1, 2)
+
+
+class GroupedConvHandler(Handler):
+    """Grouped Conv1d/Conv2d: one linear map per group of channels (no Kronecker factors).
+
+    Group ``j`` maps the patches of its input channels (contiguous columns of the
+    unfolded input) to its output channels (contiguous rows of the weight), so the
+    per-row gradient of its weight block is ``Σ_s δ_{s,j} a_{s,j}ᵀ``.
+
+    Args:
+        groups: The module's ``groups``.
+    """
+
+    kron = False
+
+    def __init__(self, groups: int) -> None:
+        self.groups = groups
+
+    def inputs(  # noqa: D102
+        self, module: nn.Module, x: Tensor, stat: torch.dtype, quiet: Quiet
+    ) -> tuple[Tensor | None, dict[str, Any]]:
+        return unfold(module, x.to(stat)), {}
+
+    def delta(self, rec: Record, grad: Tensor) -> Tensor:  # noqa: D102
+        return grad.reshape(grad.shape[0], grad.shape[1], -1).transpose(1, 2)
+
+    def per_row(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None]:  # noqa: D102
+        b, s = d.shape[:2]
+        a = rec.data.reshape(b, s, self.groups, -1)
+        w = torch.einsum("bsgo,bsgi->bgoi", d.reshape(b, s, self.groups, -1), a)
+        return w.reshape(b, *rec.weight.shape), d.sum(1) if rec.bias is not None else None
 
 
 class EmbeddingHandler(Handler):
