@@ -41,6 +41,7 @@ likelihoods go through dicts whose errors list the valid keys.
 
 from fisherflow.estimation.api import CONVENTIONS, STRUCTURES, estimate
 from fisherflow.estimation.capture import LAYER_HANDLERS, FallbackNotice
+from fisherflow.estimation.data import DataNotice
 from fisherflow.estimation.likelihoods import (
     LIKELIHOODS,
     Bernoulli,
@@ -62,6 +63,7 @@ __all__ = [
     "STRUCTURES",
     "Bernoulli",
     "Categorical",
+    "DataNotice",
     "FallbackNotice",
     "Gaussian",
     "Likelihood",
