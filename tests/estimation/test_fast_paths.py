@@ -347,7 +347,11 @@ def test_ekfac_basis_from_kept_rows_matches_eigh(monkeypatch, kind):
 
 
 def test_layer_settings_changed_in_place_are_noticed():
-    """A cached capture follows a layer's rule: circular padding now falls back."""
+    """A cached capture follows a layer's rule and settings changed in place.
+
+    Circular padding is captured by hooks (the input padded as the module pads it);
+    ``scale_grad_by_freq`` set on an embedding afterwards makes it fall back.
+    """
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(12, 3)).double()
     x = torch.randn(5, 2, 4, dtype=torch.float64)
@@ -355,10 +359,19 @@ def test_layer_settings_changed_in_place_are_noticed():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FallbackNotice)
         estimate(model, data, "categorical", "empirical", "diagonal", progress=False)
-    model[0].padding_mode = "circular"
-    with pytest.warns(FallbackNotice, match="'0'"):
+        model[0].padding_mode = "circular"
         F = estimate(model, data, "categorical", "empirical", "diagonal", progress=False)
     R = reference_fisher(model, data, "categorical", "empirical")
+    torch.testing.assert_close(F.diagonal(), R.diagonal())
+    emb = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(12, 3)).double()
+    ids = [(torch.randint(0, 5, (5, 4)), torch.randint(0, 3, (5,)))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackNotice)
+        estimate(emb, ids, "categorical", "empirical", "diagonal", progress=False)
+    emb[0].scale_grad_by_freq = True
+    with pytest.warns(FallbackNotice, match="'0'"):
+        F = estimate(emb, ids, "categorical", "empirical", "diagonal", progress=False)
+    R = reference_fisher(emb, ids, "categorical", "empirical")
     torch.testing.assert_close(F.diagonal(), R.diagonal())
 
 

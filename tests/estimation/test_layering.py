@@ -39,7 +39,9 @@ def _imports(path: Path) -> set[str]:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
                 continue
-            if isinstance(child, ast.ImportFrom) and child.module:
+            if isinstance(child, ast.ImportFrom) and child.module == "fisherflow.estimation":
+                found.update(f"{child.module}.{a.name}" for a in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.module:
                 found.add(child.module)
             elif isinstance(child, ast.Import):
                 found.update(a.name for a in child.names)
