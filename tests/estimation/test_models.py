@@ -146,3 +146,25 @@ def test_one_layer_type_entry_captures_a_new_layer(monkeypatch):
     assert "0" in F.kron_groups  # a Kronecker layer now
     D = estimate(model, data, "categorical", "exact", "dense", progress=False)
     torch.testing.assert_close(D.to_dense(), R, rtol=1e-10, atol=1e-12)
+
+
+def test_per_row_grads_keep_shared_inputs_shared_in_chunks():
+    """A shared input whose dimension 0 equals a chunk's row count is not split."""
+    from fisherflow.estimation.persample import per_row_grads, per_row_grads_loop
+    from fisherflow.estimation.reference import Wrapped
+
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2).double()
+    g = torch.Generator().manual_seed(3)
+    inputs = {
+        "x": torch.randn(4, 3, dtype=torch.float64, generator=g),
+        "scale": torch.tensor([0.5, 2.0], dtype=torch.float64),  # shared, 2 = chunk rows
+    }
+    wrapped = Wrapped(lin, lambda m, b: m(b["x"]) * b["scale"])
+    cots = torch.randn(2, 4, 2, dtype=torch.float64, generator=g)
+    params = dict(lin.named_parameters())
+    names = ["weight", "bias"]
+    chunked = per_row_grads(wrapped, names, params, inputs, cots, 4, max_elements=2 * 2 * 8)
+    looped = per_row_grads_loop(wrapped, names, params, inputs, cots, 4)
+    for n in names:
+        torch.testing.assert_close(chunked[n], looped[n], rtol=1e-12, atol=1e-14)

@@ -76,12 +76,23 @@ def run_pass(
     stat: torch.dtype,
     progress: Any = None,
     check: Check | None = None,
+    require_observations: bool = True,
 ) -> int:
     """Stream over ``data`` once, feeding every accumulator; returns the observation count.
 
     With a pending ``check`` (see :func:`probe`), the first batch is also the hook
     check: :class:`Recheck` is raised, before any accumulator is fed, if it demotes
-    parameters.
+    parameters. Every batch is checked (:mod:`~fisherflow.estimation.checks`); a
+    tuple output or an unshifted ``(ids, ids)`` pair gets a one-time
+    :class:`~fisherflow.estimation.data.DataNotice`.
+
+    Raises:
+        Recheck: If the hook check demotes parameters.
+        ValueError: For a bad batch (empty, unbatched, ambiguous batch size, NaN/Inf
+            inputs or outputs, targets without the batch in dimension 0 or outside
+            the likelihood's support), and, with ``require_observations`` (pass
+            ``False`` when feeding batches one at a time), if every target of the
+            pass is masked.
     """
     total = batches = 0
     noted: set[str] = set()
@@ -143,7 +154,8 @@ def run_pass(
                         acc.add(pairs, func, rows)
             if progress is not None:
                 progress.update(1)
-    check_total(total, batches)
+    if require_observations:
+        check_total(total, batches)
     return total
 
 

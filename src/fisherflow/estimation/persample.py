@@ -74,10 +74,13 @@ def per_row_grads(
         (g,) = vmap(pull)(cot.unsqueeze(1))  # type: ignore[misc]
         return g  # type: ignore[no-any-return]
 
+    # which leaves carry the batch is decided on the whole batch: a shared tensor whose
+    # dimension 0 happens to equal a chunk's row count stays shared
+    dims, flags = _batch_dims(inputs, rows)
     parts: list[dict[str, Tensor]] = []
     for start in range(0, rows, chunk):
         stop = min(rows, start + chunk)
-        xs, dims, flags = _split(select_rows(inputs, start, stop, rows), stop - start)
+        xs = select_rows(inputs, start, stop, rows)
         cots = cotangents[:, start:stop].transpose(0, 1)
         try:
             with warnings.catch_warnings(), torch.no_grad():
@@ -92,12 +95,11 @@ def per_row_grads(
     return {n: torch.cat([p[n] for p in parts], 0).transpose(0, 1) for n in names}
 
 
-def _split(inputs: Any, rows: int) -> tuple[Any, Any, tuple[bool, ...]]:
-    """``vmap`` inputs, ``in_dims`` and which leaves carry the batch in dimension 0."""
+def _batch_dims(inputs: Any, rows: int) -> tuple[Any, tuple[bool, ...]]:
+    """``vmap``'s ``in_dims`` and, per leaf, whether it carries the batch in dimension 0."""
     leaves, spec = tree_flatten(inputs)
     flags = tuple(is_batched(v, rows) for v in leaves)
-    dims = tree_unflatten([0 if f else None for f in flags], spec)
-    return inputs, dims, flags
+    return tree_unflatten([0 if f else None for f in flags], spec), flags
 
 
 def per_row_grads_loop(
