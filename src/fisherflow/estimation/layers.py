@@ -335,19 +335,23 @@ class LinearHandler(Handler):
         return (dd * dd).T @ (a * a)
 
 
-class ConvHandler(LinearHandler):
-    """Conv1d/Conv2d as a linear map on unfolded patches (one position per patch)."""
+class _Patches(Handler):
+    """Convolutions: unfolded patches as inputs, one output position per patch."""
 
-    def inputs(  # noqa: D102
+    def inputs(
         self, module: nn.Module, x: Tensor, stat: torch.dtype, quiet: Quiet
     ) -> tuple[Tensor | None, dict[str, Any]]:
         return unfold(module, x.to(stat)), {}
 
-    def delta(self, rec: Record, grad: Tensor) -> Tensor:  # noqa: D102
+    def delta(self, rec: Record, grad: Tensor) -> Tensor:
         return grad.reshape(grad.shape[0], grad.shape[1], -1).transpose(1, 2)
 
 
-class GroupedConvHandler(Handler):
+class ConvHandler(_Patches, LinearHandler):
+    """Conv1d/Conv2d as a linear map on unfolded patches (one position per patch)."""
+
+
+class GroupedConvHandler(_Patches):
     """Grouped Conv1d/Conv2d: one linear map per group of channels (no Kronecker factors).
 
     Group ``j`` maps the patches of its input channels (contiguous columns of the
@@ -362,14 +366,6 @@ class GroupedConvHandler(Handler):
 
     def __init__(self, groups: int) -> None:
         self.groups = groups
-
-    def inputs(  # noqa: D102
-        self, module: nn.Module, x: Tensor, stat: torch.dtype, quiet: Quiet
-    ) -> tuple[Tensor | None, dict[str, Any]]:
-        return unfold(module, x.to(stat)), {}
-
-    def delta(self, rec: Record, grad: Tensor) -> Tensor:  # noqa: D102
-        return grad.reshape(grad.shape[0], grad.shape[1], -1).transpose(1, 2)
 
     def per_row(self, rec: Record, d: Tensor) -> tuple[Tensor, Tensor | None]:  # noqa: D102
         b, s = d.shape[:2]
