@@ -168,3 +168,15 @@ def test_per_row_grads_keep_shared_inputs_shared_in_chunks():
     looped = per_row_grads_loop(wrapped, names, params, inputs, cots, 4)
     for n in names:
         torch.testing.assert_close(chunked[n], looped[n], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_ekfac_never_farther_than_kfac_and_rest_is_exact(case):
+    """K-FAC keeps the exact diagonal off its Kronecker layers (grouped convolutions,
+    recurrent layers, norms); EKFAC is never farther from the exact Fisher."""
+    R = _ref(case, "exact")
+    K = _est(case, "exact", "kfac")
+    E = _est(case, "exact", "ekfac").to_dense()
+    assert (E - R).norm() <= (K.to_dense() - R).norm() * (1 + 1e-10)
+    idx = K.layout.indices(K.rest_names)
+    torch.testing.assert_close(K.diagonal()[idx], R.diagonal()[idx], rtol=1e-9, atol=1e-10)
