@@ -136,6 +136,9 @@ def test_fallback_notice_names_module():
     torch.testing.assert_close(F.to_dense(), R)
 
 
+@pytest.mark.filterwarnings(
+    "ignore::fisherflow.estimation.data.DataNotice"
+)  # (ids, ids) on purpose
 def test_functional_reuse_is_detected():
     class Tied(nn.Module):
         def __init__(self):

@@ -60,6 +60,9 @@ def test_batched_mc_matches_looped(monkeypatch):
     torch.testing.assert_close(F.diagonal(), G.diagonal())
 
 
+@pytest.mark.filterwarnings(
+    "ignore::fisherflow.estimation.data.DataNotice"
+)  # (ids, ids) on purpose
 def test_hook_check_cached_and_keyed(monkeypatch):
     """The check runs once per model and input shape; a misuse is still reported."""
 
@@ -282,6 +285,9 @@ def _rms_model(norm: nn.Module) -> nn.Module:
     return nn.Sequential(nn.Embedding(11, 6), norm, nn.Linear(6, 11)).double()
 
 
+@pytest.mark.filterwarnings(
+    "ignore::fisherflow.estimation.data.DataNotice"
+)  # (ids, ids) on purpose
 @pytest.mark.parametrize("kind", ["exact", "empirical"])
 def test_hugging_face_rms_norm_is_captured_and_exact(kind):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -302,6 +308,9 @@ def test_hugging_face_rms_norm_is_captured_and_exact(kind):
     torch.testing.assert_close(F.to_dense(), R, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.filterwarnings(
+    "ignore::fisherflow.estimation.data.DataNotice"
+)  # (ids, ids) on purpose
 def test_rms_norm_with_one_plus_weight_is_also_exact():
     """``(1 + w) ⊙ x̂`` has the same weight gradient ``δ ⊙ x̂`` as ``w ⊙ x̂``."""
     model = _rms_model(_GemmaStyleRMSNorm(6))
@@ -338,7 +347,11 @@ def test_ekfac_basis_from_kept_rows_matches_eigh(monkeypatch, kind):
 
 
 def test_layer_settings_changed_in_place_are_noticed():
-    """A cached capture follows a layer's rule: circular padding now falls back."""
+    """A cached capture follows a layer's rule and settings changed in place.
+
+    Circular padding is captured by hooks (the input padded as the module pads it);
+    ``scale_grad_by_freq`` set on an embedding afterwards makes it fall back.
+    """
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(12, 3)).double()
     x = torch.randn(5, 2, 4, dtype=torch.float64)
@@ -346,10 +359,19 @@ def test_layer_settings_changed_in_place_are_noticed():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FallbackNotice)
         estimate(model, data, "categorical", "empirical", "diagonal", progress=False)
-    model[0].padding_mode = "circular"
-    with pytest.warns(FallbackNotice, match="'0'"):
+        model[0].padding_mode = "circular"
         F = estimate(model, data, "categorical", "empirical", "diagonal", progress=False)
     R = reference_fisher(model, data, "categorical", "empirical")
+    torch.testing.assert_close(F.diagonal(), R.diagonal())
+    emb = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(12, 3)).double()
+    ids = [(torch.randint(0, 5, (5, 4)), torch.randint(0, 3, (5,)))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackNotice)
+        estimate(emb, ids, "categorical", "empirical", "diagonal", progress=False)
+    emb[0].scale_grad_by_freq = True
+    with pytest.warns(FallbackNotice, match="'0'"):
+        F = estimate(emb, ids, "categorical", "empirical", "diagonal", progress=False)
+    R = reference_fisher(emb, ids, "categorical", "empirical")
     torch.testing.assert_close(F.diagonal(), R.diagonal())
 
 

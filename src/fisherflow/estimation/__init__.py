@@ -12,10 +12,47 @@ needed), ``reset()`` starts over, and ``finish_pass()`` says whether a multi-pas
 structure (EKFAC) needs the data again. Each structure's accumulator
 (:mod:`fisherflow.estimation.accumulators`) is built from the options it names, and
 reduces its own state across ranks.
+
+Inside the package (layer 2 of fisherflow: it imports only ``fisherflow.matrices``,
+``fisherflow.stats`` and ``fisherflow.distributed``), modules are layered too, each
+importing only those above it in this list:
+
+1. *What a batch is* — ``data`` (splitting items into inputs and targets, the batch
+   size of a dict, label shifting, the model output's prediction tensor) and
+   ``likelihoods`` (negative log-likelihood, label sampling, the output Fisher).
+2. *What a score is* — ``scores`` (the cotangents of each kind) and ``checks`` (the
+   named errors of a bad batch or output).
+3. *The dense reference* — ``reference`` (per-example Jacobians with ``torch.func``)
+   and ``persample`` (per-row gradients by ``vmap``, or by a loop over rows where
+   ``vmap`` cannot run the model).
+4. *Layers* — ``patches`` and ``layers`` (one :class:`~fisherflow.estimation.layers.Handler`
+   per kind of layer: how it records its input and turns input and output gradient
+   into per-row gradients, diagonals and Kronecker factors), ``attention`` (the
+   explicit ``nn.MultiheadAttention`` forward) and ``handlers`` (one
+   :class:`~fisherflow.estimation.handlers.LayerType` per layer type: which modules,
+   which capture rule, which parameter roles — the single table the rest derive
+   from).
+5. *Capture* — ``capture`` (hooks on the model, the records of a pass, the fallback
+   notices).
+6. *Statistics* — ``accumulate`` (the accumulator protocol, the plan they share,
+   the recorder that replays a pass) and ``accumulators`` (one accumulator per
+   structure, fed the records' output gradients, each reducing its own state).
+7. *The pass* — ``plan`` (the model signature that keys every cache, parameter
+   groups and Kronecker layers), ``hookcheck`` (the first batch's hook gradients
+   against autograd's, telling rounding noise from a missed use) and ``engine``
+   (one pass over the data: forward, checks, backward per score, accumulate).
+8. *Fronts* — ``prepare`` (argument checks and the per-model cache),
+   ``estimator`` (:class:`FisherEstimator`, the reusable batch-by-batch engine) and
+   ``api`` (``estimate``, a loop over the estimator).
+
+No module dispatches on class names: a layer is matched by its
+:class:`~fisherflow.estimation.handlers.LayerType` entry; kinds, structures and
+likelihoods go through dicts whose errors list the valid keys.
 """
 
 from fisherflow.estimation.api import CONVENTIONS, STRUCTURES, estimate
 from fisherflow.estimation.capture import LAYER_HANDLERS, FallbackNotice
+from fisherflow.estimation.data import DataNotice
 from fisherflow.estimation.estimator import FisherEstimator
 from fisherflow.estimation.likelihoods import (
     LIKELIHOODS,
@@ -38,6 +75,7 @@ __all__ = [
     "STRUCTURES",
     "Bernoulli",
     "Categorical",
+    "DataNotice",
     "FallbackNotice",
     "FisherEstimator",
     "Gaussian",

@@ -1,203 +1,63 @@
-"""One pass over the data: forward with capture, one backward per score, accumulate."""
+"""One pass over the data: forward with capture, one backward per score, accumulate.
+
+The plan (:mod:`~fisherflow.estimation.plan`) and the hook check
+(:mod:`~fisherflow.estimation.hookcheck`) live in their own modules; their public
+names are re-exported here, where :func:`run_pass` has always been imported from.
+"""
 
 from __future__ import annotations
 
 import warnings
-import weakref
-from collections.abc import Hashable, Iterable, Mapping
-from dataclasses import replace
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
-from fisherflow.estimation.accumulate import Accumulator, Plan
-from fisherflow.estimation.capture import RULED, Capture, rule_key
+from fisherflow.estimation.accumulate import Accumulator
+from fisherflow.estimation.capture import Capture
+from fisherflow.estimation.checks import check_inputs, check_output, check_total
 from fisherflow.estimation.data import (
+    DataNotice,
     Forward,
     batch_rows,
+    output_note,
     output_tensor,
     split_batch,
     to_device,
 )
+from fisherflow.estimation.hookcheck import (
+    CHECK_TOL,
+    Check,
+    Recheck,
+    clear_probe_cache,
+    mismatched,
+    probe,
+)
+from fisherflow.estimation.hookcheck import check_first_batch as _check_first_batch
+from fisherflow.estimation.layers import record_deltas as _pairs
 from fisherflow.estimation.likelihoods import Likelihood
-from fisherflow.estimation.persample import per_row_grads
+from fisherflow.estimation.persample import (
+    VMAP_UNSUPPORTED,
+    per_row_grads,
+    per_row_grads_loop,
+)
+from fisherflow.estimation.plan import build_plan, model_signature
 from fisherflow.estimation.reference import Wrapped
 from fisherflow.estimation.scores import make_scores
-from fisherflow.matrices import KronGroup, ParamLayout
 
 __all__ = [
+    "BATCH_ELEMENTS",
+    "CHECK_TOL",
     "Check",
     "Recheck",
     "build_plan",
     "clear_probe_cache",
+    "mismatched",
     "model_signature",
     "probe",
     "run_pass",
 ]
-
-#: ``{model: {signature: (failed names, missed names, spread module ids)}}`` results
-#: of :func:`probe`.
-_Probed = tuple[frozenset[str], frozenset[str], tuple[tuple[int, tuple[int, bool]], ...]]
-_PROBED: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, _Probed]] = weakref.WeakKeyDictionary()
-
-
-def clear_probe_cache() -> None:
-    """Forget every cached hook check (the next estimate re-checks its model)."""
-    _PROBED.clear()
-
-
-def model_signature(model: nn.Module) -> Hashable:
-    """What a capture and its plan depend on (modules and parameters).
-
-    Modules by identity, type, a patched ``forward`` and their capture rule's
-    decision (:func:`~fisherflow.estimation.capture.rule_key`); parameters by name,
-    identity, shape, dtype, device and whether trainable.
-    """
-    # one walk over the modules; parameters as ``named_parameters`` lists them (first
-    # name of each tensor)
-    mods: list[Hashable] = []
-    params: list[Hashable] = []
-    seen: set[int] = set()
-    for mname, m in model.named_modules():
-        rule = rule_key(m) if isinstance(m, RULED) else None
-        mods.append((id(m), type(m), id(m.__dict__.get("forward")), rule))
-        for k, p in m._parameters.items():
-            if p is None or id(p) in seen:
-                continue
-            seen.add(id(p))
-            name = f"{mname}.{k}" if mname else k
-            params.append((name, id(p), tuple(p.shape), p.dtype, p.device, p.requires_grad))
-    return tuple(mods), tuple(params)
-
-
-def _signature(
-    model: nn.Module,
-    capture: Capture,
-    inputs: Any,
-    forward: Any,
-    shift: Any,
-    model_sig: Hashable | None = None,
-) -> Hashable | None:
-    """What a hook check depends on: modules, parameters, forward and input shapes."""
-    spec: Any = "tensor"
-    if isinstance(inputs, Tensor):  # the common case, without a pytree walk
-        leaves: list[Any] = [inputs]
-    else:
-        leaves, spec = tree_flatten(inputs)
-    sig_in: list[Hashable] = []
-    for v in leaves:
-        if isinstance(v, Tensor):
-            sig_in.append((tuple(v.shape), v.dtype, v.device))
-        elif isinstance(v, (int, float, str, bool, type(None))):
-            sig_in.append(v)
-        else:
-            return None
-    return (
-        model_signature(model) if model_sig is None else model_sig,
-        tuple(sorted(capture.hooked)),
-        id(forward),
-        str(spec),
-        tuple(sig_in),
-        shift,
-        torch.is_grad_enabled(),
-    )
-
-
-def _roles(module: nn.Module) -> tuple[str, str | None]:
-    if isinstance(module, nn.MultiheadAttention):
-        return "in_proj_weight", "in_proj_bias"
-    return "weight", "bias"
-
-
-def build_plan(
-    capture: Capture,
-    layout: ParamLayout,
-    dtype: torch.dtype,
-    device: torch.device,
-    reduce: bool = False,
-) -> Plan:
-    """Groups (one per owning module) and Kronecker layers of the captured parameters.
-
-    A weight is a Kronecker layer when every use is by a layer of the same Kronecker
-    kind and orientation, all sharing the same bias (or none); a weight tied across
-    different kinds (e.g. an embedding and an output layer) keeps an exact diagonal.
-    """
-    groups: dict[str, list[str]] = {}
-    for n in layout.names:
-        groups.setdefault(capture.owner.get(n, n) or "model", []).append(n)
-    kron: dict[str, KronGroup] = {}
-    for mname, module in capture.model.named_modules():
-        handler = capture.handlers.get(id(module))
-        if handler is None or not handler.kron:
-            continue
-        wrole, brole = _roles(module)
-        w = getattr(module, wrole, None)
-        if w is None:
-            continue
-        wn = capture.name_of[id(w)]
-        if wn not in capture.hooked or capture.owner.get(wn) != mname:
-            continue
-        b = getattr(module, brole, None) if brole else None
-        bn = capture.name_of[id(b)] if isinstance(b, Tensor) else None
-        users = capture.uses[wn]
-        bid = None if b is None else id(b)
-        if any(
-            h is None or not h.kron or h.input_major != handler.input_major or ubid != bid
-            for _, h, ubid in users
-        ):
-            continue
-        if bn is not None and (
-            bn not in capture.hooked
-            or {m for m, _, _ in capture.uses[bn]} != {m for m, _, _ in users}
-        ):
-            continue
-        kron[mname or "model"] = KronGroup(wn, bn, handler.input_major)
-    return Plan(layout, capture.name_of, groups, kron, dtype, device, reduce)
-
-
-def _verify(
-    capture: Capture, pairs: list[Any], params: Mapping[str, Tensor], grads: Any
-) -> set[str]:
-    """Names whose captured batch gradient disagrees with autograd's ``grads`` (missed uses)."""
-    mine: dict[str, Tensor] = {}
-    for rec, d in pairs:
-        w, b = rec.handler.batch_grad(rec, d)
-        for p, g in ((rec.weight, w), (rec.bias, b)):
-            if p is None or g is None:
-                continue
-            n = capture.name_of[id(p)]
-            if rec.rows is None and n not in mine:
-                mine[n] = g
-                continue
-            if n not in mine:
-                mine[n] = torch.zeros(p.shape, dtype=g.dtype, device=g.device)
-            if rec.rows is None:
-                mine[n] = mine[n] + g
-            elif rec.handler.input_major:
-                mine[n][:, rec.rows] += g
-            else:
-                mine[n][rec.rows] += g
-    bad = set()
-    for n, ref in zip(params, grads, strict=True):
-        got = mine.get(n)
-        if ref is None and got is None:
-            continue
-        if ref is None or got is None:  # one side has a gradient, the other none
-            one: Tensor = got if got is not None else ref
-            if bool(one.any()):
-                bad.add(n)
-            continue
-        got = got.to(ref.dtype)
-        # max |got − ref| against max |ref| + max |got|, with one synchronisation
-        diff, r, g = torch.stack(
-            [(got - ref).abs().max(), ref.abs().max(), got.abs().max()]
-        ).tolist()
-        tol = 1e-5 if ref.dtype == torch.float64 else 2e-2
-        if diff > tol * (r + g + 1e-30):
-            bad.add(n)
-    return bad
 
 
 def run_pass(
@@ -216,23 +76,43 @@ def run_pass(
     stat: torch.dtype,
     progress: Any = None,
     check: Check | None = None,
+    require_observations: bool = True,
 ) -> int:
     """Stream over ``data`` once, feeding every accumulator; returns the observation count.
 
     With a pending ``check`` (see :func:`probe`), the first batch is also the hook
     check: :class:`Recheck` is raised, before any accumulator is fed, if it demotes
-    parameters.
+    parameters. Every batch is checked (:mod:`~fisherflow.estimation.checks`); a
+    tuple output or an unshifted ``(ids, ids)`` pair gets a one-time
+    :class:`~fisherflow.estimation.data.DataNotice`.
+
+    Raises:
+        Recheck: If the hook check demotes parameters.
+        ValueError: For a bad batch (empty, unbatched, ambiguous batch size, NaN/Inf
+            inputs or outputs, targets without the batch in dimension 0 or outside
+            the likelihood's support), and, with ``require_observations`` (pass
+            ``False`` when feeding batches one at a time), if every target of the
+            pass is masked.
     """
-    total = 0
+    total = batches = 0
+    noted: set[str] = set()
     with capture:
         for item in data:
             batch = split_batch(item, shift_labels)
             inputs = to_device(batch.inputs, device)
             targets = None if batch.targets is None else batch.targets.to(device)
-            rows = batch_rows(inputs)
+            rows = batch_rows(inputs, targets)
+            check_inputs(inputs, batches)
             capture.start(rows)
             with torch.enable_grad():
-                out = output_tensor(forward(model, inputs))
+                raw = forward(model, inputs)
+            out = output_tensor(raw)
+            check_output(out, rows, targets, batches)
+            for note in (batch.note, output_note(raw)):
+                if note is not None and note not in noted:
+                    noted.add(note)
+                    warnings.warn(f"fisherflow.estimation: {note}", DataNotice, stacklevel=3)
+            batches += 1
             if check is not None:
                 out = _check_first_batch(check, model, inputs, rows, capture, forward, out, stat)
                 check = None
@@ -252,14 +132,7 @@ def run_pass(
             func_all: dict[str, Tensor] = {}
             if capture.fallback and cots:
                 with capture.pause():  # torch.func re-runs the model: hooks stay quiet
-                    func_all = per_row_grads(
-                        Wrapped(model, forward),
-                        capture.fallback,
-                        dict(model.named_parameters()),
-                        inputs,
-                        torch.stack(cots),
-                        rows,
-                    )
+                    func_all = _fallback(capture, model, forward, inputs, torch.stack(cots), rows)
             if cots is None and scores.size > 1 and records:
                 _batched(out, records, scores, accs, rows, stat)
             else:
@@ -281,14 +154,37 @@ def run_pass(
                         acc.add(pairs, func, rows)
             if progress is not None:
                 progress.update(1)
+    if require_observations:
+        check_total(total, batches)
     return total
 
 
-def _pairs(records: list[Any], grads: Any, stat: torch.dtype) -> list[tuple[Any, Tensor]]:
-    return [
-        (r, r.handler.delta(r, (g if g is not None else torch.zeros_like(r.output)).to(stat)))
-        for r, g in zip(records, grads, strict=True)
-    ]
+def _fallback(
+    capture: Capture, model: nn.Module, forward: Forward, inputs: Any, cots: Tensor, rows: int
+) -> dict[str, Tensor]:
+    """Per-row gradients of the parameters left to ``torch.func``: ``vmap``, else a loop.
+
+    The loop over rows (:func:`~fisherflow.estimation.persample.per_row_grads_loop`)
+    serves models ``vmap`` cannot run: those with a module of
+    :data:`~fisherflow.estimation.persample.VMAP_UNSUPPORTED` among the fallback's
+    owners, and any whose ``vmap`` fails (decided on the first batch, kept for the
+    pass), with a one-time notice that it is slow.
+    """
+    wrapped, params = Wrapped(model, forward), dict(model.named_parameters())
+    if capture.loop is None:
+        mods = dict(model.named_modules())
+        owners = {capture.owner.get(n, "") for n in capture.fallback}
+        slow = [o for o in sorted(owners) if isinstance(mods.get(o), VMAP_UNSUPPORTED)]
+        capture.loop = bool(slow)
+        if slow:
+            capture.notice_loop(f"torch.func.vmap cannot run {slow[:3]}")
+    if not capture.loop:
+        try:
+            return per_row_grads(wrapped, capture.fallback, params, inputs, cots, rows)
+        except RuntimeError as err:
+            capture.loop = True
+            capture.notice_loop(f"torch.func.vmap failed: {err.__cause__ or err}"[:300])
+    return per_row_grads_loop(wrapped, capture.fallback, params, inputs, cots, rows)
 
 
 #: Most output-gradient entries held at once by a batched backward (chunks of scores).
@@ -360,192 +256,3 @@ def _batched(
             flush()
     if chunk:
         flush()
-
-
-class Recheck(Exception):
-    """The first batch's hook check demoted parameters: rebuild the plan and start again."""
-
-
-class Check:
-    """A pending hook check, run by :func:`run_pass` on its first batch (a cache miss).
-
-    Attributes:
-        failed: Parameters whose layers saw inputs without the batch in dimension 0.
-        missed: Parameters with a use the hooks do not see.
-    """
-
-    def __init__(self, sig: Hashable | None, cache: dict[Hashable, _Probed]) -> None:
-        self.sig, self.cache = sig, cache
-        self.failed: set[str] = set()
-        self.missed: set[str] = set()
-
-    def remember(self, capture: Capture) -> None:
-        """Cache the outcome for later estimates with the same signature."""
-        if self.sig is None:
-            return
-        if len(self.cache) > 8:
-            self.cache.clear()
-        spread = tuple(sorted(capture.spread.items()))
-        entry = (frozenset(self.failed), frozenset(self.missed), spread)
-        self.cache[self.sig] = entry
-
-    def demote(self, capture: Capture) -> None:
-        """Move the parameters found so far to per-sample gradients (with notices)."""
-        capture.demote(self.failed, "inputs without the batch in dimension 0")
-        capture.demote(self.missed, "a use of its parameters is not seen by hooks")
-
-
-def probe(
-    model: nn.Module,
-    item: Any,
-    capture: Capture,
-    *,
-    forward: Forward,
-    shift_labels: bool | None,
-    device: torch.device,
-    model_sig: Hashable | None = None,
-) -> Check | None:
-    """Apply a cached hook check for this model and batch, or return a pending one.
-
-    The check (see :func:`run_pass`) catches parameters used outside their module
-    (e.g. an embedding matrix reused with ``F.linear``), layers that never run their
-    hooks, and layers whose inputs do not carry the batch in dimension 0. Its outcome
-    is cached per model (weakly), keyed by its modules, parameters, ``forward`` and
-    the input shapes, so repeated estimates on the same model skip it
-    (:func:`clear_probe_cache` forgets it).
-
-    Returns:
-        ``None`` when the cached outcome was applied, else the :class:`Check` for the
-        first batch of :func:`run_pass`.
-    """
-    batch = split_batch(item, shift_labels)
-    inputs = to_device(batch.inputs, device)
-    try:
-        sig = _signature(model, capture, inputs, forward, shift_labels, model_sig)
-        cache = _PROBED.setdefault(model, {})
-    except TypeError:  # pragma: no cover - model not weak-referenceable
-        sig, cache = None, {}
-    if sig is None or sig not in cache:
-        return Check(sig, cache)
-    failed, missed, spread = cache[sig]
-    capture.spread = dict(spread)
-    known = Check(sig, cache)
-    known.failed, known.missed = set(failed), set(missed)
-    known.demote(capture)
-    return None
-
-
-def _check_first_batch(
-    check: Check,
-    model: nn.Module,
-    inputs: Any,
-    rows: int,
-    capture: Capture,
-    forward: Forward,
-    out: Tensor,
-    stat: torch.dtype,
-) -> Tensor:
-    """The hook check on a pass's first batch; returns the output to continue with.
-
-    Expands batch-less embeddings when that changes neither the output nor the
-    parameter gradients (:func:`_try_spread`), then compares the hooks' per-row
-    gradients of the first and last rows with autograd's for a random cotangent on
-    those rows (zero elsewhere). A parameter used outside its layer shows as a
-    difference in its sum; a layer whose dimension 0 is not the batch (positions that
-    happen to number as many as the rows) shows as rows that do not match. One extra
-    backward, no extra forward (unless an embedding is expanded).
-
-    Raises:
-        Recheck: If parameters must be demoted (recorded in ``check``).
-    """
-    if capture.unbatched:
-        out = _try_spread(model, inputs, rows, capture, forward, out)
-    if capture.failed & capture.hooked:
-        check.failed |= capture.failed & capture.hooked
-        raise Recheck
-    records = [r for r in capture.records if capture.name_of[id(r.weight)] in capture.hooked]
-    if records:
-        sel = [0] if rows == 1 else [0, rows - 1]
-        params = _hooked_params(capture)
-        outs = [r.output for r in records]
-        grads = torch.autograd.grad(
-            out,
-            outs + list(params.values()),
-            _row_cotangent(out, sel),
-            retain_graph=True,
-            allow_unused=True,
-        )
-        pairs = _pairs(records, grads[: len(outs)], stat)
-        if len(sel) < rows:  # the rows with a cotangent (two rows: cheap copies)
-            pairs = [(replace(r, data=r.data[sel]), d[sel]) for r, d in pairs]
-        bad = _verify(capture, pairs, params, grads[len(outs) :])
-        if bad:
-            check.missed |= bad
-            raise Recheck
-    check.remember(capture)
-    return out
-
-
-def _hooked_params(capture: Capture) -> dict[str, Tensor]:
-    return {
-        n: p for p in capture.model.parameters() if (n := capture.name_of[id(p)]) in capture.hooked
-    }
-
-
-def _row_cotangent(out: Tensor, sel: list[int]) -> Tensor:
-    """A seeded standard normal cotangent on the rows ``sel`` of ``out``, zero elsewhere."""
-    gen = torch.Generator(device=out.device)
-    gen.manual_seed(12345)
-    cot = torch.zeros_like(out)
-    shape = (len(sel), *out.shape[1:])
-    cot[sel] = torch.randn(shape, generator=gen, dtype=out.dtype, device=out.device)
-    return cot
-
-
-def _try_spread(
-    model: nn.Module,
-    inputs: Any,
-    rows: int,
-    capture: Capture,
-    forward: Forward,
-    out: Tensor,
-) -> Tensor:
-    """Expand batch-less embeddings over the batch if the model is unchanged by it.
-
-    Unchanged means the same output and the same gradients of the hooked parameters
-    for a random cotangent, on a batch of at least two rows (with one, an operation
-    that depends on the batch size would go unseen). Returns the output of the forward
-    pass whose records the capture now holds.
-    """
-    if rows < 2:
-        return out
-    sel = list(range(rows))
-    params = list(_hooked_params(capture).values())
-    capture.spread = dict(capture.unbatched)
-    capture.start(rows)
-    try:
-        with torch.enable_grad():
-            spread = output_tensor(forward(model, inputs))
-        same = spread.shape == out.shape and _close(spread.detach(), out.detach())
-        if same and params:
-            cot = _row_cotangent(out, sel)
-            g_ref = torch.autograd.grad(out, params, cot, retain_graph=True, allow_unused=True)
-            g_new = torch.autograd.grad(spread, params, cot, retain_graph=True, allow_unused=True)
-            same = all(
-                (a is None and b is None) or (a is not None and b is not None and _close(b, a))
-                for a, b in zip(g_ref, g_new, strict=True)
-            )
-    except Exception:  # the expansion broke an assumption of the model (any error)
-        same = False
-    if same:
-        return spread
-    capture.spread = {}
-    capture.start(rows)
-    with torch.enable_grad():
-        return output_tensor(forward(model, inputs))
-
-
-def _close(new: Tensor, ref: Tensor) -> bool:
-    tol = 1e-10 if ref.dtype == torch.float64 else 1e-4
-    scale = float(ref.abs().max()) if ref.numel() else 0.0
-    return bool(torch.allclose(new, ref, rtol=tol, atol=tol * scale))

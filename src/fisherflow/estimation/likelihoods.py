@@ -123,6 +123,18 @@ class Likelihood(abc.ABC):
     def nll(self, output: Tensor, target: Tensor) -> Tensor:
         """Per-observation negative log-likelihood ``(N,)`` of prepared tensors."""
 
+    def check_targets(self, target: Tensor, mask: Tensor) -> None:
+        """Raise if observed targets (kind ``"empirical"``) lie outside the support.
+
+        Args:
+            target: Prepared ``(N, C)`` or ``(N,)`` targets.
+            mask: ``(N,)`` kept observations.
+
+        Raises:
+            ValueError: If a kept target is not a possible observation (subclasses).
+        """
+        del target, mask  # every value is possible unless a subclass says otherwise
+
     def nll_grad(self, output: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
         """``∂ Σ_n mask_n · nll_n / ∂ output`` for prepared ``(N, C)`` tensors.
 
@@ -269,6 +281,15 @@ class Bernoulli(Likelihood):
         )
         return loss.sum(-1)
 
+    def check_targets(self, target: Tensor, mask: Tensor) -> None:  # noqa: D102
+        bad = (target != 0) & (target != 1)
+        bad = bad & mask.reshape(-1, *([1] * (bad.dim() - 1)))
+        if bool(bad.any()):
+            raise ValueError(
+                f"targets must be 0 or 1 for the bernoulli likelihood with kind='empirical', "
+                f"got {target[bad][:5].tolist()}"
+            )
+
     def nll_grad(self, output: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:  # noqa: D102
         if type(self).nll is not Bernoulli.nll:
             return super().nll_grad(output, target, mask)
@@ -336,6 +357,14 @@ class Poisson(Likelihood):
 
     def nll(self, output: Tensor, target: Tensor) -> Tensor:  # noqa: D102
         return (output.exp() - target * output + torch.lgamma(target + 1)).sum(-1)
+
+    def check_targets(self, target: Tensor, mask: Tensor) -> None:  # noqa: D102
+        bad = (target < 0) & mask.reshape(-1, *([1] * (target.dim() - 1)))
+        if bool(bad.any()):
+            raise ValueError(
+                "targets must be counts >= 0 for the poisson likelihood with "
+                f"kind='empirical', got {target[bad][:5].tolist()}"
+            )
 
     def nll_grad(self, output: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:  # noqa: D102
         if type(self).nll is not Poisson.nll:

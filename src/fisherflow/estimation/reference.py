@@ -16,6 +16,7 @@ from fisherflow.estimation.data import (
     default_forward,
     evaluating,
     output_tensor,
+    select_rows,
     split_batch,
     to_device,
 )
@@ -26,8 +27,14 @@ from fisherflow.matrices.layout import ParamLayout
 __all__ = ["Wrapped", "reference_fisher", "row_slice"]
 
 
-def row_slice(inputs: Any, n: int) -> Any:
-    """Row ``n`` of a batch's inputs, keeping a batch dimension of one."""
+def row_slice(inputs: Any, n: int, rows: int | None = None) -> Any:
+    """Row ``n`` of a batch's inputs, keeping a batch dimension of one.
+
+    With ``rows`` (the batch size), tensors whose dimension 0 is not the batch (e.g.
+    ``(1, T)`` position ids shared by every row) are passed unchanged.
+    """
+    if rows is not None:
+        return select_rows(inputs, n, n + 1, rows)
     if isinstance(inputs, Tensor):
         return inputs[n : n + 1]
     if isinstance(inputs, Mapping):
@@ -140,7 +147,7 @@ def reference_fisher(
             batch = split_batch(item, shift_labels)
             inputs = to_device(batch.inputs, device)
             targets = None if batch.targets is None else batch.targets.to(device)
-            rows = batch_rows(inputs)
+            rows = batch_rows(inputs, targets)
             with torch.no_grad():
                 out = output_tensor(fwd(model, inputs))
             scores = make_scores(lik, out, targets, kind, rows, mc_samples, gen, stat)
@@ -152,7 +159,7 @@ def reference_fisher(
             else:
                 cots = torch.stack([c.reshape(rows, -1) for c in scores])  # (K, rows, out)
             for n in range(rows):
-                J = _row_jacobian(wrapped, names, sub, row_slice(inputs, n))
+                J = _row_jacobian(wrapped, names, sub, row_slice(inputs, n, rows))
                 J = J.to(stat)
                 if kind == "exact":
                     Jt = J.reshape(lam.shape[1], n_out, -1)

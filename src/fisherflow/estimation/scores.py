@@ -56,6 +56,7 @@ def _empirical(
     if prep.target is None:
         raise ValueError('kind="empirical" needs targets, but the batch has none')
     target = prep.target
+    lik.check_targets(target, prep.mask)
     grad = _output_grad(lik, prep, target).reshape(prep.shape)
     return Scores(prep.count, 1, lambda: iter([grad]))
 
