@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor, nn
 
+from fisherflow.estimation.data import DataNotice
 from fisherflow.estimation.handlers import (
     LAYER_HANDLERS,
     handler_for,
@@ -134,6 +135,8 @@ class Capture:
         self.spread: dict[int, tuple[int, bool]] = {}
         self.fallback = [n for n in self.layout.names if n not in self.hooked]
         self._notices: set[str] = set()
+        #: batches run since the reset (their number names a bad batch in errors)
+        self.batches = 0
         #: whether per-sample gradients loop over rows (``None``: not decided yet)
         self.loop: bool | None = None
         self.start(0)
@@ -152,6 +155,13 @@ class Capture:
             FallbackNotice,
             stacklevel=4,
         )
+
+    def notice_data(self, note: str) -> None:
+        """Warn once per estimate about how a batch is read (a :class:`DataNotice`)."""
+        if note in self._notices:
+            return
+        self._notices.add(note)
+        warnings.warn(f"fisherflow.estimation: {note}", DataNotice, stacklevel=4)
 
     def notice_loop(self, why: str) -> None:
         """Warn once that per-sample gradients run as a slow loop over rows."""

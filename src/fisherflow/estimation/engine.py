@@ -16,9 +16,8 @@ from torch import Tensor, nn
 
 from fisherflow.estimation.accumulate import Accumulator
 from fisherflow.estimation.capture import Capture
-from fisherflow.estimation.checks import check_inputs, check_output, check_total
+from fisherflow.estimation.checks import check_inputs, check_output
 from fisherflow.estimation.data import (
-    DataNotice,
     Forward,
     batch_rows,
     output_note,
@@ -76,43 +75,40 @@ def run_pass(
     stat: torch.dtype,
     progress: Any = None,
     check: Check | None = None,
-    require_observations: bool = True,
 ) -> int:
     """Stream over ``data`` once, feeding every accumulator; returns the observation count.
 
     With a pending ``check`` (see :func:`probe`), the first batch is also the hook
     check: :class:`Recheck` is raised, before any accumulator is fed, if it demotes
     parameters. Every batch is checked (:mod:`~fisherflow.estimation.checks`); a
-    tuple output or an unshifted ``(ids, ids)`` pair gets a one-time
-    :class:`~fisherflow.estimation.data.DataNotice`.
+    tuple output or an unshifted ``(ids, ids)`` pair gets a
+    :class:`~fisherflow.estimation.data.DataNotice` once per estimate (the capture
+    remembers the notices and numbers the batches since its reset).
 
     Raises:
         Recheck: If the hook check demotes parameters.
         ValueError: For a bad batch (empty, unbatched, ambiguous batch size, NaN/Inf
             inputs or outputs, targets without the batch in dimension 0 or outside
-            the likelihood's support), and, with ``require_observations`` (pass
-            ``False`` when feeding batches one at a time), if every target of the
-            pass is masked.
+            the likelihood's support). A pass with no observation at all (every
+            target masked) is refused by the estimator's ``result()``, not here.
     """
-    total = batches = 0
-    noted: set[str] = set()
+    total = 0
     with capture:
         for item in data:
             batch = split_batch(item, shift_labels)
             inputs = to_device(batch.inputs, device)
             targets = None if batch.targets is None else batch.targets.to(device)
             rows = batch_rows(inputs, targets)
-            check_inputs(inputs, batches)
+            check_inputs(inputs, capture.batches)
             capture.start(rows)
             with torch.enable_grad():
                 raw = forward(model, inputs)
             out = output_tensor(raw)
-            check_output(out, rows, targets, batches)
+            check_output(out, rows, targets, capture.batches)
             for note in (batch.note, output_note(raw)):
-                if note is not None and note not in noted:
-                    noted.add(note)
-                    warnings.warn(f"fisherflow.estimation: {note}", DataNotice, stacklevel=3)
-            batches += 1
+                if note is not None:
+                    capture.notice_data(note)
+            capture.batches += 1
             if check is not None:
                 out = _check_first_batch(check, model, inputs, rows, capture, forward, out, stat)
                 check = None
@@ -154,8 +150,6 @@ def run_pass(
                         acc.add(pairs, func, rows)
             if progress is not None:
                 progress.update(1)
-    if require_observations:
-        check_total(total, batches)
     return total
 
 

@@ -20,6 +20,7 @@ from fisherflow.distributed import all_reduce_sum, is_distributed
 from fisherflow.estimation.accumulate import Accumulator, Plan
 from fisherflow.estimation.accumulators import ACCUMULATORS, make_accumulator
 from fisherflow.estimation.capture import Capture
+from fisherflow.estimation.checks import check_total
 from fisherflow.estimation.data import (
     Forward,
     batch_rows,
@@ -450,6 +451,7 @@ class FisherEstimator:
         self._reduced, self._batches = False, 0
         if more:
             self._pass += 1
+            self._capture_of().batches = 0  # errors number the batches of each pass
         else:
             self._finished = True
         return more
@@ -465,8 +467,11 @@ class FisherEstimator:
         Raises:
             RuntimeError: Before any :meth:`update`, or if the structure needs the data
                 again: then feed every batch again and call :meth:`result` once more.
+            ValueError: If every target fed so far is masked (no observation).
         """
         acc = self._accumulator("result")
+        if self._pass == 0 and not self._finished:
+            check_total(self._count, self._batches)
         if acc.passes > 1 and not self._finished and self.finish_pass():
             raise RuntimeError(
                 f"structure {self.structure!r} needs another pass over the same data (its "
