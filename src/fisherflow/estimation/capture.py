@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import types
-import warnings
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor, nn
 
-from fisherflow.estimation.data import DataNotice
+from fisherflow.estimation.data import DataNotice, warn_user
 from fisherflow.estimation.handlers import (
     LAYER_HANDLERS,
     handler_for,
@@ -149,11 +148,10 @@ class Capture:
         if where in self._notices:
             return
         self._notices.add(where)
-        warnings.warn(
+        warn_user(
             f"fisherflow.estimation: module {where!r} ({why}) is not captured by hooks; its "
             "parameters use per-sample gradients (torch.func), which is slower",
             FallbackNotice,
-            stacklevel=4,
         )
 
     def notice_data(self, note: str) -> None:
@@ -161,19 +159,18 @@ class Capture:
         if note in self._notices:
             return
         self._notices.add(note)
-        warnings.warn(f"fisherflow.estimation: {note}", DataNotice, stacklevel=4)
+        warn_user(f"fisherflow.estimation: {note}", DataNotice)
 
     def notice_loop(self, why: str) -> None:
         """Warn once that per-sample gradients run as a slow loop over rows."""
         if "\0loop" in self._notices:
             return
         self._notices.add("\0loop")
-        warnings.warn(
+        warn_user(
             f"fisherflow.estimation: per-sample gradients of {self.fallback[:3]} use a "
             f"per-example autograd loop ({why}): one forward per row and one backward per "
             "row and score, which is slow",
             FallbackNotice,
-            stacklevel=5,
         )
 
     def demote(self, names: set[str], why: str) -> None:

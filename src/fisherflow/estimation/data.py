@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -22,6 +25,7 @@ __all__ = [
     "split_batch",
     "tensor_leaves",
     "to_device",
+    "warn_user",
 ]
 
 #: ``forward(model, inputs) -> output``: how a model is called on a batch's inputs.
@@ -51,6 +55,30 @@ class DataNotice(UserWarning):
     E.g. a model returning a tuple of several tensors (the first is used), or a pair
     whose targets equal its inputs (not shifted as a causal LM's would be).
     """
+
+
+#: Frames in these files are fisherflow's own (or the ``with`` machinery around an
+#: estimator's context manager); a notice points at the first frame outside them.
+_OWN_FILES = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), contextlib.__file__)
+
+
+def warn_user(message: str, category: type[Warning]) -> None:
+    """Issue a warning attributed to the user's code, not to fisherflow's frames.
+
+    Python 3.11's ``warnings.warn`` has no ``skip_file_prefixes`` (3.12+), and a fixed
+    ``stacklevel`` points at a different frame from each entry point (``estimate``,
+    ``FisherEstimator.update``, ``update_from``), so the level is counted here.
+
+    Args:
+        message: The warning text.
+        category: The warning class.
+    """
+    frame = sys._getframe(0)
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_OWN_FILES):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def _shift(labels: Tensor) -> Tensor:
