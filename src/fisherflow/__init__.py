@@ -1,4 +1,26 @@
-"""fisherflow: Fisher information as a first-class object for PyTorch."""
+"""fisherflow: Fisher information as a first-class object for PyTorch.
+
+The package is layered; a layer imports only layers below it (``tests/test_layering.py``
+reads every import and fails on an upward one):
+
+0. :mod:`fisherflow.distributed` — the ``torch.distributed`` collectives every layer
+   uses (all-reduce, gather, broadcast).
+1. :mod:`fisherflow.matrices` — what a Fisher matrix is: the six structures of
+   :data:`fisherflow.matrices.STRUCTURES` over a parameter layout, their linear algebra
+   and file format; :mod:`fisherflow.stats` — classical Fisher information of
+   distribution families.
+2. :mod:`fisherflow.estimation` — how a Fisher is computed from a model and data:
+   likelihoods, kinds, one handler per layer type, the reusable
+   :class:`~fisherflow.estimation.FisherEstimator` and its one-call front
+   :func:`~fisherflow.estimation.estimate`, the dense reference.
+3. :mod:`fisherflow.flow` — Fisher Flow on every structure: accumulation, forgetting,
+   fusion, robust aggregation, online GLMs, aggregation across ranks.
+5. :mod:`fisherflow.cli`, :mod:`fisherflow.report` — the ``fisherflow`` command and
+   its reports.
+
+Every Fisher holds the **sum** of per-observation information and names its kind,
+structure, likelihood, ``num_samples`` and layout.
+"""
 
 from fisherflow import distributed, estimation, flow, matrices, stats
 from fisherflow._version import __version__
