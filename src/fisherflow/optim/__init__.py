@@ -7,6 +7,7 @@ the Fisher it maintains back with ``opt.fisher()``;
 :func:`fisher_from_optimizer` reads a Fisher off an Adam-family optimizer's state.
 """
 
+from fisherflow.optim.free import fisher_from_optimizer
 from fisherflow.optim.natural import EKFAC, KFAC, NaturalGradient
 
-__all__ = ["EKFAC", "KFAC", "NaturalGradient"]
+__all__ = ["EKFAC", "KFAC", "NaturalGradient", "fisher_from_optimizer"]
