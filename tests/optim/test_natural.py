@@ -266,3 +266,21 @@ def test_kfac_beats_sgd_at_equal_steps() -> None:
     )
     kfac = run(lambda m: optim.KFAC(m, lr=0.3, damping=0.01, update_freq=5, kl_clip=1e-2))
     assert kfac < 0.6 * sgd, (kfac, sgd)
+
+
+def test_a_group_added_later_restarts_the_curvature_over_the_new_layout() -> None:
+    x, y = data()
+    model = mlp()
+    opt = optim.NaturalGradient(model, lr=0.1, structure="diagonal", params=["0.weight"])
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert opt.fisher().layout.names == ("0.weight",)
+    opt.add_param_group({"params": [model[2].weight], "lr": 0.05})
+    before = model[2].weight.detach().clone()
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert opt.fisher().layout.names == ("0.weight", "2.weight")
+    assert not torch.equal(before, model[2].weight)
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})

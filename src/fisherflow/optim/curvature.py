@@ -9,15 +9,23 @@ arithmetic (``γ * F`` and ``F + G``). Its state is tensors and plain Python val
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fisherflow.estimation import FisherEstimator, Likelihood
 from fisherflow.matrices import STRUCTURES, FisherMatrix, ParamLayout
 
-__all__ = ["RunningCurvature", "all_finite", "fisher_from_state", "fisher_state", "update_seed"]
+__all__ = [
+    "RunningCurvature",
+    "all_finite",
+    "fisher_from_state",
+    "fisher_state",
+    "tensors_finite",
+    "update_seed",
+]
 
 #: Odd 64-bit constant (2⁶⁴/φ) spreading update indices over seeds.
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -142,6 +150,12 @@ class RunningCurvature:
         self.fisher = None if saved is None else fisher_from_state(saved, self.layout)
 
 
+def tensors_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite (one device synchronisation)."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+
 def all_finite(fisher: FisherMatrix) -> bool:
     """Whether the Fisher's state tensors are all finite."""
-    return all(bool(torch.isfinite(t).all()) for t in fisher._state()[0].values())
+    return tensors_finite(fisher._state()[0].values())

@@ -25,6 +25,7 @@ from fisherflow.optim.curvature import (
     all_finite,
     fisher_from_state,
     fisher_state,
+    tensors_finite,
 )
 from fisherflow.optim.params import param_groups
 
@@ -237,8 +238,12 @@ class NaturalGradient(torch.optim.Optimizer):
         )
 
     def _record(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not self._feeding and torch.is_grad_enabled() and self._step % self.update_freq == 0:
+        if not self._feeding and torch.is_grad_enabled() and self._update_due():
             self._inputs = (args, kwargs)
+
+    def _update_due(self) -> bool:
+        """Whether the next step updates the curvature (every ``update_freq``, or none yet)."""
+        return self._curvature.fisher is None or self._step % self.update_freq == 0
 
     def __del__(self) -> None:
         hook = self.__dict__.get("_hook")
@@ -335,12 +340,12 @@ class NaturalGradient(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = self._gradients()
-        if not all(bool(torch.isfinite(g).all()) for g in grads.values()):
+        if not tensors_finite(grads.values()):
             self._skip("gradient")
             return loss
         step = self._step + 1
         curvature, preconditioner = self._curvature, self._preconditioner
-        update = (step - 1) % self.update_freq == 0
+        update = self._update_due()
         saved = (curvature.updates, curvature.fisher)
         if update:
             self._feeding = True
@@ -371,7 +376,7 @@ class NaturalGradient(torch.optim.Optimizer):
         g = {n: grads[n] if n in grads else torch.zeros_like(params[n]) for n in layout.names}
         delta = preconditioner.solve(g, self._damping(step))
         assert isinstance(delta, dict)
-        if not all(bool(torch.isfinite(d).all()) for d in delta.values()):
+        if not tensors_finite(delta.values()):
             return False
         scale = 1.0
         if self.kl_clip is not None:
