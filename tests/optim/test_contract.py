@@ -151,8 +151,9 @@ def test_nan_gradient_is_skipped_with_a_warning(factory: Callable[..., Any]) -> 
     opt.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
     model[0].weight.grad[0, 0] = float("nan")
-    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+    with pytest.warns(RuntimeWarning, match="non-finite gradient") as record:
         opt.step()
+    assert record[0].filename == __file__  # attributed to the user's line
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))
     assert opt.steps == 2 and opt.skipped == 1
     train(model, opt, range(2, 3))  # the next good step goes through

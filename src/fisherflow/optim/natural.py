@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
@@ -38,8 +40,21 @@ REDUCTIONS: dict[str, Callable[[FisherMatrix], FisherMatrix]] = {
 }
 
 
+#: Frames a warning skips to reach the user's line: fisherflow's and torch's own
+#: wrappers of ``step`` (``no_grad``, the optimizer's profiling hook).
+_LIBRARY_DIRS = (
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    os.path.dirname(os.path.abspath(torch.__file__)),
+)
+
+
 def _warn(what: str) -> None:
-    warnings.warn(f"non-finite {what}: the step was skipped", RuntimeWarning, stacklevel=4)
+    frame, level = sys._getframe(0), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+        _LIBRARY_DIRS
+    ):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(f"non-finite {what}: the step was skipped", RuntimeWarning, stacklevel=level)
 
 
 def _raise(what: str) -> None:
