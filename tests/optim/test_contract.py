@@ -85,14 +85,20 @@ def test_param_groups_have_their_own_hyperparameters(factory: Callable[..., Any]
     assert torch.equal(before[2], after[2]) and torch.equal(before[3], after[3])  # lr 0
 
 
-def test_state_dict_round_trip_continues_bit_identically(factory: Callable[..., Any]) -> None:
+@pytest.mark.parametrize(
+    "extra", [{}, {"update_freq": 1, "inverse_freq": 3}], ids=["default", "inverse_freq"]
+)
+def test_state_dict_round_trip_continues_bit_identically(
+    factory: Callable[..., Any], extra: dict[str, Any]
+) -> None:
+    hyper = {**BASE, **extra}
     model = make_model()
-    opt = factory(model, **BASE)
+    opt = factory(model, **hyper)
     train(model, opt, range(3))
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
     resumed_model = copy.deepcopy(model)
-    resumed = factory(resumed_model, **BASE)
+    resumed = factory(resumed_model, **hyper)
     buffer.seek(0)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     train(model, opt, range(3, 7))

@@ -284,3 +284,33 @@ def test_a_group_added_later_restarts_the_curvature_over_the_new_layout() -> Non
     assert not torch.equal(before, model[2].weight)
     with pytest.raises(ValueError, match="not a parameter of the model"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+
+
+def test_inverse_freq_keeps_the_preconditioner_between_refreshes() -> None:
+    # update_freq=1, ema=0: the curvature follows every batch, but the step solves
+    # with the snapshot taken at step 1 until step 1 + inverse_freq.
+    model = mlp()
+    opt = optim.NaturalGradient(
+        model,
+        lr=0.5,
+        structure="dense",
+        kind="exact",
+        damping=0.1,
+        ema=0.0,
+        inverse_freq=5,
+        update_freq=1,
+    )
+    x0, y0 = data(seed=0)
+    fisher0 = ff.reference_fisher(model, [(x0, y0)], "categorical", "exact") / 32
+    nn.functional.cross_entropy(model(x0), y0).backward()
+    opt.step()
+    x1, y1 = data(seed=1)
+    theta = flat(model)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x1), y1).backward()
+    grad = flat_grad(model)
+    opt.step()
+    eye = torch.eye(theta.numel(), dtype=torch.float64)
+    expected = theta - 0.5 * torch.linalg.solve(fisher0 + 0.1 * eye, grad)
+    torch.testing.assert_close(flat(model), expected, rtol=1e-10, atol=1e-12)
+    assert opt.fisher().num_samples == 32 and opt._curvature.updates == 2
