@@ -14,7 +14,9 @@ reads every import and fails on an upward one):
    :class:`~fisherflow.estimation.FisherEstimator` and its one-call front
    :func:`~fisherflow.estimation.estimate`, the dense reference.
 3. :mod:`fisherflow.flow` — Fisher Flow on every structure: accumulation, forgetting,
-   fusion, robust aggregation, online GLMs, aggregation across ranks.
+   fusion, robust aggregation, online GLMs, aggregation across ranks;
+   :mod:`fisherflow.optim` — natural-gradient optimizers (any structure, K-FAC, EKFAC)
+   that hand back the Fisher they maintain, and ``fisher_from_optimizer``.
 5. :mod:`fisherflow.cli`, :mod:`fisherflow.report` — the ``fisherflow`` command and
    its reports.
 
@@ -22,7 +24,7 @@ Every Fisher holds the **sum** of per-observation information and names its kind
 structure, likelihood, ``num_samples`` and layout.
 """
 
-from fisherflow import distributed, estimation, flow, matrices, stats
+from fisherflow import distributed, estimation, flow, matrices, optim, stats
 from fisherflow._version import __version__
 from fisherflow.estimation import (
     FallbackNotice,
@@ -45,6 +47,7 @@ from fisherflow.matrices import (
     ParamLayout,
     load,
 )
+from fisherflow.optim import fisher_from_optimizer
 
 __all__ = [
     "EKFAC",
@@ -65,10 +68,12 @@ __all__ = [
     "distributed",
     "estimate",
     "estimation",
+    "fisher_from_optimizer",
     "flow",
     "fuse",
     "load",
     "matrices",
+    "optim",
     "reference_fisher",
     "register_likelihood",
     "robust_fuse",

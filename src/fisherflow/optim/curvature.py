@@ -1,0 +1,161 @@
+"""The running curvature of an optimizer: a bias-corrected EMA of estimated Fishers.
+
+:class:`RunningCurvature` drives the reusable
+:class:`~fisherflow.estimation.FisherEstimator` (the same capture code as
+:func:`~fisherflow.estimate`) on one batch per update and blends the result into an
+exponential moving average with Adam's bias correction, in the structure's own
+arithmetic (``γ * F`` and ``F + G``). Its state is tensors and plain Python values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fisherflow.estimation import FisherEstimator, Likelihood
+from fisherflow.matrices import STRUCTURES, FisherMatrix, ParamLayout
+
+__all__ = [
+    "RunningCurvature",
+    "all_finite",
+    "fisher_from_state",
+    "fisher_state",
+    "tensors_finite",
+    "update_seed",
+]
+
+#: Odd 64-bit constant (2⁶⁴/φ) spreading update indices over seeds.
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def update_seed(seed: int, index: int) -> int:
+    """The MC label sampler's seed for curvature update ``index`` (a pure function).
+
+    Every update draws fresh labels, and a run resumed from a checkpoint draws the
+    same ones as an uninterrupted run.
+    """
+    return (seed * _GOLDEN + index) % (2**63)
+
+
+def fisher_state(fisher: FisherMatrix) -> dict[str, Any]:
+    """A Fisher as tensors and plain Python values (``torch.load(weights_only=True)``).
+
+    Returns:
+        ``{"structure", "tensors", "extra", "num_samples", "kind", "likelihood"}``.
+    """
+    tensors, extra = fisher._state()
+    return {
+        "structure": fisher.structure,
+        "tensors": dict(tensors),
+        "extra": extra,
+        "num_samples": float(fisher.num_samples),
+        "kind": fisher.kind,
+        "likelihood": fisher.likelihood,
+    }
+
+
+def fisher_from_state(state: dict[str, Any], layout: ParamLayout) -> FisherMatrix:
+    """The Fisher :func:`fisher_state` describes, over ``layout``."""
+    cls = STRUCTURES[state["structure"]]
+    return cls._from_state(
+        layout,
+        dict(state["tensors"]),
+        state["extra"],
+        num_samples=state["num_samples"],
+        kind=state["kind"],
+        likelihood=state["likelihood"],
+    )
+
+
+class RunningCurvature:
+    """A bias-corrected exponential moving average of a model's Fisher.
+
+    Update ``k`` (from 1) estimates the summed Fisher ``F_k`` of one batch and sets
+    ``C_k = β_k F_k + (1 − β_k) C_{k−1}`` with ``β_k = (1 − ema) / (1 − ema^k)``,
+    which equals Adam's bias-corrected EMA ``(1 − ema) Σ_j ema^{k−j} F_j / (1 − ema^k)``;
+    ``C_1 = F_1`` exactly. ``num_samples`` follows the same average, so
+    ``C.mean()`` is the per-observation curvature. For K-FAC the blend is factor-wise
+    (K-FAC's running-average update of ``A`` and ``G``); for EKFAC the new batch's
+    eigenbasis is kept and the running eigenvalues are projected into it.
+
+    Args:
+        model: The module the Fisher is of.
+        names: Parameter names the curvature covers.
+        likelihood: A likelihood name or :class:`~fisherflow.estimation.Likelihood`.
+        kind: ``"exact"``, ``"mc"`` or ``"empirical"``.
+        structure: Any fisherflow structure name.
+        ema: The decay in ``[0, 1)``.
+        seed: Seed of the MC label sampler (re-seeded per update, see :func:`update_seed`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: list[str],
+        likelihood: str | Likelihood,
+        kind: str,
+        structure: str,
+        *,
+        ema: float,
+        seed: int,
+    ) -> None:
+        self.estimator = FisherEstimator(
+            model, likelihood, kind, structure, params=names, seed=update_seed(seed, 0)
+        )
+        self.ema, self.seed = ema, seed
+        self.updates = 0
+        self.fisher: FisherMatrix | None = None
+
+    @property
+    def layout(self) -> ParamLayout:
+        """The layout of the covered parameters."""
+        return self.estimator.layout
+
+    def estimate(self, batch: Any) -> FisherMatrix:
+        """The summed Fisher of one batch, with the next update's MC labels."""
+        est = self.estimator
+        est.seed = update_seed(self.seed, self.updates + 1)
+        est.reset()
+        est.update(batch)
+        est.all_reduce()
+        fisher = est.result()
+        est.reset()  # release the statistics
+        return fisher
+
+    def blend(self, fisher: FisherMatrix) -> FisherMatrix:
+        """Fold one batch's Fisher into the average; returns the new average."""
+        self.updates += 1
+        beta = (1.0 - self.ema) / (1.0 - self.ema**self.updates)
+        if self.fisher is None or beta >= 1.0:
+            self.fisher = fisher
+        else:
+            self.fisher = fisher * beta + self.fisher * (1.0 - beta)
+        return self.fisher
+
+    def state_dict(self) -> dict[str, Any]:
+        """The average as tensors and plain values (``None`` before any update)."""
+        return {
+            "updates": self.updates,
+            "seed": self.seed,
+            "fisher": None if self.fisher is None else fisher_state(self.fisher),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output."""
+        self.updates, self.seed = int(state["updates"]), int(state["seed"])
+        saved = state["fisher"]
+        self.fisher = None if saved is None else fisher_from_state(saved, self.layout)
+
+
+def tensors_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite (one device synchronisation)."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+
+def all_finite(fisher: FisherMatrix) -> bool:
+    """Whether the Fisher's state tensors are all finite."""
+    return tensors_finite(fisher._state()[0].values())

@@ -1,0 +1,489 @@
+"""Natural gradient descent over any Fisher structure, and the K-FAC / EKFAC presets."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import warnings
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fisherflow.estimation import Likelihood
+from fisherflow.matrices import FisherMatrix
+from fisherflow.optim.checks import (
+    check_choice,
+    check_count,
+    check_damping,
+    check_fraction,
+    check_nonnegative,
+)
+from fisherflow.optim.curvature import (
+    RunningCurvature,
+    all_finite,
+    fisher_from_state,
+    fisher_state,
+    tensors_finite,
+)
+from fisherflow.optim.params import param_groups
+
+__all__ = ["EKFAC", "KFAC", "NaturalGradient"]
+
+#: The preconditioner of a loss reduction: the per-observation or the summed Fisher.
+REDUCTIONS: dict[str, Callable[[FisherMatrix], FisherMatrix]] = {
+    "mean": lambda fisher: fisher.mean(),
+    "sum": lambda fisher: fisher,
+}
+
+
+#: Frames a warning skips to reach the user's line: fisherflow's and torch's own
+#: wrappers of ``step`` (``no_grad``, the optimizer's profiling hook).
+_LIBRARY_DIRS = (
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    os.path.dirname(os.path.abspath(torch.__file__)),
+)
+
+
+def _warn(what: str) -> None:
+    frame, level = sys._getframe(0), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+        _LIBRARY_DIRS
+    ):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(f"non-finite {what}: the step was skipped", RuntimeWarning, stacklevel=level)
+
+
+def _raise(what: str) -> None:
+    raise FloatingPointError(f"non-finite {what}: the step was not taken")
+
+
+#: What a non-finite gradient, curvature or step does (the step is never taken).
+NONFINITE: dict[str, Callable[[str], None]] = {"warn": _warn, "raise": _raise}
+
+#: Key of the optimizer-wide state in :meth:`NaturalGradient.state_dict`.
+_STATE_KEY = "natural_gradient"
+
+
+class NaturalGradient(torch.optim.Optimizer):
+    """Natural gradient descent: ``θ ← θ − lr · (F + λI)⁻¹ g`` with a running Fisher F.
+
+    A ``torch.optim.Optimizer`` for the plain loop, with nothing else to call::
+
+        opt = ff.optim.KFAC(model, lr=0.1)
+        for x, y in loader:
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+
+    **The curvature.** Every ``update_freq`` steps (the first step included) ``step()``
+    estimates the Fisher of the current batch with
+    :class:`~fisherflow.estimation.FisherEstimator` — the capture code of
+    :func:`~fisherflow.estimate`, every layer type it supports, any ``structure`` — and
+    folds it into a running average ``C`` (:class:`~fisherflow.optim.curvature.RunningCurvature`:
+    an EMA with decay ``ema`` and Adam's bias correction, so ``C`` equals the first
+    batch's Fisher exactly after the first update). The batch is the input of the
+    model's last forward call with gradients on before ``step()`` (a forward
+    pre-hook keeps a reference to it on update steps only), or ``step(batch=...)``
+    when given. The estimator runs its own forward (``eval()`` mode) and backward
+    passes on it with ``torch.autograd.grad``: the ``.grad`` the user's ``backward``
+    produced is never altered. ``kind="mc"`` samples labels from the model's outputs
+    (seeded per update from ``seed``, restored by :meth:`load_state_dict`);
+    ``kind="exact"`` needs no labels; ``kind="empirical"`` uses the targets, so it
+    needs ``step(batch=(inputs, targets))`` on update steps.
+
+    **Conventions.** With ``loss_reduction="mean"`` (PyTorch's default) the
+    gradient is of a per-observation average, and the step is preconditioned with the
+    per-observation Fisher ``C.mean()``; with ``"sum"`` with the summed Fisher ``C``.
+    Either way ``−lr (F + λI)⁻¹ g`` is the Newton-like step the user's loss implies.
+    The loss must be the likelihood's negative log (e.g. cross-entropy for
+    ``"categorical"``, ``½‖y − f‖²`` for ``"gaussian"`` with unit variance).
+    ``damping`` λ (a float, or a callable ``step -> λ`` with steps counted from 1) is
+    added to the whole curvature and solved exactly in its structure (K-FAC: in the
+    factors' eigenbasis, as :meth:`~fisherflow.matrices.FisherMatrix.solve` does).
+
+    **The step**, per parameter group (``lr``, ``momentum``, ``weight_decay``): with
+    ``Δ = (F + λI)⁻¹ g`` and ``ν = min(1, √(2 κ / Σ_groups lr² Δᵀg))`` when
+    ``kl_clip = κ`` is set (else ``ν = 1``; ``Δᵀg = Δᵀ(F + λI)Δ``, so the step
+    ``u = −lr ν Δ`` keeps ``½ uᵀ(F + λI)u ≤ κ``, Martens & Grosse's trust region with
+    the damped curvature), ``b ← momentum · b + ν Δ`` (``b = ν Δ`` at first),
+    ``θ ← (1 − lr · weight_decay) θ − lr · b`` (decoupled weight decay). The
+    eigendecomposition of the preconditioner is recomputed after each curvature
+    update, or every ``inverse_freq`` steps when given.
+
+    **Robustness.** A non-finite gradient, curvature or step is never applied: the
+    step is skipped (nothing changes, the step count included) with a
+    ``RuntimeWarning``, or raises ``FloatingPointError`` with ``nonfinite="raise"``.
+    ``step()`` with no gradient on any parameter raises ``RuntimeError``.
+
+    **State.** :meth:`state_dict` holds tensors and plain Python values only
+    (``torch.load(weights_only=True)`` reads it): the momentum buffers, the step
+    count, the running curvature's tensors and the sampler's seed; a run resumed from
+    it continues bit-identically.
+
+    Args:
+        model: The ``torch.nn.Module`` being trained.
+        lr: Learning rate (>= 0).
+        structure: Fisher structure: ``"diagonal"``, ``"block"``, ``"dense"``,
+            ``"kfac"``, ``"ekfac"`` or ``"lowrank"``.
+        kind: ``"mc"``, ``"exact"`` or ``"empirical"``.
+        likelihood: The likelihood name or object of the loss.
+        damping: λ >= 0, or a callable ``step -> λ``.
+        momentum: Momentum (>= 0) on the natural-gradient direction.
+        weight_decay: Decoupled weight decay (>= 0).
+        update_freq: Steps between curvature updates (>= 1).
+        inverse_freq: Steps between refreshes of the preconditioner's
+            eigendecomposition, or ``None`` for every curvature update.
+        ema: Decay of the running curvature in ``[0, 1)`` (0: the last batch only).
+        kl_clip: Trust-region radius κ > 0, or ``None``.
+        params: Parameters to train (default: every trainable parameter of
+            ``model``): names, tensors, or ``torch.optim`` parameter-group dicts.
+            The curvature covers all of them jointly.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss reduces over
+            observations.
+        nonfinite: ``"warn"`` (skip the step) or ``"raise"``.
+        seed: Seed of the MC label sampler.
+
+    Raises:
+        ValueError: For a bad hyperparameter (named), an unknown structure, kind,
+            likelihood, reduction or ``nonfinite`` (the valid keys listed), or
+            ``params`` holding a tensor that is not a parameter of ``model``.
+        TypeError: If ``model`` is not a module or a hyperparameter is not a number.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        *,
+        structure: str = "kfac",
+        kind: str = "mc",
+        likelihood: str | Likelihood = "categorical",
+        damping: float | Callable[[int], float] = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        update_freq: int = 10,
+        inverse_freq: int | None = None,
+        ema: float = 0.95,
+        kl_clip: float | None = None,
+        params: Iterable[Any] | None = None,
+        loss_reduction: str = "mean",
+        nonfinite: str = "warn",
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.damping = check_damping(damping)
+        self.update_freq = check_count(update_freq, "update_freq")
+        self.inverse_freq = (
+            None if inverse_freq is None else check_count(inverse_freq, "inverse_freq")
+        )
+        self.ema = check_fraction(ema, "ema")
+        if kl_clip is not None and check_nonnegative(kl_clip, "kl_clip") == 0:
+            raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip!r}")
+        self.kl_clip = kl_clip
+        self._reduce = check_choice(loss_reduction, "loss_reduction", REDUCTIONS)
+        self._on_nonfinite = check_choice(nonfinite, "nonfinite", NONFINITE)
+        self.loss_reduction, self.nonfinite = loss_reduction, nonfinite
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.structure, self.kind, self.likelihood = structure, kind, likelihood
+        self._model = model
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        defaults = {
+            "lr": check_nonnegative(lr, "lr"),
+            "momentum": check_nonnegative(momentum, "momentum"),
+            "weight_decay": check_nonnegative(weight_decay, "weight_decay"),
+        }
+        super().__init__(param_groups(model, params), defaults)
+        self._seed = seed
+        self._curvature = self._new_curvature()
+        self._preconditioner: FisherMatrix | None = None
+        self._step, self._skipped = 0, 0
+        self._inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        self._feeding = False
+        ref = weakref.ref(self)
+
+        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            opt = ref()
+            if opt is not None:
+                opt._record(args, kwargs)
+
+        self._hook = model.register_forward_pre_hook(record, with_kwargs=True)
+
+    # ----------------------------------------------------------- groups and hooks
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group (validated); a later one restarts the curvature.
+
+        Raises:
+            ValueError: For a bad ``lr``, ``momentum`` or ``weight_decay`` (named), or
+                a tensor that is not a parameter of the model.
+        """
+        for key in ("lr", "momentum", "weight_decay"):
+            if key in param_group:
+                param_group[key] = check_nonnegative(param_group[key], key)
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for p in params:
+            if id(p) not in self._names:
+                raise ValueError(
+                    f"params: a tensor of shape {tuple(p.shape)} is not a parameter of the model"
+                )
+        param_group["params"] = params
+        super().add_param_group(param_group)
+        if hasattr(self, "_curvature"):  # after construction: a new layout
+            self._curvature = self._new_curvature()
+            self._preconditioner = None
+
+    def _new_curvature(self) -> RunningCurvature:
+        names = [self._names[id(p)] for g in self.param_groups for p in g["params"]]
+        order = {n: i for i, n in enumerate(self._names.values())}
+        return RunningCurvature(
+            self._model,
+            sorted(set(names), key=order.__getitem__),
+            self.likelihood,
+            self.kind,
+            self.structure,
+            ema=self.ema,
+            seed=self._seed,
+        )
+
+    def _record(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not self._feeding and torch.is_grad_enabled() and self._update_due():
+            self._inputs = (args, kwargs)
+
+    def _update_due(self) -> bool:
+        """Whether the next step updates the curvature (every ``update_freq``, or none yet)."""
+        return self._curvature.fisher is None or self._step % self.update_freq == 0
+
+    def __del__(self) -> None:
+        hook = self.__dict__.get("_hook")
+        if hook is not None:
+            hook.remove()
+
+    # ------------------------------------------------------------------ results
+    def fisher(self) -> FisherMatrix:
+        """The running Fisher: summed information, ``num_samples`` its running count.
+
+        Its structure, kind and likelihood are the optimizer's; ``fisher().mean()``
+        is the per-observation curvature a ``"mean"`` loss is preconditioned with.
+
+        Raises:
+            RuntimeError: Before the first step.
+        """
+        if self._curvature.fisher is None:
+            raise RuntimeError("fisher() needs at least one step() first")
+        return self._curvature.fisher
+
+    @property
+    def steps(self) -> int:
+        """Steps taken (skipped ones not counted)."""
+        return self._step
+
+    @property
+    def skipped(self) -> int:
+        """Steps skipped for a non-finite gradient, curvature or step."""
+        return self._skipped
+
+    # --------------------------------------------------------------------- step
+    def _batch(self, batch: Any) -> Any:
+        if batch is not None:
+            return batch
+        if self.kind == "empirical":
+            raise ValueError(
+                "batch: kind='empirical' needs the targets; pass "
+                "opt.step(batch=(inputs, targets)) on curvature update steps"
+            )
+        if self._inputs is None:
+            raise RuntimeError(
+                "step(): no forward of the model with gradients on was seen since the last "
+                "curvature update; run the model's forward before step() or pass batch="
+            )
+        args, kwargs = self._inputs
+        if len(args) != 1 or kwargs:
+            raise ValueError(
+                "batch: the model's forward took "
+                f"{len(args)} positional and {len(kwargs)} keyword inputs; the curvature "
+                "needs one input tensor: pass opt.step(batch=(inputs, None))"
+            )
+        return (args[0], None)
+
+    def _gradients(self) -> dict[str, Tensor]:
+        grads = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    grads[self._names[id(p)]] = p.grad
+        if not grads:
+            raise RuntimeError(
+                "step() found no gradient on any parameter: call loss.backward() before opt.step()"
+            )
+        return grads
+
+    def _skip(self, what: str) -> None:
+        self._skipped += 1
+        self._inputs = None
+        self._on_nonfinite(what)
+
+    def _damping(self, step: int) -> float:
+        value = self.damping(step) if callable(self.damping) else self.damping
+        return check_nonnegative(value, f"damping (at step {step})")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, batch: Any = None) -> Any:
+        """Take one natural-gradient step.
+
+        Args:
+            closure: Re-evaluates the model and returns the loss (optional).
+            batch: The curvature batch on update steps (default: the model's last
+                forward input, see the class docstring); ``(inputs, targets)``.
+
+        Returns:
+            The closure's loss, or ``None``.
+
+        Raises:
+            RuntimeError: If no parameter has a gradient, or no forward was seen.
+            FloatingPointError: With ``nonfinite="raise"``, for a non-finite gradient,
+                curvature or step.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = self._gradients()
+        if not tensors_finite(grads.values()):
+            self._skip("gradient")
+            return loss
+        step = self._step + 1
+        curvature, preconditioner = self._curvature, self._preconditioner
+        update = self._update_due()
+        saved = (curvature.updates, curvature.fisher)
+        if update:
+            self._feeding = True
+            try:
+                with torch.enable_grad():
+                    fisher = curvature.estimate(self._batch(batch))
+            finally:
+                self._feeding = False
+            if not all_finite(fisher):
+                self._skip("curvature")
+                return loss
+            curvature.blend(fisher)
+        every = self.inverse_freq
+        if preconditioner is None or (update if every is None else (step - 1) % every == 0):
+            assert curvature.fisher is not None  # the first step is an update
+            preconditioner = self._reduce(curvature.fisher)
+        if not self._apply(preconditioner, grads, step):
+            curvature.updates, curvature.fisher = saved
+            self._skip("step")
+            return loss
+        self._preconditioner, self._step, self._inputs = preconditioner, step, None
+        return loss
+
+    def _apply(self, preconditioner: FisherMatrix, grads: dict[str, Tensor], step: int) -> bool:
+        """Solve for the direction and update the parameters; ``False`` if non-finite."""
+        layout = preconditioner.layout
+        params = dict(self._model.named_parameters())
+        g = {n: grads[n] if n in grads else torch.zeros_like(params[n]) for n in layout.names}
+        delta = preconditioner.solve(g, self._damping(step))
+        assert isinstance(delta, dict)
+        if not tensors_finite(delta.values()):
+            return False
+        scale = 1.0
+        if self.kl_clip is not None:
+            q = 0.0
+            for group in self.param_groups:
+                for p in group["params"]:
+                    n = self._names[id(p)]
+                    if n in grads:
+                        dg = float((delta[n] * g[n].to(delta[n].dtype)).sum())
+                        q += group["lr"] ** 2 * dg
+            if q > 0:
+                scale = min(1.0, math.sqrt(2.0 * self.kl_clip / q))
+        for group in self.param_groups:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                n = self._names[id(p)]
+                if n not in grads:
+                    continue
+                d = delta[n].to(dtype=p.dtype, device=p.device)
+                if scale != 1.0:
+                    d = d * scale
+                if mu != 0:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = d.clone()
+                    else:
+                        buf.mul_(mu).add_(d)
+                    d = buf
+                if wd != 0:
+                    p.mul_(1.0 - lr * wd)
+                p.add_(d, alpha=-lr)
+        return True
+
+    # -------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """The ``torch.optim`` state dict plus the optimizer-wide state (tensors and plain values).
+
+        Returns:
+            ``{"state", "param_groups", "natural_gradient"}``.
+        """
+        out = super().state_dict()
+        kept = self._preconditioner if self.inverse_freq is not None else None
+        out[_STATE_KEY] = {
+            "step": self._step,
+            "skipped": self._skipped,
+            "curvature": self._curvature.state_dict(),
+            "preconditioner": None if kept is None else fisher_state(kept),
+        }
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (training continues bit-identically).
+
+        Raises:
+            ValueError: If ``state_dict`` lacks the optimizer-wide state.
+        """
+        state_dict = dict(state_dict)
+        mine = state_dict.pop(_STATE_KEY, None)
+        if mine is None:
+            raise ValueError(
+                f"state_dict has no {_STATE_KEY!r} entry: it is not a NaturalGradient state"
+            )
+        super().load_state_dict(state_dict)
+        self._step, self._skipped = int(mine["step"]), int(mine["skipped"])
+        self._curvature.load_state_dict(mine["curvature"])
+        saved = mine["preconditioner"]
+        fisher = self._curvature.fisher
+        if saved is not None:
+            self._preconditioner = fisher_from_state(saved, self._curvature.layout)
+        else:
+            self._preconditioner = None if fisher is None else self._reduce(fisher)
+
+
+class KFAC(NaturalGradient):
+    """K-FAC (Martens & Grosse 2015): :class:`NaturalGradient` with ``structure="kfac"``.
+
+    Per layer the Fisher is ``G ⊗ A``; the damped solve ``(G ⊗ A + λI)⁻¹ g`` is exact
+    in the factors' eigenbasis. Arguments as :class:`NaturalGradient` (``structure``
+    is fixed).
+    """
+
+    def __init__(self, model: nn.Module, lr: float, **options: Any) -> None:
+        super().__init__(model, lr, structure="kfac", **options)
+
+
+class EKFAC(NaturalGradient):
+    """EKFAC (George et al. 2018): :class:`NaturalGradient` with ``structure="ekfac"``.
+
+    K-FAC's eigenbasis with eigenvalues re-estimated in it. Arguments as
+    :class:`NaturalGradient` (``structure`` is fixed).
+    """
+
+    def __init__(self, model: nn.Module, lr: float, **options: Any) -> None:
+        super().__init__(model, lr, structure="ekfac", **options)
