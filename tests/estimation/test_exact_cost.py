@@ -182,7 +182,7 @@ def test_long_run_notice(monkeypatch):
     model, data = _case("transformer")
     monkeypatch.setattr(positions, "LONG_PASSES", 10)
     monkeypatch.setattr(positions, "LONG_SECONDS", 0.0)
-    with pytest.warns(positions.CostNotice, match="backward passes per batch") as got:
+    with pytest.warns(positions.CostNotice, match="backward passes on the first batch") as got:
         ff.estimate(model, data, "categorical", "exact", "diagonal")
     assert len(got) == 1  # once per estimate
     assert "position-local" in str(got[0].message)

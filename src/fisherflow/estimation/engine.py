@@ -142,7 +142,7 @@ def run_pass(
             )
             if split is not None:  # the position-local layers: one backward per class
                 local, records = split
-                _batched(out, local, scores.per_class(), accs, rows, stat, timer, scores.layout)
+                _batched(out, local, scores.per_class(), accs, rows, stat, layout=scores.layout)
             if split is None or records or capture.fallback:
                 cots = [c.to(out.dtype) for c in scores] if capture.fallback else None
                 func_all: dict[str, Tensor] = {}
@@ -151,7 +151,8 @@ def run_pass(
                         func_all = _fallback(
                             capture, model, forward, inputs, torch.stack(cots), rows
                         )
-                _per_score(out, records, scores, accs, rows, stat, timer, func_all, cots)
+                _per_score(out, records, scores, accs, rows, stat, func_all, cots)
+            timer.done()
             if progress is not None:
                 progress.update(1)
     return total
@@ -164,13 +165,12 @@ def _per_score(
     accs: list[Accumulator],
     rows: int,
     stat: torch.dtype,
-    timer: CostTimer,
     func_all: dict[str, Tensor],
     cots: list[Tensor] | None,
 ) -> None:
     """One backward per score (batched in chunks when there is no fallback)."""
     if cots is None and scores.size > 1 and records:
-        _batched(out, records, scores, accs, rows, stat, timer)
+        _batched(out, records, scores, accs, rows, stat)
         return
     outs = [r.output for r in records]
     for k, cot in enumerate(cots if cots is not None else scores):
@@ -182,7 +182,6 @@ def _per_score(
             if outs
             else []
         )
-        timer.done(k + 1)
         pairs = _pairs(records, grads, stat)
         func = {n: g[k].to(stat) for n, g in func_all.items()}
         for acc in accs:
@@ -284,7 +283,6 @@ def _batched(
     accs: list[Accumulator],
     rows: int,
     stat: torch.dtype,
-    timer: CostTimer | None = None,
     layout: tuple[int, int, int] | None = None,
 ) -> None:
     """Many cotangents (exact kind, several MC samples) in chunks of batched backwards.
@@ -299,7 +297,6 @@ def _batched(
     positions = 1 if layout is None else layout[1]
     shown = records if positions == 1 else [as_rows(r, positions) for r in records]
     fed_rows = rows * positions
-    done = 0
     outs = [r.output for r in records]
     per = max(1, sum(o.numel() for o in outs))
     k_max = max(1, min(scores.size, BATCH_ELEMENTS // per))
@@ -321,7 +318,6 @@ def _batched(
                 acc.add(pairs, {}, fed_rows)
 
     def flush() -> None:
-        nonlocal done
         k = len(chunk)
         cot = torch.stack(chunk).to(out.dtype)
         chunk.clear()
@@ -336,9 +332,6 @@ def _batched(
                 g1 = torch.autograd.grad(out, outs, c, retain_graph=True, allow_unused=True)
                 feed(g1, 1, False)
             return
-        done += k
-        if timer is not None:
-            timer.done(done)
         feed([None if g is None else g.reshape(k * g.shape[1], *g.shape[2:]) for g in grads], k)
 
     for c in scores:

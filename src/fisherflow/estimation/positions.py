@@ -62,10 +62,11 @@ ROWS_EXACT: frozenset[type[Accumulator]] = frozenset({DiagonalAcc, GroupAcc, KFA
 #: records only), so local and non-local layers may come from different passes.
 PER_LAYER: frozenset[type[Accumulator]] = frozenset({DiagonalAcc, KFACAcc, EKFACAcc})
 
-#: A batch needing more backward passes than this, and estimated to take more than
-#: :data:`LONG_SECONDS`, gets a one-time :class:`CostNotice`.
+#: An estimate whose first batch needs more backward passes than this, and takes more
+#: than :data:`LONG_SECONDS`, gets a one-time :class:`CostNotice` after that batch.
 LONG_PASSES = 200
-#: Seconds per batch past which a long exact run is announced (see :data:`LONG_PASSES`).
+#: Seconds of a first batch past which a long exact run is announced (see
+#: :data:`LONG_PASSES`).
 LONG_SECONDS = 1.0
 
 #: ``{capture: {key: local weight names}}``: a capture (one per model signature)
@@ -178,7 +179,7 @@ def delta_rows(d: Tensor, positions: int) -> Tensor:
 
 
 class CostTimer:
-    """Times the first backward passes of a batch and announces a long exact run once.
+    """Times the first batch of an exact estimate and announces a long run once.
 
     Args:
         passes: Backward passes the batch needs.
@@ -192,20 +193,20 @@ class CostTimer:
         self.pending = announce and passes > LONG_PASSES
         self.start = time.perf_counter() if self.pending else 0.0
 
-    def done(self, finished: int) -> None:
-        """``finished`` passes are done: estimate the rest and announce if long (once)."""
-        if not self.pending or finished <= 0:
+    def done(self) -> None:
+        """The batch's passes are done: announce them and their seconds if long (once)."""
+        if not self.pending:
             return
         self.pending = False
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        seconds = (time.perf_counter() - self.start) / finished * self.passes
+        seconds = time.perf_counter() - self.start
         if seconds <= LONG_SECONDS:
             return
         warnings.warn(
-            f"fisherflow.estimation: kind='exact' runs {self.passes} backward passes per "
-            f"batch here (~{seconds:.1f} s per batch, estimated from the first passes); "
+            f"fisherflow.estimation: kind='exact' ran {self.passes} backward passes on the "
+            f"first batch ({seconds:.1f} s; each batch of its shape costs about as much): "
             f"{self.detail}",
             CostNotice,
-            stacklevel=5,
+            stacklevel=4,
         )
