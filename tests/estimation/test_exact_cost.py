@@ -189,3 +189,40 @@ def test_long_run_notice(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ff.estimate(model, data, "categorical", "mc", "diagonal")  # only the exact kind
+
+
+class Scaled(EmbedMLP):
+    """Position-local hooked layers and a bare parameter left to ``torch.func``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, V))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * self.scale
+
+
+@pytest.mark.filterwarnings("ignore::fisherflow.estimation.FallbackNotice")
+@pytest.mark.parametrize("structure", ["diagonal", "dense"])
+def test_fallback_parameters_with_local_layers(structure, monkeypatch):
+    torch.manual_seed(0)
+    model = Scaled().double().eval()
+    _, data = _case("mlp")
+    ref = ff.reference_fisher(model, data, "categorical", "exact")
+    splits = []
+    split_local = engine._split_local
+
+    def recorded(*args):
+        splits.append(split_local(*args))
+        return splits[-1]
+
+    monkeypatch.setattr(engine, "_split_local", recorded)
+    F = ff.estimate(model, data, "categorical", "exact", structure)
+    got = F.to_dense()
+    if structure == "diagonal":
+        got, ref = got.diagonal(), ref.diagonal()
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    # per-layer sums take the hooked layers from the class passes; a whole matrix
+    # with a fallback parameter keeps the (position, class) passes for everything
+    assert all((s is not None) == (structure == "diagonal") for s in splits)
+    assert splits
