@@ -14,7 +14,7 @@ bigram model on the same 20,000 tokens as 100 sequences of 200 or 2,000 of 10, a
 small causal transformer (layers after its last attention local, the rest unchanged).
 
 Run: .venv/bin/python bench/bench_exact_cost.py [--threads 2] [--repeats 3]
-[--before-repeats 1] [--cases mlp bigram200 bigram10 transformer] [--no-before]
+[--before-repeats 1] [--cases mlp mlp16 bigram200 bigram10 transformer] [--no-before]
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ class SmallLM(nn.Module):
 #: ``name: (title, model factory, rows, positions, vocabulary)``.
 CASES: dict[str, tuple[str, Callable[[], nn.Module], int, int, int]] = {
     "mlp": ("embedding→MLP→logits, d=128, batch 16 × seq 64, vocab 64", EmbedMLP, 16, 64, 64),
+    "mlp16": ("embedding→MLP→logits, d=128, batch 16 × seq 16, vocab 64", EmbedMLP, 16, 16, 64),
     "bigram200": ("bigram, 100 sequences × 200 tokens, vocab 65", Bigram, 100, 200, 65),
     "bigram10": ("bigram, 2,000 sequences × 10 tokens, vocab 65", Bigram, 2000, 10, 65),
     "transformer": (
