@@ -23,6 +23,7 @@ ORDER = [
     "accumulate",
     "accumulators",
     "plan",
+    "positions",
     "hookcheck",
     "engine",
     "prepare",

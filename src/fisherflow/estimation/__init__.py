@@ -38,9 +38,12 @@ importing only those above it in this list:
    the recorder that replays a pass) and ``accumulators`` (one accumulator per
    structure, fed the records' output gradients, each reducing its own state).
 7. *The pass* — ``plan`` (the model signature that keys every cache, parameter
-   groups and Kronecker layers), ``hookcheck`` (the first batch's hook gradients
-   against autograd's, telling rounding noise from a missed use) and ``engine``
-   (one pass over the data: forward, checks, backward per score, accumulate).
+   groups and Kronecker layers), ``positions`` (the exact kind's locality probe:
+   which layers no position-mixing operation follows, so that one backward per
+   class serves them with each (row, position) as a row), ``hookcheck`` (the first
+   batch's hook gradients against autograd's, telling rounding noise from a missed
+   use) and ``engine`` (one pass over the data: forward, checks, backward per score,
+   accumulate).
 8. *Fronts* — ``prepare`` (argument checks and the per-model cache),
    ``estimator`` (:class:`FisherEstimator`, the reusable batch-by-batch engine) and
    ``api`` (``estimate``, a loop over the estimator).

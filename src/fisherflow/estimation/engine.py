@@ -34,6 +34,7 @@ from fisherflow.estimation.hookcheck import (
     probe,
 )
 from fisherflow.estimation.hookcheck import check_first_batch as _check_first_batch
+from fisherflow.estimation.layers import Record
 from fisherflow.estimation.layers import record_deltas as _pairs
 from fisherflow.estimation.likelihoods import Likelihood
 from fisherflow.estimation.persample import (
@@ -41,9 +42,17 @@ from fisherflow.estimation.persample import (
     per_row_grads,
     per_row_grads_loop,
 )
-from fisherflow.estimation.plan import build_plan, model_signature
+from fisherflow.estimation.plan import build_plan, input_signature, model_signature
+from fisherflow.estimation.positions import (
+    PER_LAYER,
+    ROWS_EXACT,
+    CostTimer,
+    as_rows,
+    delta_rows,
+    local_weights,
+)
 from fisherflow.estimation.reference import Wrapped
-from fisherflow.estimation.scores import make_scores
+from fisherflow.estimation.scores import Scores, make_scores
 
 __all__ = [
     "BATCH_ELEMENTS",
@@ -124,33 +133,59 @@ def run_pass(
             total += scores.count
             for acc in accs:
                 acc.begin(records)
-            cots = [c.to(out.dtype) for c in scores] if capture.fallback else None
-            func_all: dict[str, Tensor] = {}
-            if capture.fallback and cots:
-                with capture.pause():  # torch.func re-runs the model: hooks stay quiet
-                    func_all = _fallback(capture, model, forward, inputs, torch.stack(cots), rows)
-            if cots is None and scores.size > 1 and records:
-                _batched(out, records, scores, accs, rows, stat)
-            else:
-                outs = [r.output for r in records]
-                for k, cot in enumerate(cots if cots is not None else scores):
-                    cot = cot.to(out.dtype)
-                    # the graph is freed by the last score's backward (as in a plain step)
-                    last = k + 1 == scores.size
-                    grads = (
-                        torch.autograd.grad(
-                            out, outs, cot, retain_graph=not last, allow_unused=True
+            key_parts = (inputs, forward, shift_labels)
+            split = _split_local(capture, records, scores, accs, out, key_parts)
+            timer = CostTimer(
+                *_cost(scores, split, capture),
+                kind == "exact" and capture.batches == 1,
+                out.device,
+            )
+            if split is not None:  # the position-local layers: one backward per class
+                local, records = split
+                _batched(out, local, scores.per_class(), accs, rows, stat, layout=scores.layout)
+            if split is None or records or capture.fallback:
+                cots = [c.to(out.dtype) for c in scores] if capture.fallback else None
+                func_all: dict[str, Tensor] = {}
+                if capture.fallback and cots:
+                    with capture.pause():  # torch.func re-runs the model: hooks stay quiet
+                        func_all = _fallback(
+                            capture, model, forward, inputs, torch.stack(cots), rows
                         )
-                        if outs
-                        else []
-                    )
-                    pairs = _pairs(records, grads, stat)
-                    func = {n: g[k].to(stat) for n, g in func_all.items()}
-                    for acc in accs:
-                        acc.add(pairs, func, rows)
+                _per_score(out, records, scores, accs, rows, stat, func_all, cots)
+            timer.done()
             if progress is not None:
                 progress.update(1)
     return total
+
+
+def _per_score(
+    out: Tensor,
+    records: list[Record],
+    scores: Scores,
+    accs: list[Accumulator],
+    rows: int,
+    stat: torch.dtype,
+    func_all: dict[str, Tensor],
+    cots: list[Tensor] | None,
+) -> None:
+    """One backward per score (batched in chunks when there is no fallback)."""
+    if cots is None and scores.size > 1 and records:
+        _batched(out, records, scores, accs, rows, stat)
+        return
+    outs = [r.output for r in records]
+    for k, cot in enumerate(cots if cots is not None else scores):
+        cot = cot.to(out.dtype)
+        # the graph is freed by the last score's backward (as in a plain step)
+        last = k + 1 == scores.size
+        grads = (
+            torch.autograd.grad(out, outs, cot, retain_graph=not last, allow_unused=True)
+            if outs
+            else []
+        )
+        pairs = _pairs(records, grads, stat)
+        func = {n: g[k].to(stat) for n, g in func_all.items()}
+        for acc in accs:
+            acc.add(pairs, func, rows)
 
 
 def _fallback(
@@ -185,25 +220,102 @@ def _fallback(
 BATCH_ELEMENTS = 2**25
 
 
+def _split_local(
+    capture: Capture,
+    records: list[Record],
+    scores: Scores,
+    accs: list[Accumulator],
+    out: Tensor,
+    key_parts: tuple[Any, Forward, bool | None],
+) -> tuple[list[Record], list[Record]] | None:
+    """``(position-local records, the others)`` when the class passes serve the local ones.
+
+    ``None`` (every record takes the per-score passes) unless the scores are the exact
+    kind's over several positions, every accumulator is exact on positions as rows
+    (:data:`~fisherflow.estimation.positions.ROWS_EXACT`) and some record is local;
+    with non-local records or fallback parameters left, the accumulators must also be
+    per layer (:data:`~fisherflow.estimation.positions.PER_LAYER`).
+    """
+    layout = scores.layout
+    if layout is None or layout[1] < 2 or not records or not accs:
+        return None
+    types = {type(a) for a in accs}
+    if not types <= ROWS_EXACT:
+        return None
+    inputs, forward, shift = key_parts
+    sig_in = input_signature(inputs)
+    key = None
+    if sig_in is not None:
+        hooked = tuple(sorted(capture.hooked))
+        key = (hooked, id(forward), sig_in, shift, layout, out.shape, torch.is_grad_enabled())
+    local = local_weights(out, records, capture.name_of, layout, key, capture)
+    mine = [r for r in records if capture.name_of[id(r.weight)] in local]
+    rest = [r for r in records if capture.name_of[id(r.weight)] not in local]
+    if not mine or ((rest or capture.fallback) and not types <= PER_LAYER):
+        return None
+    return mine, rest
+
+
+def _cost(
+    scores: Scores, split: tuple[list[Record], list[Record]] | None, capture: Capture
+) -> tuple[int, str]:
+    """Backward passes of a batch and which layers paid which price (for the notice)."""
+    if scores.layout is None:
+        return scores.size, ""
+    if split is None:
+        return scores.size, "every layer takes one per (position, class)"
+    local, rest = split
+    per_class = scores.per_class().size
+    detail = f"{len(local)} position-local layer uses take one per class ({per_class})"
+    if not rest and not capture.fallback:
+        return per_class, detail
+    names = sorted({capture.name_of[id(r.weight)] for r in rest} | set(capture.fallback))
+    return per_class + scores.size, (
+        f"{detail}; {len(names)} parameters before a position-mixing operation "
+        f"(e.g. {names[:3]}) one per (position, class) ({scores.size})"
+    )
+
+
 def _batched(
     out: Tensor,
-    records: list[Any],
-    scores: Any,
+    records: list[Record],
+    scores: Scores,
     accs: list[Accumulator],
     rows: int,
     stat: torch.dtype,
+    layout: tuple[int, int, int] | None = None,
 ) -> None:
     """Many cotangents (exact kind, several MC samples) in chunks of batched backwards.
 
     ``autograd.grad(..., is_grads_batched=True)`` runs one vmapped backward per chunk of
     ``k`` cotangents; records then carry ``(k·rows, …)`` output gradients (cotangent
     major) and accumulators consume them with :meth:`Accumulator.add_many`. Falls back
-    to one backward per cotangent if the graph cannot be vmapped.
+    to one backward per cotangent if the graph cannot be vmapped. With a ``layout``
+    ``(rows, T, outputs)`` (position-local records and per-class scores) each (row,
+    position) is fed as its own row (:func:`~fisherflow.estimation.positions.as_rows`).
     """
+    positions = 1 if layout is None else layout[1]
+    shown = records if positions == 1 else [as_rows(r, positions) for r in records]
+    fed_rows = rows * positions
     outs = [r.output for r in records]
     per = max(1, sum(o.numel() for o in outs))
     k_max = max(1, min(scores.size, BATCH_ELEMENTS // per))
     chunk: list[Tensor] = []
+
+    def feed(grads: Any, k: int, many: bool = True) -> None:
+        """Feed ``k`` scores' output gradients (``(k·rows, …)``, ``None``: unused)."""
+        pairs = []
+        for r, f, g in zip(records, shown, grads, strict=True):
+            if g is None:
+                shape = (k * r.output.shape[0], *r.output.shape[1:])
+                g = torch.zeros(shape, dtype=r.output.dtype, device=r.output.device)
+            d = r.handler.delta(r, g.to(stat))
+            pairs.append((f, d if positions == 1 else delta_rows(d, positions)))
+        for acc in accs:
+            if many:
+                acc.add_many(pairs, k, fed_rows)
+            else:
+                acc.add(pairs, {}, fed_rows)
 
     def flush() -> None:
         k = len(chunk)
@@ -218,31 +330,9 @@ def _batched(
         except RuntimeError:  # pragma: no cover - an op without a batching rule
             for c in cot:
                 g1 = torch.autograd.grad(out, outs, c, retain_graph=True, allow_unused=True)
-                pairs1 = _pairs(records, g1, stat)
-                for acc in accs:
-                    acc.add(pairs1, {}, rows)
+                feed(g1, 1, False)
             return
-        flat = [None if g is None else g.reshape(k * g.shape[1], *g.shape[2:]) for g in grads]
-        pairs = [
-            (
-                r,
-                r.handler.delta(
-                    r,
-                    (
-                        g
-                        if g is not None
-                        else torch.zeros(
-                            (k * r.output.shape[0], *r.output.shape[1:]),
-                            dtype=r.output.dtype,
-                            device=r.output.device,
-                        )
-                    ).to(stat),
-                ),
-            )
-            for r, g in zip(records, flat, strict=True)
-        ]
-        for acc in accs:
-            acc.add_many(pairs, k, rows)
+        feed([None if g is None else g.reshape(k * g.shape[1], *g.shape[2:]) for g in grads], k)
 
     for c in scores:
         chunk.append(c)

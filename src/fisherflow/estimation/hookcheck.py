@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
 from fisherflow.estimation.capture import Capture
 from fisherflow.estimation.data import Forward, output_tensor, split_batch, to_device
 from fisherflow.estimation.layers import record_deltas
-from fisherflow.estimation.plan import model_signature
+from fisherflow.estimation.plan import input_signature, model_signature
+from fisherflow.estimation.positions import clear_locality_cache
 
 __all__ = [
     "CHECK_TOL",
@@ -41,8 +41,9 @@ _PROBED: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, _Probed]] = weakref
 
 
 def clear_probe_cache() -> None:
-    """Forget every cached hook check (the next estimate re-checks its model)."""
+    """Forget every cached hook check and locality probe (the next estimate re-checks)."""
     _PROBED.clear()
+    clear_locality_cache()
 
 
 def _signature(
@@ -54,25 +55,14 @@ def _signature(
     model_sig: Hashable | None = None,
 ) -> Hashable | None:
     """What a hook check depends on: modules, parameters, forward and input shapes."""
-    spec: Any = "tensor"
-    if isinstance(inputs, Tensor):  # the common case, without a pytree walk
-        leaves: list[Any] = [inputs]
-    else:
-        leaves, spec = tree_flatten(inputs)
-    sig_in: list[Hashable] = []
-    for v in leaves:
-        if isinstance(v, Tensor):
-            sig_in.append((tuple(v.shape), v.dtype, v.device))
-        elif isinstance(v, (int, float, str, bool, type(None))):
-            sig_in.append(v)
-        else:
-            return None
+    sig_in = input_signature(inputs)
+    if sig_in is None:
+        return None
     return (
         model_signature(model) if model_sig is None else model_sig,
         tuple(sorted(capture.hooked)),
         id(forward),
-        str(spec),
-        tuple(sig_in),
+        *sig_in,  # type: ignore[misc]
         shift,
         torch.is_grad_enabled(),
     )

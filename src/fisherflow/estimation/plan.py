@@ -9,9 +9,11 @@ Kronecker layers (parameter roles from
 from __future__ import annotations
 
 from collections.abc import Hashable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from fisherflow.estimation import handlers
 from fisherflow.estimation.accumulate import Plan
@@ -19,7 +21,28 @@ from fisherflow.estimation.capture import Capture
 from fisherflow.estimation.handlers import is_ruled, roles, rule_key
 from fisherflow.matrices import KronGroup, ParamLayout
 
-__all__ = ["build_plan", "model_signature"]
+__all__ = ["build_plan", "input_signature", "model_signature"]
+
+
+def input_signature(inputs: Any) -> Hashable | None:
+    """The structure and tensor shapes of a batch's inputs (``None``: not hashable).
+
+    Tensors by shape, dtype and device; plain scalars and strings by value.
+    """
+    spec: Any = "tensor"
+    if isinstance(inputs, Tensor):  # the common case, without a pytree walk
+        leaves: list[Any] = [inputs]
+    else:
+        leaves, spec = tree_flatten(inputs)
+    sig_in: list[Hashable] = []
+    for v in leaves:
+        if isinstance(v, Tensor):
+            sig_in.append((tuple(v.shape), v.dtype, v.device))
+        elif isinstance(v, (int, float, str, bool, type(None))):
+            sig_in.append(v)
+        else:
+            return None
+    return str(spec), tuple(sig_in)
 
 
 def model_signature(model: nn.Module) -> Hashable:

@@ -12,7 +12,10 @@ is a list of cotangents ``c_k`` shaped like ``f`` such that the Fisher of row ``
 * ``"exact"``: one cotangent per observation position ``t`` within a row and column
   ``j`` of ``R`` (``R Rᵀ = Λ``), holding ``R_{n,t}[:, j]`` at position ``t`` only, so
   that ``Σ_k`` gives ``Σ_t J_tᵀ Λ_t J_t`` exactly (the GGN), with no cross-position
-  terms. It costs ``positions × columns`` backward passes.
+  terms. It costs ``positions × columns`` backward passes; :meth:`Scores.per_class`
+  gives the ``columns`` cotangents ``R[:, :, j]`` at every position at once, exact
+  for the layers no position-mixing operation follows when each (row, position) is
+  its own row (:mod:`~fisherflow.estimation.positions`).
 """
 
 from __future__ import annotations
@@ -34,15 +37,36 @@ class Scores:
     Attributes:
         count: Number of (unmasked) observations in the batch.
         size: Number of cotangents.
+        layout: ``(rows, positions, outputs)``: the output as observations (exact kind;
+            ``None`` otherwise).
     """
 
-    def __init__(self, count: int, size: int, make: Callable[[], Iterator[Tensor]]) -> None:
+    def __init__(
+        self,
+        count: int,
+        size: int,
+        make: Callable[[], Iterator[Tensor]],
+        layout: tuple[int, int, int] | None = None,
+        classes: Callable[[], Scores] | None = None,
+    ) -> None:
         self.count = count
         self.size = size
+        self.layout = layout
         self._make = make
+        self._classes = classes
 
     def __iter__(self) -> Iterator[Tensor]:
         return self._make()
+
+    def per_class(self) -> Scores:
+        """The exact kind's one cotangent per class, filled at every position.
+
+        Raises:
+            ValueError: If the scores are not the exact kind's.
+        """
+        if self._classes is None:
+            raise ValueError("per_class() needs the scores of kind='exact'")
+        return self._classes()
 
 
 def _output_grad(lik: Likelihood, prep: Prepared, target: Tensor) -> Tensor:
@@ -99,8 +123,20 @@ def _exact(
                     cot[:, t, :] = rr[:, t, :, j]
                 yield cot.reshape(prep.shape)
 
+    def make_classes() -> Iterator[Tensor]:
+        for j in range(cols):
+            if diag:
+                cot = torch.zeros(rows, per_row, n_out, dtype=r.dtype, device=r.device)
+                cot[:, :, j] = rr[:, :, j]
+            else:
+                cot = rr[:, :, :, j]
+            yield cot.reshape(prep.shape)
+
+    def classes() -> Scores:
+        return Scores(prep.count, cols, make_classes, (rows, per_row, n_out))
+
     size = int(alive.sum().item()) * cols
-    return Scores(prep.count, size, make)
+    return Scores(prep.count, size, make, (rows, per_row, n_out), classes)
 
 
 #: Cotangent builders by kind.
