@@ -3,8 +3,15 @@
 Every cell is the wall-clock time of one call (warm-up first) divided by the time of
 one plain ``loss.backward()`` forward+backward of the same model on the same batch
 (sum-reduced cross-entropy), the two run alternately so that both see the same CPU
-load: ``min/min`` (least disturbed by other processes), then ``(median/median)``. Peers are
+load: ``median/median``, then ``(min/min)`` (least disturbed by other processes). Peers are
 imported lazily; a missing or unsupported case prints ``–`` and a reason below.
+
+``--memory`` adds, for the exact kinds, each library's peak memory: every cell runs
+in a fresh subprocess (glibc's ``MALLOC_MMAP_THRESHOLD_=65536``, so that large
+blocks go back to the system when freed and the resident size follows the live
+tensors); the peak resident size (``VmHWM``, reset through ``/proc/self/clear_refs``)
+during a call minus the resident size before it, for the first call ("cold": lazy
+imports, caches, fisherflow's hook check) and the second ("warm").
 
 Conventions (checked in the agreement table, which compares only deterministic kinds:
 exact and empirical; MC estimates differ by their random labels):
@@ -20,14 +27,19 @@ exact and empirical; MC estimates differ by their random labels):
   positions needs ``S·C``; not timed there).
 
 Run: .venv/bin/python bench/bench_estimate.py [--threads 2] [--repeats 7] [--cases mlp cnn
-transformer small]
+transformer small] [--quantities kfac_mc kfac_emp kfac_exact ekfac_mc] [--memory]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
+import os
+import re
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -124,6 +136,12 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+#: The clock of every timing: wall (``perf_counter``) or this process's CPU time
+#: (``process_time``, every thread; with one thread it is barely disturbed by other
+#: processes sharing the cores, which a wall clock is not).
+CLOCK: list[Callable[[], float]] = [time.perf_counter]
+
+
 def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
     """Wall-clock seconds of ``repeats`` calls after ``warmup`` calls."""
     for _ in range(warmup):
@@ -131,10 +149,10 @@ def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
     out = []
     for _ in range(repeats):
         _sync()
-        t0 = time.perf_counter()
+        t0 = CLOCK[0]()
         fn()
         _sync()
-        out.append(time.perf_counter() - t0)
+        out.append(CLOCK[0]() - t0)
     return out
 
 
@@ -146,13 +164,13 @@ def interleaved(
     a, b = [], []
     for _ in range(repeats):
         _sync()
-        t0 = time.perf_counter()
+        t0 = CLOCK[0]()
         plain()
         _sync()
-        t1 = time.perf_counter()
+        t1 = CLOCK[0]()
         fn()
         _sync()
-        t2 = time.perf_counter()
+        t2 = CLOCK[0]()
         a.append(t2 - t1)
         b.append(t1 - t0)
     return a, b
@@ -451,6 +469,66 @@ def agree(q: str, ours: Result, theirs: Result, peer: str, model: nn.Module) -> 
     return f"{worst:.1e}"
 
 
+# ---------------------------------------------------------------------------- memory
+
+
+def _rss_kib() -> tuple[int, int]:
+    """``(VmRSS, VmHWM)`` of this process in KiB (Linux)."""
+    with open("/proc/self/status") as f:
+        text = f.read()
+    found = [re.search(rf"{k}:\s+(\d+)", text) for k in ("VmRSS", "VmHWM")]
+    return int(found[0].group(1)), int(found[1].group(1))  # type: ignore[union-attr]
+
+
+def _peak_mb(fn: Callable[[], Result]) -> float:
+    """Peak resident memory added during one call of ``fn`` (MB)."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident size
+    before, _ = _rss_kib()
+    res = fn()
+    _, peak = _rss_kib()
+    del res
+    return (peak - before) / 1024
+
+
+def measure_memory(case: str, lib: str, q: str, threads: int) -> str:
+    """``"cold warm"`` peaks (MB) of one cell, in this (fresh) process."""
+    torch.set_num_threads(threads)
+    warnings.simplefilter("ignore")
+    model, x, y, _ = make_case(case)
+    model.eval()
+    plain_step(model, x, y)()  # the model's own lazy setup is no one's cost
+    methods = (
+        ff_methods(model, x, y, case) if lib == "fisherflow" else PEERS[lib](model, x, y, case)
+    )
+    fn = methods.get(q, methods.get("*", "unsupported"))
+    if isinstance(fn, str):
+        return "– –"
+    return f"{_peak_mb(fn):.1f} {_peak_mb(fn):.1f}"
+
+
+def memory_cells(case: str, libs: list[str], quantities: list[str], threads: int) -> list[str]:
+    """Markdown rows of cold/warm peak memory, one fresh subprocess per cell."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    rows = []
+    for q in quantities:
+        cells = []
+        for lib in libs:
+            cmd = [sys.executable, __file__, "--threads", str(threads), "--measure", case, lib, q]
+            run = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            parts = run.stdout.split()
+            if run.returncode != 0 or len(parts) != 2:
+                cells.append("fails")
+            elif parts[0] == "–":
+                cells.append("–")
+            else:
+                cells.append(f"{parts[1]} ({parts[0]})")
+        title = dict(QUANTITIES)[q]
+        rows.append(f"| {title} | " + " | ".join(cells) + " |")
+    return rows
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -462,13 +540,24 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=["mlp", "cnn", "transformer", "small"])
     ap.add_argument("--peers", nargs="*", default=list(PEERS))
     ap.add_argument("--device", default="cpu", help="cpu or cuda (models and batches)")
+    ap.add_argument(
+        "--quantities", nargs="+", default=[q for q, _ in QUANTITIES], help="rows to time"
+    )
+    ap.add_argument("--memory", action="store_true", help="peak memory of the exact kinds")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="timing clock")
+    ap.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)  # case lib quantity
     args = ap.parse_args()
+    if args.measure:
+        print(measure_memory(*args.measure, threads=args.threads))
+        return
+    chosen = [(q, t) for q, t in QUANTITIES if q in args.quantities]
+    CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(
         f"torch {torch.__version__}, {where}, {torch.get_num_threads()} threads, "
-        f"{args.repeats} repeats"
+        f"{args.repeats} repeats, {args.clock} clock"
     )
     notes: list[str] = []
     agreements: list[str] = []
@@ -484,7 +573,7 @@ def main() -> None:
         cells: dict[tuple[str, str], str] = {}
         results: dict[tuple[str, str], Result] = {}
         for lib, methods in libs.items():
-            for q, _ in QUANTITIES:
+            for q, _ in chosen:
                 m = methods.get(q, methods.get("*", "unsupported"))
                 if q == "first_emp" and lib != "fisherflow":
                     m = methods.get("diag_emp", methods.get("*", "unsupported"))
@@ -506,7 +595,7 @@ def main() -> None:
                     base += bs
                     results[q, lib] = res[-1]
                     med = statistics.median(ts) / statistics.median(bs)
-                    cells[q, lib] = f"{min(ts) / min(bs):.2f}× ({med:.2f}×)"
+                    cells[q, lib] = f"{med:.2f}× ({min(ts) / min(bs):.2f}×)"
                 except Exception as err:
                     cells[q, lib] = "fails"
                     msg = str(err).splitlines()[0][:90] if str(err) else ""
@@ -519,12 +608,18 @@ def main() -> None:
             f"plain forward+backward: min {1e3 * min(base):.2f} ms, median {1e3 * med:.2f} ms "
             f"(max−min = {100 * spread:.0f}% of median: CPU shared, noisy)\n"
         )
-        print("cells: min(method)/min(plain) (median/median), interleaved with plain runs\n")
+        print("cells: median(method)/median(plain) (min/min), interleaved with plain runs\n")
         print("| quantity | " + " | ".join(libs) + " |")
         print("|---|" + "---|" * len(libs))
-        for q, title in QUANTITIES:
+        for q, title in chosen:
             print(f"| {title} | " + " | ".join(cells[q, lib] for lib in libs) + " |")
-        for q, title in QUANTITIES:
+        exact = [q for q, _ in chosen if q.endswith("exact")]
+        if args.memory and exact and args.device == "cpu":
+            print("\npeak memory added by one call, MB: warm (cold, first call)\n")
+            print("| quantity | " + " | ".join(libs) + " |")
+            print("|---|" + "---|" * len(libs))
+            print("\n".join(memory_cells(case, list(libs), exact, args.threads)))
+        for q, title in chosen:
             if q.endswith("_mc") or (q, "fisherflow") not in results:
                 continue
             for lib in libs:

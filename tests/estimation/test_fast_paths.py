@@ -163,7 +163,7 @@ def test_empirical_diagonal_wide_mlp_matches_reference():
 
 def test_blocked_gram_factors_match_full_products(monkeypatch):
     """Upper-block-triangle factors (wide layers, conv patches, bias column) are exact."""
-    from fisherflow.estimation import layers
+    from fisherflow.estimation import grams
 
     torch.manual_seed(2)
     model = nn.Sequential(
@@ -172,10 +172,10 @@ def test_blocked_gram_factors_match_full_products(monkeypatch):
     x = torch.randn(6, 2, 5, 5, dtype=torch.float64)
     y = torch.randint(0, 4, (6,))
     data = [(x, y), (x[:2] * 0.5, y[:2])]
-    monkeypatch.setattr(layers, "GRAM_BLOCK", 8)
-    monkeypatch.setattr(layers, "GRAM_BLOCK_SIZE", 7)
+    monkeypatch.setattr(grams, "FACTOR_BLOCK", 8)
+    monkeypatch.setattr(grams, "FACTOR_BLOCK_SIZE", 7)
     F = estimate(model, data, "categorical", "empirical", "kfac", progress=False)
-    monkeypatch.setattr(layers, "GRAM_BLOCK", 10**9)
+    monkeypatch.setattr(grams, "FACTOR_BLOCK", 10**9)
     G = estimate(model, data, "categorical", "empirical", "kfac", progress=False)
     for g in F.A:  # type: ignore[attr-defined]
         torch.testing.assert_close(F.A[g], G.A[g])  # type: ignore[attr-defined]
@@ -185,10 +185,30 @@ def test_blocked_gram_factors_match_full_products(monkeypatch):
     torch.testing.assert_close(F.A["3"], ha.T @ ha / 8)  # type: ignore[attr-defined]
     # a single-use Linear's K-FAC is exact for one row per batch: compare to the reference
     R = reference_fisher(model, [(x[:1], y[:1])], "categorical", "empirical")
-    monkeypatch.setattr(layers, "GRAM_BLOCK", 8)
+    monkeypatch.setattr(grams, "FACTOR_BLOCK", 8)
     K = estimate(model, [(x[:1], y[:1])], "categorical", "empirical", "kfac", progress=False)
     idx = K.layout.indices(["3.weight", "3.bias"])
     torch.testing.assert_close(K.to_dense()[idx][:, idx], R[idx][:, idx])
+
+
+def test_gram_into_blocked_equals_full_product(monkeypatch):
+    """Both blockings (K-FAC factors and Gram blocks) accumulate the full x̃ᵀx̃ exactly."""
+    from fisherflow.estimation import grams
+
+    torch.manual_seed(3)
+    x1, x2 = torch.randn(7, 300, dtype=torch.float64), torch.randn(5, 300, dtype=torch.float64)
+    full = torch.cat([x1, x2]).T @ torch.cat([x1, x2])
+    ones = torch.cat([torch.cat([x1, x2]), torch.ones(12, 1, dtype=torch.float64)], 1)
+    monkeypatch.setattr(grams, "GRAM_BLOCK", 64)
+    monkeypatch.setattr(grams, "GRAM_BLOCK_SIZE", 50)
+    for factor, size in ((False, 50), (True, grams.FACTOR_BLOCK_SIZE)):
+        acc = grams.gram_into(grams.gram_into(None, x1, factor=factor), x2, factor=factor)
+        i = torch.arange(300)
+        below = i[None, :] < (i[:, None] // size) * size  # left of each row's block
+        assert acc[below].abs().max() == 0  # only the upper block triangle is computed
+        torch.testing.assert_close(grams.symmetrize(acc, factor=factor), full)
+        aug = grams.gram_into(grams.gram_into(None, x1, True, factor), x2, True, factor)
+        torch.testing.assert_close(grams.symmetrize(aug, factor=factor), ones.T @ ones)
 
 
 @pytest.mark.parametrize("budget", [None, 0])

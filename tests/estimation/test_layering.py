@@ -16,6 +16,7 @@ ORDER = [
     "reference",
     "persample",
     "patches",
+    "grams",
     "layers",
     "attention",
     "handlers",

@@ -25,7 +25,8 @@ importing only those above it in this list:
 3. *The dense reference* — ``reference`` (per-example Jacobians with ``torch.func``)
    and ``persample`` (per-row gradients by ``vmap``, or by a loop over rows where
    ``vmap`` cannot run the model).
-4. *Layers* — ``patches`` and ``layers`` (one :class:`~fisherflow.estimation.layers.Handler`
+4. *Layers* — ``patches``, ``grams`` (Gram matrices accumulated as a block triangle)
+   and ``layers`` (one :class:`~fisherflow.estimation.layers.Handler`
    per kind of layer: how it records its input and turns input and output gradient
    into per-row gradients, diagonals and Kronecker factors), ``attention`` (the
    explicit ``nn.MultiheadAttention`` forward) and ``handlers`` (one

@@ -28,9 +28,21 @@ import torch.nn.functional as Fn
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from fisherflow.estimation.grams import (
+    FACTOR_BLOCK,
+    FACTOR_BLOCK_SIZE,
+    GRAM_BLOCK,
+    GRAM_BLOCK_SIZE,
+    SYRK_MAX,
+    augment,
+    gram_into,
+    symmetrize,
+)
 from fisherflow.estimation.patches import patches, unfold
 
 __all__ = [
+    "FACTOR_BLOCK",
+    "FACTOR_BLOCK_SIZE",
     "GRAM_BLOCK",
     "GRAM_BLOCK_SIZE",
     "SYRK_MAX",
@@ -52,104 +64,6 @@ __all__ = [
 
 #: ``quiet()``: a context in which the capture ignores the module's hooks.
 Quiet = Callable[[], AbstractContextManager[Any]]
-
-#: Largest factor side accumulated with SciPy's BLAS ``syrk`` (one triangle, half the
-#: flops). Off by default (0): measured on a 2-core CPU, SciPy's OpenBLAS threads
-#: contend with PyTorch's OpenMP threads and the K-FAC MLP benchmark got 2–5× slower;
-#: with ``torch.set_num_threads(1)`` and ``OPENBLAS_NUM_THREADS=1`` a value such as
-#: 1024 saves ~15% of K-FAC time. Factors are then full products (``addmm_`` in place).
-SYRK_MAX = 0
-
-
-def _syrk_ok(n: int, x: Tensor) -> bool:
-    return (
-        32 <= n <= SYRK_MAX
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and not x.requires_grad
-    )
-
-
-#: Factor side from which :func:`gram_into` computes only the upper block triangle,
-#: one matrix product per row block of :data:`GRAM_BLOCK_SIZE` rows (its diagonal
-#: block and everything to its right: ~5/8 of the flops with 4 blocks);
-#: :func:`symmetrize` mirrors it. Measured on 2 CPU cores with 512 rows: 1025 wide
-#: 4.3 ms instead of 6.1 ms, 513 wide 1.2 ms instead of 1.5 ms.
-GRAM_BLOCK = 512
-GRAM_BLOCK_SIZE = 256
-
-
-def _bounds(n: int) -> list[int]:
-    return [*range(0, n, GRAM_BLOCK_SIZE), n]
-
-
-def gram_into(acc: Tensor | None, x: Tensor, ones: bool = False) -> Tensor:
-    """``acc + x̃ᵀx̃`` for ``x`` of shape ``(…, n)``, accumulated in place when possible.
-
-    ``x̃`` is ``x`` with a trailing column of ones when ``ones`` (never materialised
-    outside the ``syrk`` path). On CPU for float32/float64 and ``32 ≤ n ≤``
-    :data:`SYRK_MAX` this calls BLAS ``?syrk`` (half the flops of a full product) and
-    only the **lower triangle** of the result is valid until :func:`symmetrize` is
-    applied; for ``n ≥`` :data:`GRAM_BLOCK` only the upper block triangle is computed
-    (the lower blocks stay zero); otherwise the product is full. Either way
-    :func:`symmetrize` gives the symmetric matrix.
-    """
-    x = x.reshape(-1, x.shape[-1])
-    n = x.shape[-1]
-    size = n + 1 if ones else n
-    if _syrk_ok(size, x) and (acc is None or (acc.dtype == x.dtype and acc.is_contiguous())):
-        if ones:
-            x = _augment(x)
-        if acc is None:
-            acc = torch.zeros(size, size, dtype=x.dtype, device=x.device)
-        from scipy.linalg import blas
-
-        syrk = blas.ssyrk if x.dtype == torch.float32 else blas.dsyrk
-        # x.T (n, m) and acc.T are Fortran-contiguous: no copies, acc updated in place
-        # (its Fortran upper triangle is the C-order lower triangle)
-        out = syrk(1.0, x.contiguous().numpy().T, beta=1.0, c=acc.numpy().T, overwrite_c=1)
-        if out.ctypes.data != acc.data_ptr():  # pragma: no cover - f2py made a copy
-            acc.copy_(torch.from_numpy(out.T))
-        return acc
-    fresh = acc is None
-    if acc is None:  # no zero fill: every entry read later is written with beta=0
-        acc = torch.empty(size, size, dtype=x.dtype, device=x.device)
-    beta = 0.0 if fresh else 1.0
-    core = acc[:n, :n] if ones else acc
-    if n >= GRAM_BLOCK:
-        b = _bounds(n)
-        for i in range(len(b) - 1):
-            core[b[i] : b[i + 1], b[i] :].addmm_(x[:, b[i] : b[i + 1]].T, x[:, b[i] :], beta=beta)
-            if fresh:  # below the row block: never read before symmetrize overwrites it
-                core[b[i] : b[i + 1], : b[i]].zero_()
-    else:
-        core.addmm_(x.T, x, beta=beta)
-    if ones:
-        col = x.sum(0)
-        if fresh:
-            acc[:n, n] = col
-            acc[n, :n] = col
-            acc[n, n] = x.shape[0]
-        else:
-            acc[:n, n] += col
-            acc[n, :n] += col
-            acc[n, n] += x.shape[0]
-    return acc
-
-
-def symmetrize(acc: Tensor) -> Tensor:
-    """The symmetric matrix of a :func:`gram_into` accumulator (in place; 1-D unchanged)."""
-    if acc.dim() != 2:
-        return acc
-    if _syrk_ok(acc.shape[0], acc):
-        low = acc.tril(-1)
-        return acc.triu_().tril_().add_(low).add_(low.T)
-    if acc.shape[0] >= GRAM_BLOCK:  # upper block triangle valid (also for full products)
-        b = _bounds(acc.shape[0])
-        for i in range(len(b) - 1):
-            for j in range(i + 1, len(b) - 1):
-                acc[b[j] : b[j + 1], b[i] : b[i + 1]] = acc[b[i] : b[i + 1], b[j] : b[j + 1]].T
-    return acc
 
 
 @dataclass
@@ -175,6 +89,12 @@ class Handler:
     #: Whether a use without the batch in dimension 0 (a position embedding looked up
     #: once for every row) may be expanded over the batch.
     spreadable: bool = False
+    #: Whether :meth:`diag` of a one-position use depends on ``δ`` only through ``δ²``
+    #: entrywise, so that ``k`` scores combine first as ``sqrt(Σ_k δ_k²)`` (one call).
+    squared_diag: bool = False
+    #: Whether :meth:`factor_g` accepts the output gradients of ``k`` scores stacked
+    #: along the rows, ``(k·B, S, n_out)``, as one batch (one product for all scores).
+    stacked_g: bool = False
 
     def inputs(
         self, module: nn.Module, x: Tensor, stat: torch.dtype, quiet: Quiet
@@ -229,7 +149,7 @@ class Handler:
 
     def factor_g(self, rec: Record, d: Tensor, reduce: bool, acc: Tensor | None = None) -> Tensor:
         """``acc + Σ δ δᵀ`` for the output-side factor (a :func:`gram_into` accumulator)."""
-        return gram_into(acc, self.rows_g(rec, d, reduce))
+        return gram_into(acc, self.rows_g(rec, d, reduce), factor=True)
 
     def ekfac(self, rec: Record, d: Tensor, qa: Tensor | None, qg: Tensor | None) -> Tensor:
         """``Σ_rows (Q_Gᵀ X_n Q_A)²`` for per-row matrix views ``X_n``."""
@@ -251,16 +171,15 @@ def record_deltas(
     ]
 
 
-def _augment(a: Tensor) -> Tensor:
-    return torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-
-
 class LinearHandler(Handler):
     """Linear maps ``y_s = W a_s + b`` at S positions (Linear, Conv via patches, Conv1D).
 
     Args:
         input_major: ``True`` for weights stored ``(n_in, n_out)`` (HF ``Conv1D``).
     """
+
+    squared_diag = True
+    stacked_g = True
 
     def __init__(self, input_major: bool = False) -> None:
         self.input_major = input_major
@@ -312,12 +231,12 @@ class LinearHandler(Handler):
         a = rec.data
         if reduce:
             a = a.mean(1, keepdim=True)
-        return gram_into(acc, a, ones=rec.bias is not None), a.shape[0] * a.shape[1]
+        return gram_into(acc, a, ones=rec.bias is not None, factor=True), a.shape[0] * a.shape[1]
 
     def rows_a(self, rec: Record, reduce: bool) -> Tensor | None:  # noqa: D102
         a = rec.data.mean(1, keepdim=True) if reduce else rec.data
         a = a.reshape(-1, a.shape[-1])
-        return a if rec.bias is None else _augment(a)
+        return a if rec.bias is None else augment(a)
 
     def ekfac(self, rec: Record, d: Tensor, qa: Tensor | None, qg: Tensor | None) -> Tensor:  # noqa: D102
         if d.shape[1] != 1:
@@ -327,7 +246,7 @@ class LinearHandler(Handler):
         if qg is not None:
             dd = dd @ qg
         if qa is None:
-            a = a if rec.bias is None else _augment(a)
+            a = a if rec.bias is None else augment(a)
         elif rec.bias is None:
             a = a @ qa
         else:  # [a, 1] @ qa without materialising the augmented input
@@ -337,6 +256,8 @@ class LinearHandler(Handler):
 
 class _Patches(Handler):
     """Convolutions: unfolded patches as inputs, one output position per patch."""
+
+    squared_diag = False  # patches are positions: the diagonal squares a sum over them
 
     def inputs(
         self, module: nn.Module, x: Tensor, stat: torch.dtype, quiet: Quiet
@@ -450,6 +371,7 @@ class LayerNormHandler(Handler):
     """Elementwise affine layers ``y = w ⊙ x̂ + b`` (LayerNorm, RMSNorm); never Kronecker."""
 
     kron = False
+    squared_diag = True
 
     def inputs(  # noqa: D102
         self, module: nn.Module, x: Tensor, stat: torch.dtype, quiet: Quiet

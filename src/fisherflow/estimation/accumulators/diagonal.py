@@ -11,7 +11,7 @@ from torch import Tensor
 
 from fisherflow.distributed import all_reduce_sum
 from fisherflow.estimation.accumulate import Accumulator, Pairs, Plan, per_row_dict
-from fisherflow.estimation.layers import ConvHandler, LayerNormHandler, LinearHandler, Record
+from fisherflow.estimation.layers import Record
 from fisherflow.matrices import Diagonal, FisherMatrix
 
 __all__ = ["DiagonalAcc"]
@@ -19,12 +19,7 @@ __all__ = ["DiagonalAcc"]
 
 def _one_position(rec: Record, d: Tensor) -> bool:
     """Whether the diagonal of ``rec`` depends on ``d`` only through ``d²`` elementwise."""
-    return (
-        d.shape[1] == 1
-        and rec.rows is None
-        and isinstance(rec.handler, (LinearHandler, LayerNormHandler))
-        and not isinstance(rec.handler, ConvHandler)
-    )
+    return d.shape[1] == 1 and rec.rows is None and rec.handler.squared_diag
 
 
 class DiagonalAcc(Accumulator):
@@ -86,7 +81,7 @@ class DiagonalAcc(Accumulator):
             self._accumulate(n, (g * g).sum(0))
 
     def add_many(self, pairs: Pairs, k: int, rows: int) -> None:
-        """Single-use, one-position Linear/norm layers: ``Σ_k δ_k²`` first (one matmul)."""
+        """Single-use, one-position layers with ``squared_diag`` handlers: ``Σ_k δ_k²`` first."""
         rest: list[tuple[Record, Tensor]] = []
         for rec, d, wn, bn, once in self._kept(pairs):
             if not (once and _one_position(rec, d)):

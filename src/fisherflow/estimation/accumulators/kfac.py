@@ -11,7 +11,7 @@ from torch import Tensor
 from fisherflow.distributed import all_reduce_sum
 from fisherflow.estimation.accumulate import Accumulator, Pairs, Plan
 from fisherflow.estimation.accumulators.diagonal import DiagonalAcc
-from fisherflow.estimation.layers import LinearHandler, Record, symmetrize
+from fisherflow.estimation.layers import Record, symmetrize
 from fisherflow.matrices import KFAC
 
 __all__ = ["KFACAcc"]
@@ -87,7 +87,7 @@ class KFACAcc(Accumulator):
         """``G`` of ``k`` scores from one ``(k·rows·S, n_out)`` product per layer."""
         grouped, rest = self._split(pairs)
         for g, rec, d in grouped:
-            if not isinstance(rec.handler, LinearHandler):
+            if not rec.handler.stacked_g:
                 for i in range(k):
                     self._add_g(g, rec, d[i * rows : (i + 1) * rows])
                 continue
@@ -107,7 +107,7 @@ class KFACAcc(Accumulator):
         if g not in self.G:
             self.G[g] = self.plan.zeros(n_out, n_out)
         block = self.G[g][rec.rows, rec.rows]
-        block += symmetrize(rec.handler.factor_g(rec, d, self.plan.reduce))
+        block += symmetrize(rec.handler.factor_g(rec, d, self.plan.reduce), factor=True)
         self.G[g][rec.rows, rec.rows] = block
 
     def kept_rows(self, side: str, group: str) -> Tensor | None:
@@ -123,12 +123,17 @@ class KFACAcc(Accumulator):
         A, G = {}, {}
         for g, spec in self.plan.kron.items():
             n_out, n_cols = spec.dims(self.plan.layout)
+            # the division makes the new tensor (mirroring copies entries: same result)
             A[g] = (
-                symmetrize(self.A[g].clone()).div_(max(self.counts.get(g, 0), 1))
+                symmetrize(self.A[g] / max(self.counts.get(g, 0), 1), factor=True)
                 if g in self.A
                 else self.plan.zeros(n_cols, n_cols)
             )
-            G[g] = symmetrize(self.G[g].clone()) if g in self.G else self.plan.zeros(n_out, n_out)
+            G[g] = (
+                symmetrize(self.G[g].clone(), factor=True)
+                if g in self.G
+                else self.plan.zeros(n_out, n_out)
+            )
         return A, G
 
     def reduce(self, group: Any = None) -> None:
