@@ -132,9 +132,18 @@ class Accumulator:
         passes: Passes over the data the structure needs (class attribute; 2 for
             EKFAC, whose :meth:`end_pass` asks for the data again unless it can
             replay the first pass).
+        rows_exact: Whether the sums stay exact when each (row, position) of a
+            sequence is fed as its own row (class attribute; the exact kind then
+            needs one backward per class for position-local layers, see
+            :mod:`fisherflow.estimation.positions`).
+        per_layer: Whether a parameter's sums come from its own layer's records
+            only, so different layers may come from different backward passes
+            (class attribute).
     """
 
     passes: ClassVar[int] = 1
+    rows_exact: ClassVar[bool] = False
+    per_layer: ClassVar[bool] = False
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan

@@ -44,8 +44,6 @@ from fisherflow.estimation.persample import (
 )
 from fisherflow.estimation.plan import build_plan, input_signature, model_signature
 from fisherflow.estimation.positions import (
-    PER_LAYER,
-    ROWS_EXACT,
     CostTimer,
     as_rows,
     delta_rows,
@@ -232,15 +230,14 @@ def _split_local(
 
     ``None`` (every record takes the per-score passes) unless the scores are the exact
     kind's over several positions, every accumulator is exact on positions as rows
-    (:data:`~fisherflow.estimation.positions.ROWS_EXACT`) and some record is local;
-    with non-local records or fallback parameters left, the accumulators must also be
-    per layer (:data:`~fisherflow.estimation.positions.PER_LAYER`).
+    (:attr:`~fisherflow.estimation.accumulate.Accumulator.rows_exact`) and some record
+    is local; with non-local records or fallback parameters left, the accumulators must
+    also be per layer (:attr:`~fisherflow.estimation.accumulate.Accumulator.per_layer`).
     """
     layout = scores.layout
     if layout is None or layout[1] < 2 or not records or not accs:
         return None
-    types = {type(a) for a in accs}
-    if not types <= ROWS_EXACT:
+    if not all(a.rows_exact for a in accs):
         return None
     inputs, forward, shift = key_parts
     sig_in = input_signature(inputs)
@@ -251,7 +248,7 @@ def _split_local(
     local = local_weights(out, records, capture.name_of, layout, key, capture)
     mine = [r for r in records if capture.name_of[id(r.weight)] in local]
     rest = [r for r in records if capture.name_of[id(r.weight)] not in local]
-    if not mine or ((rest or capture.fallback) and not types <= PER_LAYER):
+    if not mine or ((rest or capture.fallback) and not all(a.per_layer for a in accs)):
         return None
     return mine, rest
 

@@ -19,12 +19,13 @@ gives exact zeros where no path exists; causal attention passes the first
 position's probe but fails the last's). A parameter is local only when every record
 using it is.
 
-The structures whose accumulators give the exact answer on positions as rows are
-:data:`ROWS_EXACT` (per-layer or whole outer products of per-row gradients; a
-low-rank sketch would truncate at other points). With only some layers local,
-:data:`PER_LAYER` structures take the local layers from the class passes and the
-others from the (position, class) passes; whole-matrix structures keep the
-(position, class) passes for every layer.
+The accumulators that give the exact answer on positions as rows say so
+(:attr:`~fisherflow.estimation.accumulate.Accumulator.rows_exact`: per-layer or whole
+outer products of per-row gradients; a low-rank sketch would truncate at other
+points). With only some layers local, accumulators whose sums are per layer
+(:attr:`~fisherflow.estimation.accumulate.Accumulator.per_layer`) take the local layers
+from the class passes and the others from the (position, class) passes; whole-matrix
+structures keep the (position, class) passes for every layer.
 """
 
 from __future__ import annotations
@@ -38,15 +39,11 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from fisherflow.estimation.accumulate import Accumulator
-from fisherflow.estimation.accumulators import DiagonalAcc, EKFACAcc, GroupAcc, KFACAcc
 from fisherflow.estimation.layers import Record
 
 __all__ = [
     "LONG_PASSES",
     "LONG_SECONDS",
-    "PER_LAYER",
-    "ROWS_EXACT",
     "CostNotice",
     "CostTimer",
     "as_rows",
@@ -56,11 +53,6 @@ __all__ = [
     "probe_positions",
 ]
 
-#: Accumulators that are exact when each (row, position) is fed as its own row.
-ROWS_EXACT: frozenset[type[Accumulator]] = frozenset({DiagonalAcc, GroupAcc, KFACAcc, EKFACAcc})
-#: Accumulators whose sums are per layer (a parameter's statistics come from its own
-#: records only), so local and non-local layers may come from different passes.
-PER_LAYER: frozenset[type[Accumulator]] = frozenset({DiagonalAcc, KFACAcc, EKFACAcc})
 
 #: An estimate whose first batch needs more backward passes than this, and takes more
 #: than :data:`LONG_SECONDS`, gets a one-time :class:`CostNotice` after that batch.

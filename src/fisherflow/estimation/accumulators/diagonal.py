@@ -33,6 +33,9 @@ class DiagonalAcc(Accumulator):
         names: The parameters to accumulate (default every parameter of the plan).
     """
 
+    rows_exact = True  # positions fed as rows stay exact (outer products of rows)
+    per_layer = True  # each parameter from its own records
+
     def __init__(self, plan: Plan, names: Sequence[str] | None = None) -> None:
         super().__init__(plan)
         self.names = list(plan.layout.names if names is None else names)

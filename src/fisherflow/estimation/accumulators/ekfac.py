@@ -101,6 +101,9 @@ class EKFACAcc(Accumulator):
             :data:`~fisherflow.estimation.accumulate.REPLAY_BYTES`).
     """
 
+    rows_exact = True  # positions fed as rows stay exact (outer products of rows)
+    per_layer = True  # each parameter from its own records
+
     passes = 2
 
     def __init__(self, plan: Plan, replay_bytes: int | None = None) -> None:

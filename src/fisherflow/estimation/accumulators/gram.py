@@ -34,6 +34,9 @@ class GroupAcc(Accumulator):
             module (``"block"``).
     """
 
+    rows_exact = True  # positions fed as rows stay exact (outer products of rows)
+    per_layer = False  # blocks span layers
+
     def __init__(self, plan: Plan, dense: bool = False) -> None:
         super().__init__(plan)
         self.dense = dense

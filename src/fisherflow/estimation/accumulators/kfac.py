@@ -25,6 +25,9 @@ class KFACAcc(Accumulator):
         keep_rows: Keep the vectors of small factors for fast eigenbases (EKFAC).
     """
 
+    rows_exact = True  # positions fed as rows stay exact (outer products of rows)
+    per_layer = True  # each parameter from its own records
+
     def __init__(self, plan: Plan, keep_rows: bool = False) -> None:
         super().__init__(plan)
         self.rest = DiagonalAcc(plan, plan.rest)
