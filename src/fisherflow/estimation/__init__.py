@@ -68,6 +68,7 @@ from fisherflow.estimation.likelihoods import (
     get_likelihood,
     register_likelihood,
 )
+from fisherflow.estimation.positions import CostNotice
 from fisherflow.estimation.reference import reference_fisher
 from fisherflow.estimation.scores import KIND_SCORES
 
@@ -79,6 +80,7 @@ __all__ = [
     "STRUCTURES",
     "Bernoulli",
     "Categorical",
+    "CostNotice",
     "DataNotice",
     "FallbackNotice",
     "FisherEstimator",
