@@ -29,6 +29,7 @@ __all__ = [
     "check_partition",
     "check_power",
     "check_rcond",
+    "check_real",
     "check_vector",
 ]
 
@@ -98,6 +99,32 @@ def check_damping(damping: object, name: str = "damping") -> float:
     return value
 
 
+def check_real(value: object, name: str) -> float:
+    """Validate a finite real number (not a bool) and return it as a float.
+
+    Args:
+        value: The value received.
+        name: The argument's name (in the error).
+
+    Returns:
+        ``float(value)``.
+
+    Raises:
+        TypeError: If ``value`` is not a real number.
+        ValueError: If it is NaN or infinite.
+
+    Example:
+        >>> check_real(3, "p")
+        3.0
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return out
+
+
 def check_power(p: object) -> float:
     """Validate an exponent: a finite real number.
 
@@ -105,12 +132,7 @@ def check_power(p: object) -> float:
         TypeError: If ``p`` is not a real number.
         ValueError: If it is NaN or infinite.
     """
-    if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"p must be a real number, got {type(p).__name__}")
-    value = float(p)
-    if not math.isfinite(value):
-        raise ValueError(f"p must be finite, got {value}")
-    return value
+    return check_real(p, "p")
 
 
 def check_rcond(rcond: object) -> float | None:

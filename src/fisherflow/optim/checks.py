@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable
 from typing import Any
 
+from fisherflow.matrices.validate import check_real
+
 __all__ = ["check_choice", "check_count", "check_damping", "check_fraction", "check_nonnegative"]
-
-
-def _real(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    out = float(value)
-    if not math.isfinite(out):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return out
 
 
 def check_nonnegative(value: Any, name: str) -> float:
@@ -26,7 +18,7 @@ def check_nonnegative(value: Any, name: str) -> float:
         TypeError: If ``value`` is not a real number.
         ValueError: If it is negative or not finite.
     """
-    out = _real(value, name)
+    out = check_real(value, name)
     if out < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
     return out
@@ -39,7 +31,7 @@ def check_fraction(value: Any, name: str) -> float:
         TypeError: If ``value`` is not a real number.
         ValueError: If it is outside ``[0, 1)``.
     """
-    out = _real(value, name)
+    out = check_real(value, name)
     if not 0.0 <= out < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     return out
