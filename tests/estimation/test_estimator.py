@@ -346,33 +346,12 @@ def test_estimator_matches_reference_on_a_tied_transformer():
 
 
 @pytest.mark.distributed
-def test_all_reduce_over_two_processes_equals_one(tmp_path):
+def test_all_reduce_over_two_processes_equals_one(tmp_path, torchrun):
     """torchrun (gloo, 2 processes): update per shard + all_reduce = one process on all."""
-    import os
-    import socket
-    import subprocess
-    import sys
     from pathlib import Path
 
     worker = Path(__file__).with_name("estimator_dist_worker.py")
-    src = Path(ff.__file__).resolve().parents[1]  # the fisherflow under test, not an install
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{port}",
-        str(worker),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "ESTIMATOR-DISTRIBUTED-OK" in proc.stdout
+    assert "ESTIMATOR-DISTRIBUTED-OK" in torchrun(worker, cwd=tmp_path, timeout=300)
 
 
 def test_update_from_on_a_hugging_face_dict_batch():

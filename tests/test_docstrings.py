@@ -1,4 +1,4 @@
-"""The examples in the flow docstrings run and give the closed-form answers shown."""
+"""The examples in the docstrings run and give the closed-form answers shown."""
 
 from __future__ import annotations
 
@@ -9,6 +9,15 @@ import pytest
 import torch
 
 MODULES = [
+    "fisherflow.matrices.layout",
+    "fisherflow.matrices.linalg",
+    "fisherflow.matrices.validate",
+    "fisherflow.matrices.dense",
+    "fisherflow.matrices.diagonal",
+    "fisherflow.matrices.block",
+    "fisherflow.matrices.kfac",
+    "fisherflow.matrices.ekfac",
+    "fisherflow.matrices.lowrank",
     "fisherflow.flow.weighting",
     "fisherflow.flow.state",
     "fisherflow.flow.fusion",
