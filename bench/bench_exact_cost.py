@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 import fisherflow as ff
+from bench_estimate import plain_step  # the same plain step as the peers' benchmark
 from fisherflow.estimation import engine
 from fisherflow.estimation.positions import CostNotice
 
@@ -106,18 +107,6 @@ def _data(rows: int, positions: int, vocab: int) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (rows, positions), generator=g)
     return ids, torch.randint(0, vocab, (rows, positions), generator=g)
-
-
-def plain_step(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
-    """One forward + ``loss.backward()`` with a sum-reduced cross-entropy."""
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
-
-    def run() -> None:
-        model.zero_grad(set_to_none=True)
-        out = model(x)
-        loss_fn(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
-
-    return run
 
 
 def interleaved(
