@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,10 @@ __all__ = ["register", "run", "run_demo"]
 
 KINDS = ("exact", "mc", "empirical")
 SHOWN_STRUCTURES = ("dense", "diagonal", "block", "kfac", "ekfac", "lowrank")
+
+#: Further report sections, as modules under ``fisherflow.cli``: each defines
+#: ``demo_section(out: Path) -> list[str]`` (Markdown lines; plots written into ``out``).
+SECTIONS: tuple[str, ...] = ()
 
 
 def register(subparsers: Any) -> None:
@@ -123,6 +128,8 @@ def run_demo(out: str | Path, rows: int = 128, rank: int = 20) -> Path:
             f"{name}: spectra",
         )
         lines += ["", f"![{name} heatmaps]({heat.name})", "", f"![{name} spectra]({spec.name})", ""]
+    for section in SECTIONS:
+        lines += importlib.import_module(f"fisherflow.cli.{section}").demo_section(out)
     return write_text(out / "README.md", "\n".join(lines) + "\n")
 
 
