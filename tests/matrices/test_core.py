@@ -46,7 +46,9 @@ def test_defaults_agree_with_dense():
     torch.testing.assert_close(F.diagonal(), D.diagonal())
     torch.testing.assert_close(F.eigvalsh(), D.eigvalsh())
     torch.testing.assert_close(F.solve(v, damping=0.1), D.solve(v, damping=0.1))
-    torch.testing.assert_close(F.power(-0.5).to_dense(), D.power(-0.5).to_dense())
+    torch.testing.assert_close(
+        F.power(-0.5, damping=0.0).to_dense(), D.power(-0.5, damping=0.0).to_dense()
+    )
     torch.testing.assert_close(F.pinv_solve(v), D.pinv_solve(v))
     assert F.rank() == D.rank() == layout.size
     torch.testing.assert_close(F.logdet(0.2), D.logdet(0.2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fisherflow.matrices import Dense, Diagonal, KronGroup, ParamLayout
+from fisherflow.matrices import KFAC, Dense, Diagonal, KronGroup, ParamLayout
 
 from .cases import LAYOUTS, STRUCTURE_NAMES, make
 
@@ -53,7 +53,9 @@ def test_singular_inverse_needs_damping():
     F = Diagonal(torch.tensor([1.0, 0.0], dtype=torch.float64), LAYOUTS["tiny"].subset(["b"]))
     with pytest.raises(ValueError, match="singular.*pass damping > 0"):
         F.solve(torch.ones(2, dtype=torch.float64), 0.0)
-    assert F.logdet(0.0) == float("-inf")
+    with pytest.raises(ValueError, match="singular.*log-determinant is -inf; pass damping > 0"):
+        F.logdet(0.0)
+    torch.testing.assert_close(F.logdet(damping=1.0), torch.tensor(2.0, dtype=F.dtype).log())
     torch.testing.assert_close(
         F.solve(torch.ones(2, dtype=torch.float64), 1.0),
         torch.tensor([0.5, 1.0], dtype=torch.float64),
@@ -128,3 +130,28 @@ def test_solve_is_accurate_for_badly_scaled_information(structure):
     torch.testing.assert_close(F.solve(b, 0.0), x, rtol=1e-9, atol=0)
     exact_inv = torch.linalg.inv(C) / d[:, None] / d[None, :]
     torch.testing.assert_close(F.inverse(0.0).to_dense(), exact_inv, rtol=1e-8, atol=0)
+
+
+@pytest.mark.parametrize("structure", STRUCTURE_NAMES)
+def test_logdet_and_power_take_damping_explicitly(structure):
+    # DESIGN: damping is explicit at every call that inverts; no hidden 0.
+    F = make(structure, "tiny")
+    with pytest.raises(TypeError, match="damping"):
+        F.logdet()  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="damping"):
+        F.power(-0.5)  # type: ignore[call-arg]
+    dense = F.to_dense()
+    eye = torch.eye(F.size, dtype=dense.dtype)
+    torch.testing.assert_close(F.logdet(damping=0.5), torch.logdet(dense + 0.5 * eye))
+
+
+def test_singular_kfac_logdet_refuses_zero_damping():
+    # A K-FAC whose input factor is rank one: half of F's eigenvalues are 0.
+    layout = ParamLayout.from_shapes({"w": (2, 2)})
+    A = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    G = torch.tensor([[2.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
+    F = KFAC({"l": KronGroup("w")}, {"l": A}, {"l": G}, layout)
+    with pytest.raises(ValueError, match="singular.*pass damping > 0"):
+        F.logdet(damping=0.0)
+    expected = torch.logdet(F.to_dense() + 0.1 * torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(F.logdet(damping=0.1), expected)

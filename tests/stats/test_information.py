@@ -17,6 +17,7 @@ from torch.distributions import (
     Poisson,
     StudentT,
     Uniform,
+    VonMises,
     Weibull,
 )
 
@@ -70,6 +71,8 @@ CASES = {
         lambda: {"df": U(0.8, 20.0), "loc": U(-3, 3), "scale": U(0.1, 4.0)},
         1e-9,
     ),
+    # torch's von Mises normaliser (a polynomial log I₀) is good to ~1e-7 relative
+    "von-mises": (VonMises, lambda: {"loc": U(-9, 9), "concentration": U(0.05, 30.0)}, 1e-6),
 }
 
 

@@ -25,6 +25,7 @@ from torch import Tensor
 from fisherflow.matrices import distributed, io
 from fisherflow.matrices.layout import ParamLayout, Vector
 from fisherflow.matrices.linalg import (
+    check_nonsingular,
     default_rcond,
     eigh,
     linear_operator,
@@ -310,10 +311,16 @@ class FisherMatrix(abc.ABC):
         """
         return self._rank(check_rcond(rcond))
 
-    def power(self, p: float, damping: float = 0.0) -> FisherMatrix:
+    def power(self, p: float, damping: float) -> FisherMatrix:
         """``(F + damping I)^p`` for any real ``p`` (e.g. -1, -1/2, -1/4), as a structure.
 
-        Negative powers of a singular matrix need ``damping > 0``.
+        ``damping`` is explicit (>= 0, no default); negative powers of a singular
+        matrix need ``damping > 0``.
+
+        Raises:
+            ValueError: If ``p < 0`` and ``F + damping I`` is singular, or ``damping``
+                is negative or not finite.
+            TypeError: If ``p`` or ``damping`` is not a real number.
         """
         return self._power(check_power(p), check_damping(damping))
 
@@ -329,10 +336,19 @@ class FisherMatrix(abc.ABC):
         """``tr F`` (a 0-dim tensor)."""
         return self._diagonal().sum()
 
-    def logdet(self, damping: float = 0.0) -> Tensor:
-        """``log det(F + damping I)``; ``-inf`` when singular."""
+    def logdet(self, damping: float) -> Tensor:
+        """``log det(F + damping I)``; ``damping`` is explicit (>= 0, no default).
+
+        Raises:
+            ValueError: If ``F + damping I`` is singular (an eigenvalue, clamped at
+                zero, plus ``damping`` is 0: the log-determinant would be -inf), or
+                ``damping`` is negative or not finite.
+            TypeError: If ``damping`` is not a real number.
+        """
         lam = check_damping(damping)
-        return torch.log(self._eigvals().clamp_min(0) + lam).sum()
+        shifted = self._eigvals().clamp_min(0) + lam
+        check_nonsingular(shifted, lam)
+        return torch.log(shifted).sum()
 
     def eigvalsh(self, k: int | None = None) -> Tensor:
         """Eigenvalues of F in descending order; the top ``k`` if given.

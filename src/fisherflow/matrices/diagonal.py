@@ -28,7 +28,7 @@ class Diagonal(FisherMatrix):
 
     Example:
         >>> F = Diagonal(torch.tensor([4.0, 1.0]), ParamLayout.from_shapes({"t": (2,)}))
-        >>> F.power(-0.5).diagonal().tolist()
+        >>> F.power(-0.5, damping=0.0).diagonal().tolist()
         [0.5, 1.0]
     """
 

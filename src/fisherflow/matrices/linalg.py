@@ -13,6 +13,7 @@ from fisherflow.matrices.validate import all_finite
 
 __all__ = [
     "CPU_EIGH_MAX",
+    "check_nonsingular",
     "default_rcond",
     "eigh",
     "equilibrated_eigh",
@@ -143,6 +144,28 @@ def spectral_power(eigenvalues: Tensor, p: float, damping: float) -> Tensor:
     if p == 0:
         return torch.ones_like(shifted)
     return shifted.pow(p)
+
+
+def check_nonsingular(shifted: Tensor, damping: float) -> None:
+    """Refuse a damped spectrum with a zero: ``log det`` would be ``-inf``.
+
+    Args:
+        shifted: eigenvalues of ``F + damping I`` (clamped at zero before damping),
+            or the diagonal of a diagonal part the determinant lemma starts from.
+        damping: the damping used, for the message.
+
+    Raises:
+        ValueError: If some entry is <= 0.
+
+    Example:
+        >>> check_nonsingular(torch.tensor([2.0, 1e-3]), 1e-3)
+    """
+    zeros = int((shifted <= 0).sum())
+    if zeros:
+        raise ValueError(
+            f"F + damping*I is singular (damping={damping}, {zeros} zero eigenvalue(s)) so its "
+            "log-determinant is -inf; pass damping > 0"
+        )
 
 
 def equilibrated_solve(matrix: Tensor, rhs: Tensor, damping: float) -> Tensor:

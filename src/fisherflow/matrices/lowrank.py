@@ -16,7 +16,13 @@ from typing_extensions import override
 from fisherflow.matrices.base import FisherMatrix
 from fisherflow.matrices.dense import Dense
 from fisherflow.matrices.layout import ParamLayout
-from fisherflow.matrices.linalg import default_rcond, eigh, spectral_pinv, spectral_power
+from fisherflow.matrices.linalg import (
+    check_nonsingular,
+    default_rcond,
+    eigh,
+    spectral_pinv,
+    spectral_power,
+)
 from fisherflow.matrices.validate import all_finite, check_damping, check_vector
 
 __all__ = ["LowRank", "orthonormal_factor"]
@@ -57,7 +63,7 @@ class LowRank(FisherMatrix):
       cut-off, else through the dense matrix (O(P³));
     * ``power``/``inverse`` exist only for p in {0, 1}: ``(D + USUᵀ + λI)^p`` has no
       low-rank-plus-diagonal form for other p, so they raise ``NotImplementedError``
-      (use ``solve``, or ``Dense.from_fisher(F).power(p)`` for small P).
+      (use ``solve``, or ``Dense.from_fisher(F).power(p, damping)`` for small P).
 
     **Addition** concatenates the low-rank factors (exact) and truncates back to the
     larger of the two ranks (an approximation: the smallest components are dropped);
@@ -213,13 +219,17 @@ class LowRank(FisherMatrix):
         x = z + Z @ ((1 / (1 + theta).sqrt() - 1)[:, None] * (Z.T @ z))
         return inv_sqrt[:, None] * x
 
-    def logdet(self, damping: float = 0.0) -> Tensor:
-        """``log det(F + damping I)`` by the determinant lemma, O(P r²)."""
+    def logdet(self, damping: float) -> Tensor:
+        """``log det(F + damping I)`` by the determinant lemma, O(P r²).
+
+        Raises:
+            ValueError: If ``F + damping I`` is singular, or ``damping`` is invalid.
+            TypeError: If ``damping`` is not a real number.
+        """
         lam = check_damping(damping)
         if self.isotropic:
             return super().logdet(lam)
-        if bool((self.diag + lam <= 0).any()):
-            return torch.tensor(float("-inf"), dtype=self.dtype, device=self.device)
+        check_nonsingular(self.diag + lam, lam)
         inv_sqrt, _, theta = self._whitened(lam)
         return -2 * torch.log(inv_sqrt).sum() + torch.log1p(theta).sum()
 
@@ -227,7 +237,7 @@ class LowRank(FisherMatrix):
         return (
             f"power p={p} of a low-rank Fisher with a non-isotropic diagonal has no "
             "low-rank-plus-diagonal form; use solve() or sample() (exact), or "
-            "Dense.from_fisher(F).power(p) for small P"
+            "Dense.from_fisher(F).power(p, damping) for small P"
         )
 
     def _power(self, p: float, damping: float) -> LowRank:

@@ -10,6 +10,11 @@ converges doubly exponentially
 for analytic integrands, including the algebraic end-point singularities of
 Beta and Gamma densities.
 
+The support is the distribution's *true* support (:func:`true_support`): torch
+labels von Mises ``real`` although its density is 2π-periodic, so integrating
+over the real line diverges; it is integrated over the period [μ − π, μ + π]
+centred on its mode.
+
 The reported error is ``|I_h − I_2h|`` (a conservative estimate for
 double-exponential rules) plus the probability mass the rule misses times
 ``|I_h|`` (mass lost where ``x`` rounds onto a boundary of the support).
@@ -23,10 +28,54 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, constraints, transform_to
+from torch.distributions import Distribution, VonMises, constraints, transform_to
 from torch.distributions.transforms import Transform
 
-__all__ = ["de_integrate", "robust_center_width", "support_transform"]
+__all__ = [
+    "TRUE_SUPPORTS",
+    "de_integrate",
+    "robust_center_width",
+    "support_transform",
+    "true_support",
+]
+
+
+def _one_period(dist: Any) -> constraints.Constraint:
+    # Any period integrates a periodic integrand exactly; the one centred on the
+    # mode keeps the density's peak away from the end points. The mode is taken
+    # in [−π, π), where torch draws samples, and the bounds are detached: the
+    # integral does not depend on where the period starts.
+    mode = torch.remainder(dist.loc.detach() + math.pi, 2 * math.pi) - math.pi
+    return constraints.interval(mode - math.pi, mode + math.pi)
+
+
+#: Families whose ``support`` attribute is not the set their density integrates
+#: to one over, mapped to such a set. The von Mises density is 2π-periodic on
+#: the real line torch names; one period is its support.
+TRUE_SUPPORTS: dict[type[Distribution], Callable[[Any], constraints.Constraint]] = {
+    VonMises: _one_period,
+}
+
+
+def true_support(dist: Distribution) -> constraints.Constraint:
+    """The set a distribution's density integrates to one over.
+
+    Args:
+        dist: a distribution.
+
+    Returns:
+        ``dist.support``, except for the families of :data:`TRUE_SUPPORTS`.
+
+    Example:
+        >>> import torch
+        >>> true_support(torch.distributions.VonMises(torch.tensor(0.0), torch.tensor(1.0)))
+        Interval(lower_bound=-3.141592..., upper_bound=3.141592...)
+    """
+    for cls, support in TRUE_SUPPORTS.items():
+        if isinstance(dist, cls):
+            return support(dist)
+    out: Any = dist.support
+    return out
 
 
 def support_transform(support: constraints.Constraint) -> Transform:
@@ -65,7 +114,9 @@ def robust_center_width(
         x = dist.sample((n,))
     y = transform(x).clamp(-700.0, 700.0)
     y = y.to(torch.float64)
-    q = torch.quantile(y, torch.tensor([0.25, 0.5, 0.75], dtype=y.dtype), dim=0)
+    # Samples outside the support handed to transform (a von Mises draw from
+    # another period) map to NaN and are left out.
+    q = torch.nanquantile(y, torch.tensor([0.25, 0.5, 0.75], dtype=y.dtype), dim=0)
     width = ((q[2] - q[0]) / 1.349).clamp_min(1e-12)
     return q[1], width
 
@@ -93,13 +144,16 @@ def de_integrate(
     Returns:
         ``(value, error)`` of shape ``batch + extra``.
     """
-    support: Any = dist.support
+    support = true_support(dist)
     to_support = support_transform(support)
     center, width = robust_center_width(dist, to_support.inv, seed=seed)
     with torch.no_grad():
-        mean_y = to_support.inv(dist.mean.detach()).to(center.dtype)
-    # Centre on the mean where it is finite: kinks (Laplace) sit at the mean.
-    center = torch.where(torch.isfinite(mean_y), mean_y, center)
+        mean = dist.mean.detach()
+        mean_y = to_support.inv(mean).to(center.dtype)
+        inside = torch.isfinite(mean_y) & support.check(mean)
+    # Centre on the mean where it is finite and in the support: kinks (Laplace)
+    # sit at the mean; a von Mises loc outside [−π, π) is not in its period.
+    center = torch.where(inside, mean_y, center)
     dtype = center.dtype
     n = round(t_max / h)
     t = torch.arange(-n, n + 1, dtype=dtype) * h

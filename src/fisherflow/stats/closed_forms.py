@@ -9,7 +9,9 @@ References:
     Lange, Little & Taylor (1989), "Robust statistical modeling using the t
     distribution", JASA 84(408) (Student-t, including ``df``);
     Magnus & Neudecker (1999), *Matrix Differential Calculus*, §15
-    (multivariate normal covariance, duplication matrix).
+    (multivariate normal covariance, duplication matrix);
+    Mardia & Jupp (2000), *Directional Statistics*, §5.3 and §10.3
+    (von Mises, A(κ) = I₁(κ)/I₀(κ)).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch.distributions import (
     Normal,
     Poisson,
     StudentT,
+    VonMises,
 )
 
 from fisherflow.stats._registry import register_fisher
@@ -168,3 +171,13 @@ def _mvn(dist: Any, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
     out[..., :d, :d] = prec
     out[..., d:, d:] = f_cov
     return ("loc", "covariance_matrix"), out
+
+
+@register_fisher(VonMises)
+def _von_mises(dist: Any, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
+    # I(μ, κ) = diag(κ A(κ), A'(κ)), A = I₁/I₀ and A' = 1 − A/κ − A² (Mardia & Jupp
+    # 2000, §10.3). The exponentially scaled Bessel functions keep A finite for
+    # large κ; A' loses ≈ κ²·1e-16 relative accuracy to cancellation there.
+    k = dist.concentration
+    a = torch.special.i1e(k) / torch.special.i0e(k)
+    return ("loc", "concentration"), _diag2(k * a, 1.0 - a / k - a * a)

@@ -26,12 +26,13 @@ from torch.distributions import constraints as C
 
 from fisherflow.stats import closed_forms as _closed_forms  # noqa: F401  (registers)
 from fisherflow.stats._params import Family, check_int, prepare_family
-from fisherflow.stats._quadrature import de_integrate, support_transform
+from fisherflow.stats._quadrature import de_integrate, support_transform, true_support
 from fisherflow.stats._registry import CLOSED_FORMS
 
 __all__ = [
     "INTEGRATIONS",
     "METHODS",
+    "QUADRATURE_RTOL",
     "FisherEstimate",
     "fisher_information",
     "fisher_information_generic",
@@ -144,9 +145,14 @@ INTEGRATIONS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
 }
 
 
+#: Largest error estimate the quadrature may report, relative to the scale
+#: √(Fᵢᵢ Fⱼⱼ) of each entry, before the generic path refuses its result.
+QUADRATURE_RTOL = 1e-4
+
+
 def _auto_integration(fam: Family) -> str:
     d = fam.dist
-    support: Any = d.support
+    support: Any = true_support(d)
     if support.is_discrete:
         if d.has_enumerate_support:
             return "exact"
@@ -170,6 +176,7 @@ def _generic(
     create_graph: bool = False,
     num_samples: int = 100_000,
     seed: int = 0,
+    rtol: float = QUADRATURE_RTOL,
 ) -> FisherEstimate:
     if integration == "auto":
         integration = _auto_integration(fam)
@@ -185,7 +192,25 @@ def _generic(
     check_int("num_samples", num_samples, 2)
     f, err = INTEGRATIONS[integration](fam, theta, create_graph, seed=seed, num_samples=num_samples)
     f = 0.5 * (f + f.transpose(-1, -2))
+    if integration == "quadrature":
+        _check_converged(fam, f.detach(), err, rtol)
     return FisherEstimate(f, err, integration, fam.wrt)
+
+
+def _check_converged(fam: Family, f: Tensor, err: Tensor, rtol: float) -> None:
+    """Refuse a quadrature whose error estimate is not small next to √(Fᵢᵢ Fⱼⱼ)."""
+    d = f.diagonal(dim1=-2, dim2=-1).abs()
+    scale = (d[..., :, None] * d[..., None, :]).sqrt()
+    rel = err / scale.clamp_min(torch.finfo(f.dtype).tiny)
+    worst = float(rel.nan_to_num(nan=math.inf).max()) if rel.numel() else 0.0
+    if not (worst <= rtol and bool(torch.isfinite(f).all())):
+        raise ValueError(
+            f"{fam.dist_cls.__name__}: the quadrature for the Fisher information wrt "
+            f"{list(fam.wrt)} did not converge (error estimate {worst:.3g} relative to "
+            f"√(Fᵢᵢ Fⱼⱼ), tolerance {rtol:g}); register a closed form, use "
+            "fisher_information_generic(..., integration='mc'), or move the parameters "
+            "away from the extremes"
+        )
 
 
 def fisher_information_generic(
@@ -195,6 +220,7 @@ def fisher_information_generic(
     integration: str = "auto",
     num_samples: int = 100_000,
     seed: int = 0,
+    rtol: float = QUADRATURE_RTOL,
     **params: Any,
 ) -> FisherEstimate:
     """Expected Fisher information by autograd, E[∇_θ log p ∇_θ log pᵀ].
@@ -206,17 +232,21 @@ def fisher_information_generic(
             :mod:`fisherflow.stats._params`.
         integration: ``"auto"``, ``"exact"`` (finite support), ``"series"``
             (support {0, 1, …}, summed until the tail mass is < 1e-14),
-            ``"quadrature"`` (continuous 1-D support, double-exponential rule)
-            or ``"mc"`` (Monte Carlo with ``num_samples`` draws).
+            ``"quadrature"`` (continuous 1-D support, double-exponential rule
+            over the true support, e.g. [−π, π] for von Mises) or ``"mc"``
+            (Monte Carlo with ``num_samples`` draws).
         num_samples: Monte Carlo sample count.
         seed: seed for the private RNG stream (the global RNG is untouched).
+        rtol: largest quadrature error estimate accepted, relative to
+            √(Fᵢᵢ Fⱼⱼ) entrywise.
         **params: constructor arguments of ``dist_cls``.
 
     Returns:
         A :class:`FisherEstimate` with the matrix and an error estimate.
 
     Raises:
-        ValueError: invalid parameters, names or integration rule.
+        ValueError: invalid parameters, names or integration rule, or a
+            quadrature whose error estimate exceeds ``rtol``.
         TypeError: ``dist_cls`` is not a distribution class.
 
     Example:
@@ -226,8 +256,10 @@ def fisher_information_generic(
         >>> round(est.information.item(), 10)  # 1/λ
         0.25
     """
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 < rtol < math.inf:
+        raise ValueError(f"rtol must be a positive finite number, got {rtol!r}")
     fam = prepare_family(dist_cls, wrt, params)
-    return _generic(fam, fam.theta, integration, num_samples=num_samples, seed=seed)
+    return _generic(fam, fam.theta, integration, num_samples=num_samples, seed=seed, rtol=rtol)
 
 
 def _name_slices(dist: Distribution, names: tuple[str, ...]) -> dict[str, slice]:
@@ -325,8 +357,9 @@ def fisher_information(
         TypeError: ``dist_cls`` is not a distribution class, or an unknown
             constructor argument was passed.
         ValueError: a parameter violates its constraint, ``wrt`` is invalid,
-            the support depends on the parameters (e.g. Uniform), or
-            ``method`` is unknown.
+            the support depends on the parameters (e.g. Uniform), ``method``
+            is unknown, or no closed form applies and the generic quadrature's
+            error estimate is not small (see :func:`fisher_information_generic`).
 
     Example:
         >>> import torch

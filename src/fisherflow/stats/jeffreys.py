@@ -116,7 +116,9 @@ def jeffreys_prior(
         A :class:`JeffreysPrior`.
 
     Raises:
-        ValueError: no free or more than two free parameters, or a non-scalar one.
+        ValueError: no free or more than two free parameters, a non-scalar
+            one, or a name in ``wrt`` or ``fixed`` that is not a parameter of
+            the family (the message lists the valid names).
 
     Example:
         >>> import math, torch
@@ -128,6 +130,12 @@ def jeffreys_prior(
 
     cls = check_dist_cls(dist_cls)
     names = constructor_names(cls)
+    unknown = sorted(n for n in fixed if n not in names)
+    if unknown:
+        raise ValueError(
+            f"jeffreys_prior: {cls.__name__} has no parameter(s) {unknown} to hold fixed; "
+            f"valid names: {sorted(names)}"
+        )
     if wrt is None:
         alts = [n for n, d in names.items() if d is None and n not in fixed]
         chosen_alt = alts[:1] if not any(names[n] is None for n in fixed) else []
@@ -136,6 +144,15 @@ def jeffreys_prior(
         )
     else:
         wrt_t = (wrt,) if isinstance(wrt, str) else tuple(wrt)
+        bad = [n for n in wrt_t if not isinstance(n, str) or n not in names]
+        if bad:
+            raise ValueError(
+                f"jeffreys_prior: wrt names unknown parameter(s) {bad} of {cls.__name__}; "
+                f"valid names: {sorted(names)}"
+            )
+        both = sorted(set(wrt_t) & set(fixed))
+        if both:
+            raise ValueError(f"jeffreys_prior: {both} cannot be both free (wrt) and fixed")
     if not 1 <= len(wrt_t) <= 2:
         raise ValueError(
             f"jeffreys_prior supports 1 or 2 free parameters, got {list(wrt_t)} "
