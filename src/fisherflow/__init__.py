@@ -22,32 +22,93 @@ reads every import and fails on an upward one):
 
 Every Fisher holds the **sum** of per-observation information and names its kind,
 structure, likelihood, ``num_samples`` and layout.
+
+``import fisherflow`` is cheap: the public names below load their subpackage (and
+torch) the first time they are used (PEP 562 ``__getattr__``), so the ``fisherflow``
+command answers ``--help`` without importing torch. A new public name goes in
+``_EXPORTS``, in the ``TYPE_CHECKING`` imports (for type checkers and editors) and in
+``__all__``; ``tests/test_lazy_imports.py`` checks that the three agree.
 """
 
-from fisherflow import distributed, estimation, flow, matrices, optim, stats
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from fisherflow._version import __version__
-from fisherflow.estimation import (
-    FallbackNotice,
-    FisherEstimator,
-    Likelihood,
-    estimate,
-    reference_fisher,
-    register_likelihood,
-)
-from fisherflow.flow import FisherFlow, OnlineGLM, fuse, robust_fuse
-from fisherflow.matrices import (
-    EKFAC,
-    KFAC,
-    Block,
-    Dense,
-    Diagonal,
-    FisherMatrix,
-    KronGroup,
-    LowRank,
-    ParamLayout,
-    load,
-)
-from fisherflow.optim import fisher_from_optimizer
+
+if TYPE_CHECKING:
+    from fisherflow import distributed, estimation, flow, matrices, optim, stats
+    from fisherflow.estimation import (
+        FallbackNotice,
+        FisherEstimator,
+        Likelihood,
+        estimate,
+        reference_fisher,
+        register_likelihood,
+    )
+    from fisherflow.flow import FisherFlow, OnlineGLM, fuse, robust_fuse
+    from fisherflow.matrices import (
+        EKFAC,
+        KFAC,
+        Block,
+        Dense,
+        Diagonal,
+        FisherMatrix,
+        KronGroup,
+        LowRank,
+        ParamLayout,
+        load,
+    )
+    from fisherflow.optim import fisher_from_optimizer
+
+#: Subpackages, loaded on first use as ``fisherflow.NAME``.
+_SUBPACKAGES = ("distributed", "estimation", "flow", "matrices", "optim", "stats")
+
+#: Public names re-exported from a subpackage: subpackage -> names.
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "estimation": (
+        "FallbackNotice",
+        "FisherEstimator",
+        "Likelihood",
+        "estimate",
+        "reference_fisher",
+        "register_likelihood",
+    ),
+    "flow": ("FisherFlow", "OnlineGLM", "fuse", "robust_fuse"),
+    "matrices": (
+        "EKFAC",
+        "KFAC",
+        "Block",
+        "Dense",
+        "Diagonal",
+        "FisherMatrix",
+        "KronGroup",
+        "LowRank",
+        "ParamLayout",
+        "load",
+    ),
+    "optim": ("fisher_from_optimizer",),
+}
+
+_HOME = {name: package for package, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a subpackage or a re-exported name on first use (PEP 562)."""
+    if name in _SUBPACKAGES:
+        value = importlib.import_module(f"fisherflow.{name}")
+    elif name in _HOME:
+        value = getattr(importlib.import_module(f"fisherflow.{_HOME[name]}"), name)
+    else:
+        raise AttributeError(f"module 'fisherflow' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "EKFAC",

@@ -1,6 +1,8 @@
 import argparse
 import re
 
+import pytest
+
 from fisherflow.cli import stats as stats_cli
 
 
@@ -36,6 +38,12 @@ def test_stats_cli_writes_plots_and_markdown(tmp_path):
     assert "3.14159" in md
 
 
-def test_stats_cli_rejects_bad_points(tmp_path):
-    args = _parser().parse_args(["stats", "--out", str(tmp_path), "--points", "1"])
-    assert stats_cli.run(args) == 2
+def test_stats_cli_rejects_bad_points(tmp_path, capsys):
+    from fisherflow.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["stats", "--out", str(tmp_path), "--points", "1"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "fisherflow: error: --points must be an integer >= 2, got 1\n"
+    )

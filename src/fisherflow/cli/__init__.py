@@ -1,7 +1,25 @@
 """The ``fisherflow`` command: one subcommand per module of this package.
 
 Each subcommand module defines ``register(subparsers)``, which adds its parser and
-sets ``func`` (a callable ``args -> exit code``) as a default.
+sets ``func`` (a callable ``args -> exit code``) as a default. ``fisherflow`` and
+``python -m fisherflow`` run :func:`main`.
+
+Rules for a subcommand module (``tests/cli/test_help.py`` checks them for every
+module in :data:`COMMANDS`):
+
+* **No torch at import time.** ``fisherflow --help`` imports every module in
+  ``COMMANDS`` to build the parser; torch (and anything that imports it: numpy-heavy
+  libraries, ``fisherflow.matrices`` and the other layers) is imported inside the
+  functions that need it, e.g. at the top of ``run(args)``. Type-only imports go
+  under ``if TYPE_CHECKING:``.
+* **Help that answers.** Pass ``formatter_class=argparse.ArgumentDefaultsHelpFormatter``
+  so defaults are shown, ``choices=`` (or the names in the help text) for modes, and
+  argparse types from :mod:`fisherflow.cli.args` (``positive_int``, ...) so a bad
+  value is rejected by the option's name.
+* **Errors are one line.** A ``ValueError``, ``TypeError``, ``KeyError``,
+  ``FileNotFoundError`` or ``ImportError`` raised by ``run`` is printed as
+  ``fisherflow: error: ...`` with exit status 2, without a traceback; raise them with
+  messages that name the option and the value received.
 """
 
 from __future__ import annotations
@@ -42,8 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as err:
-        parser.exit(2, f"fisherflow: error: {err}\n")
+    except (ValueError, TypeError, KeyError, FileNotFoundError, ImportError) as err:
+        message = str(err).strip() or type(err).__name__
+        parser.exit(2, f"fisherflow: error: {' '.join(message.split())}\n")
 
 
 if __name__ == "__main__":  # pragma: no cover

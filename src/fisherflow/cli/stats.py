@@ -11,8 +11,9 @@ Writes into ``--out``:
 * ``stats.md`` — a short Markdown report listing them.
 
 Files are written atomically (temporary file, then ``os.replace``).
-matplotlib is imported lazily and used through its object API with the Agg
-canvas (no global pyplot state, no backend switch).
+matplotlib and torch are imported inside the functions (see :mod:`fisherflow.cli`);
+matplotlib is used through its object API with the Agg canvas (no global pyplot
+state, no backend switch).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
+from fisherflow.cli.args import positive_int
 
 __all__ = ["register", "run"]
 
@@ -42,12 +43,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "stats",
         help="plot classical Fisher information, a Fisher–Rao geodesic and a Jeffreys prior",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--out", type=Path, default=Path("fisherflow-stats"), help="output directory (created)"
     )
     parser.add_argument(
-        "--points", type=int, default=64, help="segments of the numerical geodesic (default 64)"
+        "--points", type=positive_int, default=64, help="segments of the numerical geodesic (≥ 2)"
     )
     parser.set_defaults(func=run)
     return parser
@@ -83,6 +85,7 @@ def _new_figure(width: float, height: float) -> Any:
 
 
 def _plot_information(path: Path) -> dict[str, float]:
+    import torch
     from torch.distributions import Bernoulli, Normal, Poisson
 
     from fisherflow.stats import fisher_information
@@ -109,6 +112,7 @@ def _plot_information(path: Path) -> dict[str, float]:
 
 
 def _plot_geodesic(path: Path, points: int) -> dict[str, float]:
+    import torch
     from torch.distributions import Normal
 
     from fisherflow.stats import fisher_rao_distance, fisher_rao_geodesic
@@ -136,6 +140,7 @@ def _plot_geodesic(path: Path, points: int) -> dict[str, float]:
 
 
 def _plot_jeffreys(path: Path) -> dict[str, float]:
+    import torch
     from torch.distributions import Bernoulli, Beta, Poisson
 
     from fisherflow.stats import jeffreys_prior
@@ -170,13 +175,15 @@ def run(args: argparse.Namespace) -> int:
         args: parsed arguments with ``out`` (directory) and ``points``.
 
     Returns:
-        Process exit status (0 on success, 2 on invalid arguments).
+        Process exit status 0.
+
+    Raises:
+        ValueError: If ``points`` < 2 (``fisherflow`` prints it as one line, exit 2).
     """
     out = Path(args.out)
     points = int(getattr(args, "points", 64))
     if points < 2:
-        print(f"fisherflow stats: --points must be ≥ 2, got {points}")
-        return 2
+        raise ValueError(f"--points must be an integer >= 2, got {points}")
     out.mkdir(parents=True, exist_ok=True)
     info = _plot_information(out / "fisher_information.png")
     geo = _plot_geodesic(out / "fisher_rao_geodesic.png", points)

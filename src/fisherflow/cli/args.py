@@ -1,0 +1,50 @@
+"""argparse types shared by the subcommands: they reject a bad value by the option's name.
+
+``type=positive_int`` makes ``--batch-size 0`` an argparse error
+(``argument --batch-size: must be an integer >= 1, got '0'``, exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+__all__ = ["positive_float", "positive_int"]
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1.
+
+    Raises:
+        argparse.ArgumentTypeError: Otherwise (argparse names the option).
+
+    Example:
+        >>> positive_int("3")
+        3
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 or str(value) != text.strip().lstrip("+"):
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite real number > 0.
+
+    Raises:
+        argparse.ArgumentTypeError: Otherwise (argparse names the option).
+
+    Example:
+        >>> positive_float("1e-3")
+        0.001
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
