@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 
 import pytest
@@ -23,6 +24,17 @@ FACTORY = textwrap.dedent(
 
     def not_a_model():
         return 3
+
+    def broken():
+        raise RuntimeError("bad init")
+
+    def wrong_width():
+        return nn.Linear(10, 3)
+
+    def mlp64():
+        return mlp().double()
+
+    NOT_CALLABLE = 3
     """
 )
 
@@ -98,26 +110,26 @@ def _flat(d, prefix=""):
             yield f"{prefix}{k}", v
 
 
+MODEL = ["estimate", "--kind", "exact", "--out", "x.safetensors", "--limit", "64", "--model"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["estimate", "--model", "no_colon", "--out", "x.safetensors"], "module:factory"),
+        (["estimate", "--model", "no_colon", "--kind", "mc", "--out", "x"], "module:factory"),
+        ([*MODEL, "cli_models:not_a_model"], "must return an nn.Module, got int"),
+        ([*MODEL, "no_such_module:mlp"], "--model no_such_module:mlp: no module named"),
+        ([*MODEL, "cli_broken:mlp"], "importing 'cli_broken' failed: RuntimeError: at import"),
+        ([*MODEL, "cli_models:mlpp"], "has no attribute 'mlpp'; its callables: ["),
+        ([*MODEL, "cli_models:NOT_CALLABLE"], "'NOT_CALLABLE' is a int, not callable"),
+        ([*MODEL, "cli_models:broken"], "calling it raised RuntimeError: bad init"),
         (
-            ["estimate", "--model", "cli_models:not_a_model", "--out", "x.safetensors"],
-            "must return an nn.Module",
+            [*MODEL, "cli_models:wrong_width"],
+            "fails on the first batch of --data (inputs of shape (64, 64)): RuntimeError: mat1",
         ),
-        (
-            [
-                "estimate",
-                "--model",
-                "cli_models:mlp",
-                "--data",
-                "data.csv",
-                "--out",
-                "x.safetensors",
-            ],
-            "--data must be",
-        ),
+        ([*MODEL, "cli_models:mlp", "--data", "data.csv"], "--data must be"),
+        ([*MODEL, "cli_models:mlp", "--data", "bad.npz"], "--data bad.npz: cannot read it"),
+        ([*MODEL, "cli_models:mlp", "--likelihood", "cauchy"], "'cauchy'"),
         (["inspect", "missing.safetensors"], "no Fisher file"),
     ],
 )
@@ -125,11 +137,75 @@ def test_errors_are_one_line_with_exit_code_2(
     tmp_path, factory, capsys, monkeypatch, argv, message
 ):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "cli_broken.py").write_text("raise RuntimeError('at import')\n")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("fisherflow: error:") and message in err
+    assert err.startswith("fisherflow: error:") and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([*MODEL, "m:f", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1"),
+        ([*MODEL, "m:f", "--limit", "-5"], "argument --limit: must be an integer >= 1, got '-5'"),
+        ([*MODEL, "m:f", "--mc-samples", "1.5"], "argument --mc-samples: must be an integer"),
+        (
+            ["estimate", "--model", "m:f", "--out", "x"],
+            "the following arguments are required: --kind",
+        ),
+        (["inspect", "f.safetensors", "--damping", "0"], "argument --damping: must be a finite"),
+        (["inspect", "f.safetensors", "--top", "0"], "argument --top: must be an integer >= 1"),
+        (["demo", "--rows", "0"], "argument --rows: must be an integer >= 1"),
+    ],
+)
+def test_bad_option_values_are_rejected_by_name(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_model_module_in_the_working_directory(tmp_path, monkeypatch, capsys):
+    # As `python -m` does, the current directory is searched first for --model.
+    (tmp_path / "cli_cwd_models.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)
+    path_before = list(sys.path)
+    args = [*MODEL, "cli_cwd_models:mlp", "--no-progress"]
+    assert main(args) == 0
+    assert ff.load(tmp_path / "x.safetensors").num_samples == 64
+    assert sys.path == path_before  # the directory is on the path only while importing
+
+
+@pytest.mark.parametrize(("stored", "factory_name"), [("float64", "mlp"), ("float32", "mlp64")])
+def test_npz_arrays_are_cast_to_the_model_dtype(tmp_path, factory, stored, factory_name):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 64)).astype(stored)
+    y = rng.integers(0, 10, 40)
+    np.savez(tmp_path / "d.npz", inputs=x, targets=y)
+    out = tmp_path / "f.safetensors"
+    argv = ["estimate", "--model", f"cli_models:{factory_name}", "--data", str(tmp_path / "d.npz")]
+    argv += ["--kind", "exact", "--batch-size", "16", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    F = ff.load(out)
+    import cli_models
+
+    model = getattr(cli_models, factory_name)()
+    expected = ff.estimate(
+        model,
+        load_data(str(tmp_path / "d.npz"), 16, dtype=next(model.parameters()).dtype),
+        "categorical",
+        "exact",
+        progress=False,
+    )
+    assert F.num_samples == 40
+    torch.testing.assert_close(F.to_dense(), expected.to_dense())
 
 
 def test_demo_writes_a_report_with_every_kind_and_structure(tmp_path, capsys):
