@@ -30,6 +30,7 @@ LAYERS = {
     "llm": 4,
     "cli": 5,
     "report": 5,
+    "__main__": 5,  # ``python -m fisherflow``: the command
 }
 
 #: Modules outside the layers: the top-level package (it re-exports every layer) and
