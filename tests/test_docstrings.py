@@ -21,6 +21,8 @@ MODULES = [
     "fisherflow.stats.information",
     "fisherflow.stats._quadrature",
     "fisherflow.stats.jeffreys",
+    "fisherflow.report.plots",
+    "fisherflow.cli.args",
     "fisherflow.flow.weighting",
     "fisherflow.flow.state",
     "fisherflow.flow.fusion",

@@ -210,7 +210,11 @@ def test_npz_arrays_are_cast_to_the_model_dtype(tmp_path, factory, stored, facto
 
 def test_demo_writes_a_report_with_every_kind_and_structure(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--rows", "64", "--rank", "5"]) == 0
+    progress = capsys.readouterr().err
+    for step in ("[1/2] MLP: trained", "[2/2] CNN: kind 'empirical'", "wrote cnn_heatmaps.png"):
+        assert step in progress
     report = (tmp_path / "README.md").read_text()
+    assert "Grey stripes: the " in report and "decades below the largest entry" in report
     for model in ("MLP", "CNN"):
         assert f"## {model}" in report
         for png in ("heatmaps", "spectra"):
