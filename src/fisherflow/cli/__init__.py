@@ -12,10 +12,10 @@ module in :data:`COMMANDS`):
   libraries, ``fisherflow.matrices`` and the other layers) is imported inside the
   functions that need it, e.g. at the top of ``run(args)``. Type-only imports go
   under ``if TYPE_CHECKING:``.
-* **Help that answers.** Pass ``formatter_class=argparse.ArgumentDefaultsHelpFormatter``
-  so defaults are shown, ``choices=`` (or the names in the help text) for modes, and
-  argparse types from :mod:`fisherflow.cli.args` (``positive_int``, ...) so a bad
-  value is rejected by the option's name.
+* **Help that answers.** Pass ``formatter_class=HelpFormatter`` so defaults are
+  shown, ``choices=`` (or the names in the help text) for modes, and argparse types
+  (``positive_int``, ...) so a bad value is rejected by the option's name; both come
+  from :mod:`fisherflow.cli.args`.
 * **Errors are one line.** A ``ValueError``, ``TypeError``, ``KeyError``,
   ``FileNotFoundError`` or ``ImportError`` raised by ``run`` is printed as
   ``fisherflow: error: ...`` with exit status 2, without a traceback; raise them with

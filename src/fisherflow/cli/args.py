@@ -9,7 +9,23 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["positive_float", "positive_int"]
+__all__ = ["HelpFormatter", "positive_float", "positive_int"]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that ends each option with ``(default: X)`` or ``(required)``.
+
+    Flags and options whose default is ``None`` show no default (their help says what
+    leaving them out means).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.required and action.option_strings:
+            return f"{text} (required)"
+        if action.default is None or isinstance(action.default, bool) or "%(default)" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def positive_int(text: str) -> int:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fisherflow.cli.args import positive_int
+from fisherflow.cli.args import HelpFormatter, positive_int
 
 if TYPE_CHECKING:
     import torch
@@ -51,7 +51,7 @@ def register(subparsers: Any) -> None:
         f"Fisher with every kind ({', '.join(KINDS)}) and structure "
         f"({', '.join(SHOWN_STRUCTURES)}), and write a Markdown report with heatmaps "
         "and spectra.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--out", default="fisherflow-report", help="output directory")
     p.add_argument("--rows", type=positive_int, default=128, help="examples used for the Fisher")

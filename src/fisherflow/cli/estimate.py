@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fisherflow.cli.args import positive_int
+from fisherflow.cli.args import HelpFormatter, positive_int
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +39,7 @@ def register(subparsers: Any) -> None:
         description="Estimate the Fisher information of a model on data and save it as "
         ".safetensors (load it with fisherflow.load). The same call as ff.estimate: "
         "the kind is always named (--kind has no default, as in ff.estimate).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--model",
@@ -66,7 +66,7 @@ def register(subparsers: Any) -> None:
         required=True,
         choices=KINDS,
         help="exact: the model's predictive distribution in closed form; mc: labels "
-        "sampled from the model; empirical: the observed labels (required)",
+        "sampled from the model; empirical: the observed labels",
     )
     p.add_argument(
         "--structure",
@@ -79,7 +79,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--rank", type=positive_int, default=10, help="rank of 'lowrank'")
     p.add_argument("--batch-size", type=positive_int, default=64, help="rows per batch")
-    p.add_argument("--limit", type=positive_int, default=None, help="use only the first N examples")
+    p.add_argument(
+        "--limit", type=positive_int, default=None, help="use only the first N rows (default: all)"
+    )
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fisherflow.cli.args import positive_float, positive_int
+from fisherflow.cli.args import HelpFormatter, positive_float, positive_int
 
 __all__ = ["register", "run"]
 
@@ -20,7 +20,7 @@ def register(subparsers: Any) -> None:
         description="Print the structure, kind, trace, top eigenvalues and effective "
         "dimensions of a saved Fisher; with --plots, draw its log10 |F_ij| heatmap and "
         "its spectrum.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("file", help="a Fisher saved by fisherflow (.safetensors)")
     p.add_argument("--top", type=positive_int, default=10, help="number of top eigenvalues")

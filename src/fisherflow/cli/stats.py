@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fisherflow.cli.args import positive_int
+from fisherflow.cli.args import HelpFormatter, positive_int
 
 __all__ = ["register", "run"]
 
@@ -43,7 +43,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "stats",
         help="plot classical Fisher information, a Fisher–Rao geodesic and a Jeffreys prior",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--out", type=Path, default=Path("fisherflow-stats"), help="output directory (created)"
