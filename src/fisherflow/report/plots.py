@@ -7,6 +7,7 @@ backend switch in the caller's session) and imported inside the functions.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,17 @@ def _save(fig: Any, path: str | Path, dpi: int = 100) -> Path:
     return path
 
 
+def _caption(fig: Any, text: str) -> None:
+    """Centred 8-pt text under the axes, wrapped to the figure's width (≈ 13 chars/inch).
+
+    The layout keeps the axes above it (≈ 0.16 inch per line).
+    """
+    lines = textwrap.wrap(text, int(fig.get_figwidth() * 13))
+    fig.text(0.5, 0.005, "\n".join(lines), ha="center", va="bottom", fontsize=8)
+    bottom = min((0.16 * len(lines) + 0.08) / fig.get_figheight(), 0.4)
+    fig.get_layout_engine().set(rect=(0, bottom, 1, 1 - bottom))
+
+
 def _mark_layers(ax: Any, spans: list[tuple[str, int, int]], size: int) -> None:
     """Layer boundaries as lines and layer names as ticks on both axes."""
     for _, start, _stop in spans[1:]:
@@ -205,8 +217,7 @@ def heatmaps(
             "parameter with no information (a zero stripe) or an entry the structure "
             "does not represent."
         )
-    fig.text(0.5, 0.0, caption, ha="center", va="bottom", fontsize=8, wrap=True)
-    fig.get_layout_engine().set(rect=(0, 0.05, 1, 0.95))
+    _caption(fig, caption)
     return _save(fig, path, dpi=110)
 
 
@@ -263,6 +274,5 @@ def spectra(
         ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
     if caption:
-        fig.text(0.5, 0.0, caption, ha="center", va="bottom", fontsize=8, wrap=True)
-        fig.get_layout_engine().set(rect=(0, 0.07, 1, 0.93))
+        _caption(fig, caption)
     return _save(fig, path)
