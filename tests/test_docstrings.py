@@ -21,6 +21,7 @@ MODULES = [
     "fisherflow.stats.information",
     "fisherflow.stats._quadrature",
     "fisherflow.stats.jeffreys",
+    "fisherflow.stats._special",
     "fisherflow.report.plots",
     "fisherflow.cli.args",
     "fisherflow.flow.weighting",

@@ -91,3 +91,22 @@ def test_jeffreys_bad_names_raise_value_error_listing_valid_names(call, message)
         call()
     if "both" not in message:
         assert "valid names: [" in str(info.value)
+
+
+@pytest.mark.parametrize("kappa", [1e-6, 0.3, 49.9, 50.0, 300.0, 1e4, 1e8])
+def test_von_mises_concentration_information_keeps_its_precision_at_large_kappa(kappa):
+    # A'(κ) = 1 − A/κ − A² ≈ 1/(2κ²) cancels in floating point; the closed form
+    # switches to the asymptotic series. Reference: 50-digit Bessel functions.
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    k = mpmath.mpf(kappa)
+    a = mpmath.besseli(1, k) / mpmath.besseli(0, k)
+    expected = torch.tensor([[float(k * a), 0.0], [0.0, float(1 - a / k - a * a)]], dtype=D)
+    closed = fisher_information(VonMises, loc=0.0, concentration=torch.tensor(kappa, dtype=D))
+    torch.testing.assert_close(closed, expected, rtol=1e-13, atol=0.0)
+
+
+def test_jeffreys_prior_of_the_von_mises_concentration_is_improper():
+    # √A'(κ) ~ 1/(√2 κ): the prior's mass grows like log κ, so it has no normaliser.
+    prior = jeffreys_prior(VonMises, "concentration", loc=torch.tensor(0.0, dtype=D))
+    assert not prior.proper and prior.log_normalizer is None

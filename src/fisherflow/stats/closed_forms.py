@@ -37,7 +37,7 @@ from torch.distributions import (
 )
 
 from fisherflow.stats._registry import register_fisher
-from fisherflow.stats._special import trigamma
+from fisherflow.stats._special import bessel_ratio, bessel_ratio_derivative, trigamma
 
 __all__: list[str] = []
 
@@ -176,8 +176,6 @@ def _mvn(dist: Any, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
 @register_fisher(VonMises)
 def _von_mises(dist: Any, given: frozenset[str]) -> tuple[tuple[str, ...], Tensor]:
     # I(μ, κ) = diag(κ A(κ), A'(κ)), A = I₁/I₀ and A' = 1 − A/κ − A² (Mardia & Jupp
-    # 2000, §10.3). The exponentially scaled Bessel functions keep A finite for
-    # large κ; A' loses ≈ κ²·1e-16 relative accuracy to cancellation there.
+    # 2000, §10.3); A' by an asymptotic series for large κ (see _special).
     k = dist.concentration
-    a = torch.special.i1e(k) / torch.special.i0e(k)
-    return ("loc", "concentration"), _diag2(k * a, 1.0 - a / k - a * a)
+    return ("loc", "concentration"), _diag2(k * bessel_ratio(k), bessel_ratio_derivative(k))
