@@ -225,6 +225,7 @@ class OnlineGLM(GLMResults):
                 self.feature_names, self._out = b.names, output_kind(X)
             b = self._hold_or_release(b)
             if self.flow is None:
+                self._n_batches += 1
                 return self
         flow = self._require()
         _UPDATE_RULES[self.update](self, flow, b)

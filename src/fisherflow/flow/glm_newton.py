@@ -43,8 +43,25 @@ MAX_HALVINGS = 40
 
 
 def pinv_solve_dense(H: Tensor, g: Tensor) -> Tensor:
-    """``H⁺ g`` on the Jacobi-scaled matrix (the flow's pseudo-inverse cut-off)."""
-    return Dense(0.5 * (H + H.T), flat_layout(H.shape[0])).pinv_solve(g)  # type: ignore[return-value]
+    """``H⁺ g`` for a symmetric PSD ``H``, on the Jacobi-scaled matrix.
+
+    A Cholesky solve of ``S H S`` (``S = diag(H)^{-1/2}``) when it succeeds — the
+    common, full-rank case, about a hundred times faster than an eigendecomposition
+    for small ``p`` — otherwise :meth:`Dense.pinv_solve` (the flow's pseudo-inverse
+    cut-off), which leaves directions without information untouched.
+    """
+    H = 0.5 * (H + H.T)
+    d = H.diagonal()
+    if bool((d > 0).all()):
+        s = d.rsqrt()
+        L, info = torch.linalg.cholesky_ex(H * s[:, None] * s[None, :])
+        if int(info) == 0:
+            # a numerically singular H still factors: check the factor's conditioning
+            ld = L.diagonal()
+            if float(ld.min()) > 1e-7 * float(ld.max()):
+                x = torch.cholesky_solve((g * s)[:, None], L)[:, 0]
+                return x * s
+    return Dense(H, flat_layout(H.shape[0])).pinv_solve(g)  # type: ignore[return-value]
 
 
 def batch_objective(
@@ -143,7 +160,7 @@ def maximise_batch(
     center: Tensor,
     info: Tensor | None,
     max_iter: int = 25,
-    tol: float = 1e-10,
+    tol: float = 1e-8,
 ) -> Maximised:
     """Maximise ``ℓ_B(θ) - ½ (θ - c)ᵀ I (θ - c)`` by Fisher scoring with step-halving.
 
@@ -154,7 +171,8 @@ def maximise_batch(
         info: ``I`` as a dense ``(p, p)`` tensor (the prior information), or ``None``.
         max_iter: Most scoring iterations (each one pass over the batch).
         tol: Stop when the objective changes by less than ``tol (|f| + 0.1)`` (R's
-            ``glm.control`` criterion) or every step is below ``tol (1 + |θ|)``.
+            ``glm.control`` criterion and default) or every step is below
+            ``tol (1 + |θ|)``.
 
     Returns:
         A :class:`Maximised`.
