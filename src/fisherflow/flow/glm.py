@@ -267,10 +267,11 @@ class OnlineGLM(GLMResults):
                 stacklevel=3,
             )
             return
-        observed = self.cov_type == "observed"
-        _, Jn, _, _ = glm_score_information(
-            self.family, b.X, b.y, b.w, m.theta, b.offset, observed=observed
-        )
+        Jn = m.information
+        if self.cov_type == "observed" or Jn is None:
+            Jn = glm_score_information(
+                self.family, b.X, b.y, b.w, m.theta, b.offset, observed=True
+            )[1]
         flow.assimilate(m.theta, self._batch_info(Jn, b), decision, totals=self._totals(b, m.theta))
 
     def _one_step(self, flow: FisherFlow, b: GLMBatch) -> None:

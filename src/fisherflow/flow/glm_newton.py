@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fisherflow.flow._common import flat_layout
-from fisherflow.flow.families import Family, glm_score_information
+from fisherflow.flow.families import Family
 from fisherflow.flow.glm_input import GLMBatch
 from fisherflow.matrices import Dense
 
@@ -64,6 +64,24 @@ def pinv_solve_dense(H: Tensor, g: Tensor) -> Tensor:
     return Dense(H, flat_layout(H.shape[0])).pinv_solve(g)  # type: ignore[return-value]
 
 
+def _evaluate(
+    family: Family, b: GLMBatch, theta: Tensor, center: Tensor, info: Tensor | None
+) -> tuple[float, Tensor, Tensor]:
+    """``(objective, η, μ)`` at ``θ``; the objective is ``-inf`` where the mean is invalid."""
+    eta = b.X @ theta if b.offset is None else b.X @ theta + b.offset
+    link = family.link
+    if not bool((torch.isfinite(eta) & link.valid(eta)).all()):
+        return -math.inf, eta, eta
+    mu = link.inverse(eta)
+    if not bool((torch.isfinite(mu) & family.valid_mean(mu)).all()):
+        return -math.inf, eta, mu
+    ll = float((b.w * family.loglik(b.y, mu)).sum())
+    if info is not None:
+        d = theta - center
+        ll -= 0.5 * float(d @ (info @ d))
+    return (ll if math.isfinite(ll) else -math.inf), eta, mu
+
+
 def batch_objective(
     family: Family, b: GLMBatch, theta: Tensor, center: Tensor, info: Tensor | None
 ) -> float:
@@ -77,14 +95,18 @@ def batch_objective(
         ...                       torch.zeros(1, dtype=X.dtype), None), 6)  # 2 log(1/2)
         -1.386294
     """
-    eta = b.X @ theta if b.offset is None else b.X @ theta + b.offset
-    if not family.valid(eta):
-        return -math.inf
-    ll = float((b.w * family.loglik(b.y, family.mean(eta))).sum())
-    if info is not None:
-        d = theta - center
-        ll -= 0.5 * float(d @ (info @ d))
-    return ll if math.isfinite(ll) else -math.inf
+    return _evaluate(family, b, theta, center, info)[0]
+
+
+def _score_information(
+    family: Family, b: GLMBatch, eta: Tensor, mu: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Batch score and expected information from ``η`` and ``μ`` (as ``glm_score_information``)."""
+    dmu = family.link.deriv(eta)
+    var = family.variance(mu)
+    U = b.X.T @ (b.w * (b.y - mu) * dmu / var)
+    J = (b.X * (b.w * dmu**2 / var)[:, None]).T @ b.X
+    return U, 0.5 * (J + J.T)
 
 
 def data_start(family: Family, b: GLMBatch, center: Tensor, info: Tensor | None) -> Tensor:
@@ -119,6 +141,7 @@ class Maximised:
         n_iter: Fisher-scoring iterations run.
         converged: Whether the tolerance was met.
         valid: Whether a coefficient vector with a valid mean on the batch was found.
+        information: The batch's expected information at ``theta`` (``None`` if not valid).
     """
 
     theta: Tensor
@@ -126,6 +149,7 @@ class Maximised:
     n_iter: int
     converged: bool
     valid: bool
+    information: Tensor | None = None
 
 
 def _start(
@@ -190,19 +214,20 @@ def maximise_batch(
     theta, f = _start(family, b, center, info)
     if not math.isfinite(f):
         return Maximised(center, f, 0, False, False)
+    _, eta, mu = _evaluate(family, b, theta, center, info)
     converged = False
     it = 0
     for it in range(1, max_iter + 1):  # noqa: B007
-        U, J, _, _ = glm_score_information(family, b.X, b.y, b.w, theta, b.offset)
+        U, J = _score_information(family, b, eta, mu)
         if info is not None:
             U, J = U - info @ (theta - center), J + info
         step = pinv_solve_dense(J, U)
         if not bool(torch.isfinite(step).all()):
             break
-        f_new, cand = -math.inf, theta
+        f_new, cand, eta_c, mu_c = -math.inf, theta, eta, mu
         for _ in range(MAX_HALVINGS):
             cand = theta + step
-            f_new = batch_objective(family, b, cand, center, info)
+            f_new, eta_c, mu_c = _evaluate(family, b, cand, center, info)
             if f_new >= f - 1e-12 * (abs(f) + 1):
                 break
             step = step / 2
@@ -211,8 +236,8 @@ def maximise_batch(
             break
         small = bool((step.abs() <= tol * (1 + theta.abs())).all())
         flat = abs(f_new - f) <= tol * (abs(f_new) + 0.1)
-        theta, f = cand, f_new
+        theta, f, eta, mu = cand, f_new, eta_c, mu_c
         if small or flat:
             converged = True
             break
-    return Maximised(theta, f, it, converged, True)
+    return Maximised(theta, f, it, converged, True, _score_information(family, b, eta, mu)[1])
