@@ -129,3 +129,18 @@ def test_provenance_in_conf_int_and_summary():
     glm.refine(d.exog, d.endog)
     assert glm.conf_int().attrs["provenance"].startswith("refine: full-batch IRLS")
     assert "information from 32 rows" in glm.summary()
+
+
+@pytest.mark.parametrize("forgetting", [None, "exponential", "window"])
+def test_newton_and_one_step_agree_where_both_are_exact(forgetting):
+    """Gaussian identity: both rules are recursive least squares, with any forgetting."""
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(300, 3))
+    y = X @ [1.0, -2.0, 0.5] + rng.normal(size=300)
+    a = OnlineGLM("gaussian", forgetting=forgetting)
+    b = OnlineGLM("gaussian", forgetting=forgetting, update="one_step")
+    for i in range(0, 300, 30):
+        a.partial_fit(X[i : i + 30], y[i : i + 30])
+        b.partial_fit(X[i : i + 30], y[i : i + 30])
+    np.testing.assert_allclose(a.params, b.params, rtol=1e-9)
+    np.testing.assert_allclose(a.bse, b.bse, rtol=1e-9)

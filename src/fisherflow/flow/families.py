@@ -40,6 +40,35 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from fisherflow.flow.glm_densities import (
+    check_any,
+    check_binary,
+    check_count,
+    check_positive,
+    deviance_binary,
+    deviance_gamma,
+    deviance_gaussian,
+    deviance_inverse_gaussian,
+    deviance_negative_binomial,
+    deviance_poisson,
+    loglik_bernoulli,
+    loglik_gamma,
+    loglik_gaussian,
+    loglik_inverse_gaussian,
+    loglik_negative_binomial,
+    loglik_poisson,
+    mean_finite,
+    mean_in_unit,
+    mean_positive,
+    variance_binary,
+    variance_deriv_binary,
+    variance_deriv_zero,
+    variance_mu,
+    variance_mu2,
+    variance_mu3,
+    variance_nb,
+    variance_one,
+)
 from fisherflow.flow.glm_links import LINKS, Link
 
 __all__ = [
@@ -49,144 +78,6 @@ __all__ = [
     "family",
     "glm_score_information",
 ]
-
-_EPS = 1e-12
-_LOG_2PI = math.log(2 * math.pi)
-
-
-def _clamp_prob(mu: Tensor) -> Tensor:
-    return mu.clamp(_EPS, 1 - _EPS)
-
-
-def _check_binary(y: Tensor) -> str | None:
-    if bool(((y < 0) | (y > 1)).any()):
-        return "y must lie in [0, 1] (0/1 outcomes or proportions)"
-    return None
-
-
-def _check_count(y: Tensor) -> str | None:
-    if bool((y < 0).any()):
-        return "y must be >= 0 (counts)"
-    return None
-
-
-def _check_positive(y: Tensor) -> str | None:
-    if bool((y <= 0).any()):
-        return "y must be > 0"
-    return None
-
-
-def _check_any(y: Tensor) -> str | None:
-    return None
-
-
-# ------------------------------------------------------------------ variances
-def _var_one(mu: Tensor, alpha: float) -> Tensor:
-    return torch.ones_like(mu)
-
-
-def _dvar_zero(mu: Tensor, alpha: float) -> Tensor:
-    return torch.zeros_like(mu)
-
-
-def _var_binary(mu: Tensor, alpha: float) -> Tensor:
-    m = _clamp_prob(mu)
-    return m * (1 - m)
-
-
-def _dvar_binary(mu: Tensor, alpha: float) -> Tensor:
-    return 1 - 2 * mu
-
-
-def _var_mu(mu: Tensor, alpha: float) -> Tensor:
-    return mu.clamp_min(1e-300)
-
-
-def _var_mu2(mu: Tensor, alpha: float) -> Tensor:
-    return mu**2
-
-
-def _var_mu3(mu: Tensor, alpha: float) -> Tensor:
-    return mu**3
-
-
-def _var_nb(mu: Tensor, alpha: float) -> Tensor:
-    return mu + alpha * mu**2
-
-
-# --------------------------------------------- log-likelihoods ℓ(y; μ, φ, v)
-def _ll_gaussian(y: Tensor, mu: Tensor, phi: float, v: Tensor, alpha: float) -> Tensor:
-    return -0.5 * (v * (y - mu) ** 2 / phi + _LOG_2PI + torch.log(phi / v))
-
-
-def _ll_bernoulli(y: Tensor, mu: Tensor, phi: float, v: Tensor, alpha: float) -> Tensor:
-    m = _clamp_prob(mu)
-    return v * (torch.xlogy(y, m) + torch.xlogy(1 - y, 1 - m))
-
-
-def _ll_poisson(y: Tensor, mu: Tensor, phi: float, v: Tensor, alpha: float) -> Tensor:
-    return v * (torch.xlogy(y, mu) - mu - torch.lgamma(y + 1))
-
-
-def _ll_gamma(y: Tensor, mu: Tensor, phi: float, v: Tensor, alpha: float) -> Tensor:
-    k = v / phi
-    return k * torch.log(k * y / mu) - k * y / mu - torch.lgamma(k) - torch.log(y)
-
-
-def _ll_inverse_gaussian(y: Tensor, mu: Tensor, phi: float, v: Tensor, alpha: float) -> Tensor:
-    return -0.5 * (v * (y - mu) ** 2 / (y * mu**2 * phi) + _LOG_2PI + torch.log(phi * y**3 / v))
-
-
-def _ll_negative_binomial(y: Tensor, mu: Tensor, phi: float, v: Tensor, alpha: float) -> Tensor:
-    am = alpha * mu
-    ll = (
-        torch.xlogy(y, am)
-        - (y + 1 / alpha) * torch.log1p(am)
-        + torch.lgamma(y + 1 / alpha)
-        - math.lgamma(1 / alpha)
-        - torch.lgamma(y + 1)
-    )
-    return v / phi * ll
-
-
-# ------------------------------------------------------ unit deviances d(y, μ)
-def _dev_gaussian(y: Tensor, mu: Tensor, alpha: float) -> Tensor:
-    return (y - mu) ** 2
-
-
-def _dev_binary(y: Tensor, mu: Tensor, alpha: float) -> Tensor:
-    m = _clamp_prob(mu)
-    return 2 * (torch.xlogy(y, y / m) + torch.xlogy(1 - y, (1 - y) / (1 - m)))
-
-
-def _dev_poisson(y: Tensor, mu: Tensor, alpha: float) -> Tensor:
-    return 2 * (torch.xlogy(y, y / mu) - (y - mu))
-
-
-def _dev_gamma(y: Tensor, mu: Tensor, alpha: float) -> Tensor:
-    return 2 * (-torch.log(y / mu) + (y - mu) / mu)
-
-
-def _dev_inverse_gaussian(y: Tensor, mu: Tensor, alpha: float) -> Tensor:
-    return (y - mu) ** 2 / (y * mu**2)
-
-
-def _dev_negative_binomial(y: Tensor, mu: Tensor, alpha: float) -> Tensor:
-    return 2 * (
-        torch.xlogy(y, y / mu) - (y + 1 / alpha) * torch.log((1 + alpha * y) / (1 + alpha * mu))
-    )
-
-
-def _in_unit(mu: Tensor) -> Tensor:
-    return (mu > 0) & (mu < 1)
-
-
-def _positive(mu: Tensor) -> Tensor:
-    return mu > 0
-
-
-def _any_mean(mu: Tensor) -> Tensor:
-    return torch.isfinite(mu)
 
 
 @dataclass(frozen=True)
@@ -253,11 +144,11 @@ class Family:
         Binary and binomial: ``(w y + 1/2)/(w + 1)``; otherwise ``(y + ȳ)/2``, kept
         inside the family's range.
         """
-        if self.valid_mean is _in_unit:
+        if self.valid_mean is mean_in_unit:
             return (w * y + 0.5) / (w + 1)
         ybar = (w * y).sum() / w.sum().clamp_min(1e-300)
         mu = (y + ybar) / 2
-        if self.valid_mean is _positive or self.link.name != "identity":
+        if self.valid_mean is mean_positive or self.link.name != "identity":
             mu = mu.clamp_min(max(1e-3 * float(ybar.abs()), 1e-8))
         return mu
 
@@ -286,18 +177,24 @@ def _make(
     )
 
 
-_BINARY = ((_var_binary, _dvar_binary), _ll_bernoulli, _dev_binary, _check_binary, _in_unit)
+_BINARY = (
+    (variance_binary, variance_deriv_binary),
+    loglik_bernoulli,
+    deviance_binary,
+    check_binary,
+    mean_in_unit,
+)
 
 #: GLM families by name, each with its default (first-listed) link.
 FAMILIES: dict[str, Family] = {
     "gaussian": _make(
         "gaussian",
         ("identity", "log", "inverse_power"),
-        (_var_one, _dvar_zero),
-        _ll_gaussian,
-        _dev_gaussian,
-        _check_any,
-        _any_mean,
+        (variance_one, variance_deriv_zero),
+        loglik_gaussian,
+        deviance_gaussian,
+        check_any,
+        mean_finite,
         has_scale=True,
         ml_scale_llf=True,
     ),
@@ -307,42 +204,42 @@ FAMILIES: dict[str, Family] = {
     "poisson": _make(
         "poisson",
         ("log", "identity"),
-        (_var_mu, lambda m, a: torch.ones_like(m)),
-        _ll_poisson,
-        _dev_poisson,
-        _check_count,
-        _positive,
+        (variance_mu, lambda m, a: torch.ones_like(m)),
+        loglik_poisson,
+        deviance_poisson,
+        check_count,
+        mean_positive,
     ),
     "gamma": _make(
         "gamma",
         ("inverse_power", "log", "identity"),
-        (_var_mu2, lambda m, a: 2 * m),
-        _ll_gamma,
-        _dev_gamma,
-        _check_positive,
-        _positive,
+        (variance_mu2, lambda m, a: 2 * m),
+        loglik_gamma,
+        deviance_gamma,
+        check_positive,
+        mean_positive,
         has_scale=True,
         ml_scale_llf=True,
     ),
     "inverse_gaussian": _make(
         "inverse_gaussian",
         ("inverse_squared", "inverse_power", "log", "identity"),
-        (_var_mu3, lambda m, a: 3 * m**2),
-        _ll_inverse_gaussian,
-        _dev_inverse_gaussian,
-        _check_positive,
-        _positive,
+        (variance_mu3, lambda m, a: 3 * m**2),
+        loglik_inverse_gaussian,
+        deviance_inverse_gaussian,
+        check_positive,
+        mean_positive,
         has_scale=True,
         ml_scale_llf=True,
     ),
     "negative_binomial": _make(
         "negative_binomial",
         ("log", "identity"),
-        (_var_nb, lambda m, a: 1 + 2 * a * m),
-        _ll_negative_binomial,
-        _dev_negative_binomial,
-        _check_count,
-        _positive,
+        (variance_nb, lambda m, a: 1 + 2 * a * m),
+        loglik_negative_binomial,
+        deviance_negative_binomial,
+        check_count,
+        mean_positive,
         has_scale=True,
     ),
 }
