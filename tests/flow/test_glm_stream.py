@@ -144,3 +144,19 @@ def test_newton_and_one_step_agree_where_both_are_exact(forgetting):
         b.partial_fit(X[i : i + 30], y[i : i + 30])
     np.testing.assert_allclose(a.params, b.params, rtol=1e-9)
     np.testing.assert_allclose(a.bse, b.bse, rtol=1e-9)
+
+
+def test_a_batch_no_coefficients_can_fit_is_left_out_with_a_warning():
+    glm = OnlineGLM("gamma", link="identity", fit_intercept=False)
+    glm.partial_fit(np.array([[1.0], [2.0]]), np.array([1.0, 2.5]))
+    before = glm.params.copy()
+    from fisherflow.flow import ConvergenceWarning
+
+    with pytest.warns(ConvergenceWarning, match="left out of the one-pass estimate"):
+        glm.partial_fit(np.array([[1.0], [-1.0]]), np.array([1.0, 1.0]))  # μ = ±θ: never both > 0
+    np.testing.assert_array_equal(glm.params, before)
+    assert glm.nobs == 2 and glm.information.num_samples == 2
+    with pytest.raises(ValueError, match="no valid starting coefficients"):
+        OnlineGLM("gamma", link="identity", fit_intercept=False).fit(
+            np.array([[1.0], [-1.0]]), np.array([1.0, 1.0])
+        )

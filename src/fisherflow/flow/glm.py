@@ -228,8 +228,8 @@ class OnlineGLM(GLMResults):
                 self._n_batches += 1
                 return self
         flow = self._require()
-        _UPDATE_RULES[self.update](self, flow, b)
-        self.nobs += float(b.freq.sum())
+        if _UPDATE_RULES[self.update](self, flow, b):
+            self.nobs += float(b.freq.sum())
         self._n_batches += 1
         self.llf, self._fitted_by = None, "one pass"
         return self
@@ -251,7 +251,7 @@ class OnlineGLM(GLMResults):
         self.flow = self._new_flow(p)
         return pooled
 
-    def _newton(self, flow: FisherFlow, b: GLMBatch) -> None:
+    def _newton(self, flow: FisherFlow, b: GLMBatch) -> bool:
         theta0 = flow.flat_params
         U, J, _, _ = glm_score_information(self.family, b.X, b.y, b.w, theta0, b.offset)
         if not bool(torch.isfinite(U).all() and torch.isfinite(J).all()):
@@ -266,17 +266,19 @@ class OnlineGLM(GLMResults):
                 ConvergenceWarning,
                 stacklevel=3,
             )
-            return
+            return False
         Jn = m.information
         if self.cov_type == "observed" or Jn is None:
             Jn = glm_score_information(
                 self.family, b.X, b.y, b.w, m.theta, b.offset, observed=True
             )[1]
         flow.assimilate(m.theta, self._batch_info(Jn, b), decision, totals=self._totals(b, m.theta))
+        return True
 
-    def _one_step(self, flow: FisherFlow, b: GLMBatch) -> None:
+    def _one_step(self, flow: FisherFlow, b: GLMBatch) -> bool:
         U, J, _, _ = glm_score_information(self.family, b.X, b.y, b.w, flow.flat_params, b.offset)
         flow.step(U, self._batch_info(J, b), totals=self._totals(b, flow.flat_params))
+        return True
 
     def refine(
         self,
@@ -443,7 +445,7 @@ def _concat(batches: list[GLMBatch]) -> GLMBatch:
 
 
 #: Update rules by name (:attr:`OnlineGLM.update`).
-_UPDATE_RULES: dict[str, Callable[[OnlineGLM, FisherFlow, GLMBatch], None]] = {
+_UPDATE_RULES: dict[str, Callable[[OnlineGLM, FisherFlow, GLMBatch], bool]] = {
     "newton": OnlineGLM._newton,
     "one_step": OnlineGLM._one_step,
 }

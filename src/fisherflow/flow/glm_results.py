@@ -113,10 +113,17 @@ class GLMResults:
 
     @property
     def information(self) -> FisherMatrix:
-        """Fisher information of the coefficients (divided by the dispersion ``φ``)."""
+        """Fisher information of the coefficients (divided by the dispersion ``φ``).
+
+        Its ``num_samples`` stays the number of observations behind it.
+        """
         flow = self._require()
         s = self.scale
-        return flow.information * (1.0 / s) if s != 1.0 and s > 0 else flow.information
+        if s == 1.0 or not s > 0:
+            return flow.information
+        info = flow.information * (1.0 / s)
+        info.num_samples = flow.num_samples
+        return info
 
     def _cov(self) -> Tensor:
         flow = self._require()
