@@ -258,3 +258,15 @@ def test_family_link_and_alpha_errors():
         OnlineGLM(update="sgd")
     with pytest.raises(ValueError, match="scale"):
         OnlineGLM(scale=0.0)
+
+
+def test_one_pass_with_observed_information_is_near_the_observed_fit():
+    """Laplace propagation: each batch adds its negative Hessian at the new estimate."""
+    data = R.Medpar1()
+    X, y = data.exog[:, :-1], data.endog
+    glm = OnlineGLM("gamma", link="log", cov_type="observed")
+    for Xb, yb, _ in Batches(X, y, batch_size=250):
+        glm.partial_fit(Xb, yb)
+    full = OnlineGLM("gamma", link="log", cov_type="observed").fit(X, y)
+    assert np.abs((glm.params - full.params) / full.bse).max() < 0.25
+    assert np.abs(glm.bse / full.bse - 1).max() < 0.05
