@@ -270,3 +270,16 @@ def test_one_pass_with_observed_information_is_near_the_observed_fit():
     full = OnlineGLM("gamma", link="log", cov_type="observed").fit(X, y)
     assert np.abs((glm.params - full.params) / full.bse).max() < 0.25
     assert np.abs(glm.bse / full.bse - 1).max() < 0.05
+
+
+@pytest.mark.parametrize(("family", "link"), [("inverse_gaussian", None), ("gamma", "identity")])
+def test_links_valid_only_for_positive_eta_stream_in_tiny_batches(family, link):
+    """The estimate so far can give a negative mean on the next rows: a valid start is found."""
+    data = R.Medpar1()
+    X, y = data.exog[:300, :-1], np.asarray(data.endog)[:300]  # in file order
+    glm = OnlineGLM(family, link=link)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for Xb, yb, _ in Batches(X, y, batch_size=5):
+            glm.partial_fit(Xb, yb)
+    assert glm.nobs == 300 and np.isfinite(glm.params).all()

@@ -152,24 +152,45 @@ class Maximised:
     information: Tensor | None = None
 
 
+def _intercept_start(family: Family, b: GLMBatch) -> Tensor | None:
+    """``θ = g(ȳ)`` on the constant column, 0 elsewhere: a constant mean, valid for every family."""
+    const = (b.X == 1).all(dim=0).nonzero()
+    if const.numel() == 0:
+        return None
+    ybar = (b.w * b.y).sum() / b.w.sum().clamp_min(1e-300)
+    mu = family.start_mean(ybar.reshape(1), torch.ones(1, dtype=b.y.dtype))
+    theta = torch.zeros(b.X.shape[1], dtype=b.X.dtype)
+    theta[int(const[0, 0])] = family.link.link(mu)[0]
+    return theta
+
+
 def _start(
     family: Family, b: GLMBatch, center: Tensor, info: Tensor | None
 ) -> tuple[Tensor, float]:
-    """The prior mean if it is valid on the batch, else the data start, else a shrunk prior mean."""
+    """A valid start on the batch, the best of several.
+
+    The prior mean when it is valid and there is a prior; otherwise the best valid one
+    of: the prior mean, the data start with and without the prior, a constant mean
+    (``g(ȳ)`` on the intercept), and the prior mean shrunk towards 0. The valid region
+    of the inverse and identity links (``η > 0`` on every row) is convex, so Fisher
+    scoring with step-halving stays in it from any valid start.
+    """
     f = batch_objective(family, b, center, center, info)
     fresh = info is None or not bool(info.abs().sum() > 0)
     if math.isfinite(f) and not fresh:
         return center, f
-    theta = data_start(family, b, center, info)
-    fd = (
-        batch_objective(family, b, theta, center, info)
-        if torch.isfinite(theta).all()
-        else -math.inf
-    )
-    if fd > f:
-        return theta, fd
-    if math.isfinite(f):
-        return center, f
+    best, fb = center, f
+    candidates = [data_start(family, b, center, info), _intercept_start(family, b)]
+    if info is not None:
+        candidates.append(data_start(family, b, center, None))
+    for cand in candidates:
+        if cand is None or not bool(torch.isfinite(cand).all()):
+            continue
+        fc = batch_objective(family, b, cand, center, info)
+        if fc > fb:
+            best, fb = cand, fc
+    if math.isfinite(fb):
+        return best, fb
     for k in range(1, MAX_HALVINGS):  # shrink towards 0 (valid for log/logit links)
         cand = center * 0.5**k
         fc = batch_objective(family, b, cand, center, info)
