@@ -46,15 +46,15 @@ def _read_all(batches: Iterable[Any], names: list[str] | None, read: Reader) -> 
 
 
 def start_pass(
-    family: Family, batches: Iterable[Any], read: Reader, penalty: float
-) -> tuple[Tensor, list[str], str]:
+    family: Family, batches: Iterable[Any], read: Reader, penalty: float, group: Any = None
+) -> tuple[Tensor, list[str], str, Tensor]:
     """Coefficients from one IRLS step off the data (no valid start needed), by streaming.
 
     Each batch contributes ``XᵀW₀X`` and ``XᵀW₀z₀`` at the data's start mean (see
-    :func:`fisherflow.flow.glm_newton.data_start`).
+    :func:`fisherflow.flow.glm_newton.data_start`), summed over ranks with ``group``.
 
     Returns:
-        ``(β₀, column names, output kind)``.
+        ``(β₀, column names, output kind, weighted mean of y)``.
 
     Raises:
         ValueError: On a malformed batch or no observations at all.
@@ -63,6 +63,7 @@ def start_pass(
     g: Any = 0.0
     names: list[str] | None = None
     kind = None
+    sums = torch.zeros(2, dtype=DTYPE)
     for batch in batches:
         X, y, rows = unpack_batch(batch)
         b = read(X, y, rows, names)
@@ -75,10 +76,26 @@ def start_pass(
         W = b.w * dmu**2 / family.variance(mu0)
         H = H + (b.X * W[:, None]).T @ b.X
         g = g + b.X.T @ (W * z)
+        sums = sums + torch.stack([(b.w * b.y).sum(), b.w.sum()])
     if names is None or kind is None:
         raise ValueError("refine got no observations (empty data)")
     p = len(names)
-    return pinv_solve_dense(H + penalty * torch.eye(p, dtype=DTYPE), g), names, kind
+    if group is not None:  # every rank must start from the same coefficients
+        H = all_reduce_sum(torch.as_tensor(H, dtype=DTYPE), group)
+        g = all_reduce_sum(torch.as_tensor(g, dtype=DTYPE), group)
+        sums = all_reduce_sum(sums, group)
+    beta = pinv_solve_dense(H + penalty * torch.eye(p, dtype=DTYPE), g)
+    return beta, names, kind, sums[0] / sums[1].clamp_min(1e-300)
+
+
+def _constant_mean(family: Family, names: list[str], ybar: Tensor) -> Tensor | None:
+    """``g(ȳ)`` on the ``"const"`` column, 0 elsewhere (a valid mean for every family)."""
+    if "const" not in names:
+        return None
+    beta = torch.zeros(len(names), dtype=DTYPE)
+    mu = family.start_mean(ybar.reshape(1), torch.ones(1, dtype=DTYPE))
+    beta[names.index("const")] = family.link.link(mu)[0]
+    return beta
 
 
 def accumulate_pass(
@@ -217,14 +234,18 @@ def irls(
             every batch can be found.
     """
     if beta is None or names is None:
-        beta, names, _ = start_pass(family, passes(), read, penalty)
+        beta, names, _, _ = start_pass(family, passes(), read, penalty, group)
     p = beta.shape[0]
     eye = torch.eye(p, dtype=DTYPE)
     probe = beta.clone() if family.binary and penalty > 0 else None
     acc = _pass(family, passes, beta, names, read, probe, group, observed, 1.0)
     if acc["invalid"]:  # the current estimate overflows on these data: start afresh
-        beta, _, _ = start_pass(family, passes(), read, penalty)
+        beta, _, _, ybar = start_pass(family, passes(), read, penalty, group)
         acc = _pass(family, passes, beta, names, read, probe, group, observed, 1.0)
+        constant = _constant_mean(family, names, ybar) if acc["invalid"] else None
+        if constant is not None:
+            beta = constant
+            acc = _pass(family, passes, beta, names, read, probe, group, observed, 1.0)
         if acc["invalid"]:
             raise ValueError(
                 f"no valid starting coefficients: the {family.name} mean with link "
