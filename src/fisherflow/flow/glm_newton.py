@@ -206,6 +206,7 @@ def maximise_batch(
     info: Tensor | None,
     max_iter: int = 25,
     tol: float = 1e-8,
+    decrement: float = 1e-8,
 ) -> Maximised:
     """Maximise ``ℓ_B(θ) - ½ (θ - c)ᵀ I (θ - c)`` by Fisher scoring with step-halving.
 
@@ -218,6 +219,9 @@ def maximise_batch(
         tol: Stop when the objective changes by less than ``tol (|f| + 0.1)`` (R's
             ``glm.control`` criterion and default) or every step is below
             ``tol (1 + |θ|)``.
+        decrement: Also stop, before stepping, when the Newton decrement ``gᵀH⁻¹g``
+            (the squared step length in standard errors of the updated estimate) is
+            at most this.
 
     Returns:
         A :class:`Maximised`.
@@ -229,8 +233,8 @@ def maximise_batch(
         >>> one = torch.ones(4, dtype=X.dtype)
         >>> m = maximise_batch(FAMILIES["bernoulli"], GLMBatch(X, y, one, one, ["c"]),
         ...                    torch.zeros(1, dtype=X.dtype), None)
-        >>> round(m.theta.item(), 8) == round(math.log(3), 8), m.converged  # logit(3/4)
-        (True, True)
+        >>> round(m.theta.item(), 4), round(math.log(3), 4), m.converged  # logit(3/4)
+        (1.0986, 1.0986, True)
     """
     theta, f = _start(family, b, center, info)
     if not math.isfinite(f):
@@ -244,6 +248,9 @@ def maximise_batch(
             U, J = U - info @ (theta - center), J + info
         step = pinv_solve_dense(J, U)
         if not bool(torch.isfinite(step).all()):
+            break
+        if float(U @ step) <= decrement:  # the step is below 1e-4 posterior standard errors
+            converged = True
             break
         f_new, cand, eta_c, mu_c = -math.inf, theta, eta, mu
         for _ in range(MAX_HALVINGS):
