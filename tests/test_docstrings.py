@@ -31,6 +31,9 @@ MODULES = [
     "fisherflow.flow.forgetting",
     "fisherflow.flow.autograd",
     "fisherflow.flow.glm",
+    "fisherflow.flow.glm_links",
+    "fisherflow.flow.glm_newton",
+    "fisherflow.flow.summary",
 ]
 
 

@@ -137,12 +137,12 @@ def test_rank_deficient_design_warns():
 
 def test_glm_option_and_state_errors():
     with pytest.raises(ValueError, match="family must be one of"):
-        OnlineGLM("gamma")
+        OnlineGLM("weibull")
     with pytest.raises(ValueError, match="prior_precision"):
         OnlineGLM(prior_precision=-1)
     with pytest.raises(ValueError, match="forgetting must be one of"):
         OnlineGLM(forgetting="fast")
-    with pytest.raises(RuntimeError, match="no data yet"):
+    with pytest.raises(RuntimeError, match="no estimate yet"):
         OnlineGLM().params  # noqa: B018
     with pytest.raises(TypeError, match="re-iterable"):
         OnlineGLM().refine(iter([(np.zeros((2, 1)), np.zeros(2))]))

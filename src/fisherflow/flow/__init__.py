@@ -42,17 +42,21 @@ from fisherflow.flow.fusion import (
     trimmed_mean,
     weiszfeld,
 )
-from fisherflow.flow.glm import OnlineGLM
+from fisherflow.flow.glm import COV_TYPES, UPDATES, OnlineGLM
 from fisherflow.flow.glm_input import Batches
+from fisherflow.flow.glm_links import LINKS, Link
 from fisherflow.flow.state import Estimate, FisherFlow, fusion_update, scoring_update
 from fisherflow.flow.weighting import fuse_information, information_sums, information_weighted
 
 __all__ = [
     "ALIASES",
+    "COV_TYPES",
     "FAMILIES",
     "FORGETTING",
     "INFORMATION",
+    "LINKS",
     "LOCATIONS",
+    "UPDATES",
     "Adaptive",
     "Batches",
     "ConvergenceWarning",
@@ -63,6 +67,7 @@ __all__ = [
     "Family",
     "FisherFlow",
     "ForgettingPolicy",
+    "Link",
     "NoForgetting",
     "OnlineGLM",
     "RankDeficiencyWarning",

@@ -409,6 +409,49 @@ class FisherFlow:
         self._commit(theta, info, new_totals, hist, decision)
         return self
 
+    def prior_for(self, score: Vector, info_batch: object) -> tuple[Decision, FisherMatrix]:
+        """The forgetting decision for a batch and the information it leaves as a prior (pure).
+
+        For an update computed outside the flow (assumed-density filtering: maximise
+        the batch log-likelihood plus the quadratic of this prior around the current
+        estimate), followed by :meth:`assimilate`.
+
+        Args:
+            score: Batch score at the current estimate (read by adaptive forgetting).
+            info_batch: Batch information at the current estimate.
+
+        Returns:
+            ``(decision, prior information)``: the information held so far after
+            forgetting (a window drops its oldest batch), before the batch is added.
+        """
+        g = self._flat(score, "score")
+        info_b = self._batch_information(info_batch)
+        decision = self.forgetting.decide(g, self.information, info_b)
+        prior, _, _, _ = self._combine(decision, info_b * 0.0, None, {})
+        return decision, prior
+
+    def assimilate(
+        self,
+        params: Vector,
+        info_batch: object,
+        decision: Decision,
+        *,
+        totals: Mapping[str, Tensor] | None = None,
+    ) -> FisherFlow:
+        """Adopt an estimate computed outside the flow and add its batch's information.
+
+        ``I ← forget(I) + I_B`` with the ``decision`` of :meth:`prior_for`, ``θ ← params``.
+
+        Raises:
+            ValueError: On non-finite input or mismatched dimensions (state unchanged).
+        """
+        theta = self._flat(params, "params")
+        info_b = self._batch_information(info_batch)
+        tot = self._check_totals(totals)
+        info, _, new_totals, hist = self._combine(decision, info_b, None, tot)
+        self._commit(theta, info, new_totals, hist, decision)
+        return self
+
     # -------------------------------------------------------------- autograd
     @classmethod
     def from_log_likelihood(

@@ -23,8 +23,13 @@ def format_summary(
     structure: str,
     forgetting: str,
     converged: bool | None,
+    estimate: str = "",
+    cov_type: str = "expected",
 ) -> str:
     """Format coefficients with std err, z, two-sided p-value and Wald interval.
+
+    ``estimate`` says where the estimate comes from (one pass or a full-batch fit,
+    and the rows behind the information); ``cov_type`` which information it uses.
 
     Returns:
         The table as one string.
@@ -50,8 +55,9 @@ def format_summary(
         f"Family: {family:<14} Link: {link:<10} No. Observations: {nobs:<12g}",
         f"Structure: {structure:<11} Df Residuals: {df_resid:<12g} Scale: {scale:.6g}",
         f"Forgetting: {forgetting:<30} Log-Likelihood: "
-        + (f"{llf:.6g}" if llf is not None else "n/a (call refine)"),
-        f"Converged: {converged}",
+        + (f"{llf:.6g}" if llf is not None else "n/a (one pass; call refine)"),
+        f"Converged: {converged!s:<10} Covariance: {cov_type} information",
+        f"Estimate: {estimate}",
         "-" * (width + 66),
         f"{'':<{width}} {'coef':>10} {'std err':>10} {'z':>9} {'P>|z|':>8} "
         f"{f'[{alpha / 2:g}':>11} {f'{1 - alpha / 2:g}]':>11}",
