@@ -25,6 +25,13 @@ MODULES = [
     "fisherflow.flow.forgetting",
     "fisherflow.flow.autograd",
     "fisherflow.flow.glm",
+    "fisherflow.uncertainty.posterior",
+    "fisherflow.uncertainty.params",
+    "fisherflow.uncertainty.predictive",
+    "fisherflow.uncertainty.evidence",
+    "fisherflow.uncertainty.calibration",
+    "fisherflow.uncertainty.plots",
+    "fisherflow.uncertainty.laplace",
 ]
 
 
