@@ -18,6 +18,7 @@ reads every import and fails on an upward one):
    :mod:`fisherflow.optim` — natural-gradient optimizers (any structure, K-FAC, EKFAC)
    that hand back the Fisher they maintain, and ``fisher_from_optimizer``;
    :mod:`fisherflow.uncertainty` — ``Laplace`` posteriors from any Fisher, calibration.
+4. :mod:`fisherflow.llm` — next-token intervals and uncertainty-aware decoding.
 5. :mod:`fisherflow.cli`, :mod:`fisherflow.report` — the ``fisherflow`` command and
    its reports.
 
@@ -25,7 +26,7 @@ Every Fisher holds the **sum** of per-observation information and names its kind
 structure, likelihood, ``num_samples`` and layout.
 """
 
-from fisherflow import distributed, estimation, flow, matrices, optim, stats, uncertainty
+from fisherflow import distributed, estimation, flow, llm, matrices, optim, stats, uncertainty
 from fisherflow._version import __version__
 from fisherflow.estimation import (
     FallbackNotice,
@@ -74,6 +75,7 @@ __all__ = [
     "fisher_from_optimizer",
     "flow",
     "fuse",
+    "llm",
     "load",
     "matrices",
     "optim",
