@@ -32,6 +32,7 @@ MODULES = [
     "fisherflow.uncertainty.calibration",
     "fisherflow.uncertainty.plots",
     "fisherflow.uncertainty.laplace",
+    "fisherflow.uncertainty.fitting",
 ]
 
 

@@ -135,3 +135,19 @@ def test_structured_predictive_matches_its_dense_formula(structure, params):
     torch.testing.assert_close(
         la.posterior_precision.logdet(), torch.logdet(torch.linalg.inv(Sigma))
     )
+
+
+def test_glm_predictive_in_chunks_equals_one_pass(monkeypatch):
+    from fisherflow.uncertainty import laplace as module
+
+    torch.manual_seed(1)
+    model = _MLP().double()
+    X = torch.randn(10, 4, dtype=torch.float64)
+    la = ff.Laplace(model, likelihood="categorical", structure="kfac")
+    la.fit([(X, torch.randint(0, 3, (10,)))], progress=False)
+    whole = la.glm_predictive(X)
+    monkeypatch.setattr(module, "_JACOBIAN_ENTRIES", 3 * la.layout.size)  # 3 rows a chunk
+    parts = la.glm_predictive(X)
+    assert parts[2] == whole[2] == (10, 3)
+    torch.testing.assert_close(parts[0], whole[0])
+    torch.testing.assert_close(parts[1], whole[1])

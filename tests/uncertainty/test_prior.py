@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -80,3 +81,40 @@ def test_bernoulli_methods_agree():
     glm = la.predict(X[:4], method="glm", n_samples=20000, generator=gen)
     mc = la.predict(X[:4], method="mc", n_samples=400, generator=gen)
     torch.testing.assert_close(mc, glm, atol=0.01, rtol=0)
+
+
+def test_large_output_layer_is_kept_diagonal():
+    from fisherflow.uncertainty.fitting import LargeOutputNotice
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 5)).double()
+    X = torch.randn(20, 4, dtype=torch.float64)
+    data = [(X, torch.randint(0, 5, (20,)))]
+    la = ff.Laplace(model, likelihood="categorical", structure="kfac")
+    with pytest.warns(LargeOutputNotice, match="more than 4 outputs"):
+        la.fit(data, progress=False, large_output=4)
+    F = la.fisher
+    assert isinstance(F, ff.KFAC) and list(F.kron_groups) != []
+    assert F.rest_names == ["2.weight", "2.bias"]
+    exact_diag = ff.estimate(
+        model,
+        data,
+        "categorical",
+        "exact",
+        "diagonal",
+        params=["2.weight", "2.bias"],
+        progress=False,
+    )
+    torch.testing.assert_close(
+        F.block("2.weight").diagonal(), exact_diag.block("2.weight").diagonal()
+    )
+    kfac = ff.estimate(
+        model, data, "categorical", "exact", "kfac", params=["0.weight", "0.bias"], progress=False
+    )
+    torch.testing.assert_close(F.block(next(iter(F.kron_groups))).to_dense(), kfac.to_dense())
+    # last layer only: a K-FAC with no Kronecker group, the diagonal in its rest
+    la = ff.Laplace(model, likelihood="categorical", structure="kfac", params="last_layer")
+    with pytest.warns(LargeOutputNotice):
+        la.fit(data, progress=False, large_output=4)
+    assert la.fisher.kron_groups == {}
+    assert la.predict(X[:3], method="probit").shape == (3, 5)

@@ -21,12 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fisherflow.estimation import STRUCTURES, estimate
+from fisherflow.estimation import STRUCTURES
 from fisherflow.estimation.data import (
     Forward,
+    batch_rows,
     default_forward,
     evaluating,
     output_tensor,
+    select_rows,
     split_batch,
     to_device,
 )
@@ -34,12 +36,17 @@ from fisherflow.estimation.likelihoods import Likelihood, get_likelihood
 from fisherflow.estimation.reference import Wrapped
 from fisherflow.matrices import KINDS, FisherMatrix, ParamLayout
 from fisherflow.uncertainty.evidence import log_evidence, maximise_evidence
+from fisherflow.uncertainty.fitting import LARGE_OUTPUT, estimate_fisher
 from fisherflow.uncertainty.params import ParamSpec, select_params
 from fisherflow.uncertainty.posterior import PosteriorPrecision, prior_groups
 from fisherflow.uncertainty.prediction import METHODS, predict_glm, predict_mc, validation_nll
 from fisherflow.uncertainty.predictive import output_jacobians
 
 __all__ = ["Laplace"]
+
+#: Rows of a GLM predictive are processed in chunks of about this many Jacobian entries
+#: per output (``rows · P``), bounding the ``(rows, K, P)`` Jacobian's memory.
+_JACOBIAN_ENTRIES = 2**23
 
 
 def _positive(value: object, name: str) -> float:
@@ -207,6 +214,11 @@ class Laplace:
         return PosteriorPrecision(self._fisher(), self._prior, self.temperature)
 
     def _fisher(self) -> FisherMatrix:
+        if self.fisher is not None and self.mean is None:
+            raise ValueError(
+                "params='last_layer' is found by running the model: call predict(x) or "
+                "fit(data) once before sample()"
+            )
         if self.fisher is None or self.mean is None:
             raise ValueError(
                 "the Laplace posterior has no Fisher yet: call fit(data) first, or pass "
@@ -256,7 +268,12 @@ class Laplace:
 
     # -------------------------------------------------------------------- fit
     def fit(
-        self, data: Iterable[Any], *, progress: bool = True, **estimate_options: Any
+        self,
+        data: Iterable[Any],
+        *,
+        progress: bool = True,
+        large_output: int = LARGE_OUTPUT,
+        **estimate_options: Any,
     ) -> Laplace:
         """Estimate the Fisher (unless one was given) and record ``log p(D | θ*)``.
 
@@ -265,6 +282,8 @@ class Laplace:
                 ``"labels"``): streamed once for the Fisher and once for the
                 log-likelihood.
             progress: Show progress bars.
+            large_output: A ``nn.Linear`` with more outputs keeps a diagonal Fisher in a
+                K-FAC/EKFAC posterior (see :mod:`fisherflow.uncertainty.fitting`).
             **estimate_options: More options of :func:`fisherflow.estimate` (e.g.
                 ``mc_samples``, ``seed``, ``convention``, ``rank``).
 
@@ -282,15 +301,17 @@ class Laplace:
             raise ValueError("data is empty")
         self._resolve(split_batch(first).inputs)
         if not self._given:
-            fisher = estimate(
+            assert self._names is not None
+            fisher = estimate_fisher(
                 self.model,
                 data,
                 self.likelihood,
                 self.kind,
                 self.structure,
-                params=self._names,
+                self._names,
                 forward=self.forward,
                 progress=progress,
+                large_output=large_output,
                 **estimate_options,
             )
             self._attach(fisher)
@@ -358,13 +379,22 @@ class Laplace:
         Rows of the output are split into ``M`` observations of ``C`` outputs (the last
         dimension); the third value is the output's shape, to map back.
         """
-        J, out = self.jacobians(x)
-        cov = self.functional_variance(J)
-        c = out.shape[-1] if out.dim() >= 2 else 1
-        rows, k = J.shape[:2]
-        m = k // c
-        cov = cov.reshape(rows, m, c, m, c).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
-        return out.reshape(-1, c).to(cov.dtype), cov.reshape(-1, c, c), tuple(out.shape)
+        self._resolve(x)
+        rows = batch_rows(x)
+        step = max(1, _JACOBIAN_ENTRIES // max(1, self._fisher().size))
+        means, covs, outs = [], [], []
+        for start in range(0, rows, step):
+            J, out = self.jacobians(select_rows(x, start, min(rows, start + step), rows))
+            cov = self.functional_variance(J)
+            c = out.shape[-1] if out.dim() >= 2 else 1
+            n, k = J.shape[:2]
+            m = k // c
+            cov = cov.reshape(n, m, c, m, c).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+            means.append(out.reshape(-1, c).to(cov.dtype))
+            covs.append(cov.reshape(-1, c, c))
+            outs.append(out)
+        shape = (rows, *outs[0].shape[1:])
+        return torch.cat(means), torch.cat(covs), shape
 
     def predict(
         self,
