@@ -118,3 +118,20 @@ def test_large_output_layer_is_kept_diagonal():
         la.fit(data, progress=False, large_output=4)
     assert la.fisher.kron_groups == {}
     assert la.predict(X[:3], method="probit").shape == (3, 5)
+
+
+def test_predictive_samples_average_to_the_predictive():
+    la, X, _ = _fitted("kfac")
+    draws = la.predictive_samples(X[:4], 50, generator=torch.Generator().manual_seed(0))
+    assert draws.shape == (50, 4, 3)
+    probs = la.predict(
+        X[:4], method="glm", n_samples=50, generator=torch.Generator().manual_seed(0)
+    )
+    torch.testing.assert_close(draws.mean(0), probs)
+    mc = la.predictive_samples(X[:4], 5, method="mc", generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(
+        mc.mean(0),
+        la.predict(X[:4], method="mc", n_samples=5, generator=torch.Generator().manual_seed(0)),
+    )
+    with pytest.raises(ValueError, match="method must be one of"):
+        la.predictive_samples(X[:4], method="probit")

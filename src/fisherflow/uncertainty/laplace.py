@@ -39,8 +39,15 @@ from fisherflow.uncertainty.evidence import log_evidence, maximise_evidence
 from fisherflow.uncertainty.fitting import LARGE_OUTPUT, estimate_fisher
 from fisherflow.uncertainty.params import ParamSpec, select_params
 from fisherflow.uncertainty.posterior import PosteriorPrecision, prior_groups
-from fisherflow.uncertainty.prediction import METHODS, predict_glm, predict_mc, validation_nll
-from fisherflow.uncertainty.predictive import output_jacobians
+from fisherflow.uncertainty.prediction import (
+    LINKS,
+    METHODS,
+    predict_glm,
+    predict_mc,
+    sample_network,
+    validation_nll,
+)
+from fisherflow.uncertainty.predictive import output_jacobians, sample_outputs
 
 __all__ = ["Laplace"]
 
@@ -445,6 +452,36 @@ class Laplace:
         return predict_glm(name, method, mean, cov, shape, n_samples, generator)
 
     __call__ = predict
+
+    def predictive_samples(
+        self,
+        x: Any,
+        n_samples: int = 100,
+        method: str = "glm",
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Draws of the predicted mean (probabilities for classification), ``(n, *output)``.
+
+        ``"glm"``: outputs drawn from the linearised ``N(f, JΣJᵀ)`` through the inverse
+        link; ``"mc"``: parameter draws through the network. For mutual information,
+        BALD and other scores built on samples.
+
+        Raises:
+            ValueError: If ``method`` is not ``"glm"`` or ``"mc"``, or ``n_samples`` is
+                not a positive integer.
+        """
+        if method not in ("glm", "mc"):
+            raise ValueError(f"method must be one of ['glm', 'mc'], got {method!r}")
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        self._resolve(x)
+        self._fisher()
+        link = LINKS.get(self.likelihood.name, lambda f: f)
+        if method == "mc":
+            return sample_network(self, x, n_samples, generator).to(torch.float64)
+        mean, cov, shape = self.glm_predictive(x)
+        draws = sample_outputs(mean, cov, n_samples, generator)
+        return link(draws).reshape(n_samples, *shape)
 
     # ---------------------------------------------------------------- evidence
     def _theta_sq(self, precision: PosteriorPrecision) -> Tensor:

@@ -27,7 +27,7 @@ from fisherflow.uncertainty.predictive import (
 if TYPE_CHECKING:
     from fisherflow.uncertainty.laplace import Laplace
 
-__all__ = ["LINKS", "METHODS", "predict_glm", "predict_mc", "validation_nll"]
+__all__ = ["LINKS", "METHODS", "predict_glm", "predict_mc", "sample_network", "validation_nll"]
 
 #: The predictive methods each likelihood supports (``"mc"`` for any other).
 METHODS: dict[str, tuple[str, ...]] = {
@@ -83,6 +83,20 @@ def predict_glm(
     return LINKS[name](draws).mean(0).reshape(shape)
 
 
+def sample_network(la: Laplace, x: Any, n_samples: int, gen: torch.Generator | None) -> Tensor:
+    """``(n, *output)``: the inverse link of the network at ``n`` draws ``θ ~ N(θ*, Σ)``."""
+    thetas = la.sample(n_samples, gen)
+    wrapped = Wrapped(la.model, la.forward)
+    link = LINKS.get(la.likelihood.name, lambda f: f)
+    dtype = next(la.model.parameters()).dtype
+    outs = []
+    with torch.no_grad(), evaluating(la.model):
+        for theta in thetas:
+            params = {k: v.to(dtype) for k, v in la.layout.unflatten(theta).items()}
+            outs.append(link(output_tensor(wrapped.call(params, x)).double()))
+    return torch.stack(outs)
+
+
 def predict_mc(
     la: Laplace, x: Any, n_samples: int, generator: torch.Generator | None
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -91,22 +105,10 @@ def predict_mc(
     Returns the mean of the inverse link over draws; for a Gaussian likelihood the
     ``(mean, variance)`` of the outputs over draws.
     """
-    thetas = la.sample(n_samples, generator)
-    wrapped = Wrapped(la.model, la.forward)
-    link = LINKS.get(la.likelihood.name, lambda f: f)
-    total: Tensor | None = None
-    square: Tensor | None = None
-    with torch.no_grad(), evaluating(la.model):
-        dtype = next(la.model.parameters()).dtype
-        for theta in thetas:
-            params = {k: v.to(dtype) for k, v in la.layout.unflatten(theta).items()}
-            out = link(output_tensor(wrapped.call(params, x)).double())
-            total = out if total is None else total + out
-            square = out.square() if square is None else square + out.square()
-    assert total is not None and square is not None
-    mean = total / n_samples
+    draws = sample_network(la, x, n_samples, generator)
+    mean = draws.mean(0)
     if la.likelihood.name == "gaussian":
-        return mean, (square / n_samples - mean.square()).clamp_min(0)
+        return mean, draws.var(0, correction=0)
     return mean
 
 
