@@ -33,6 +33,7 @@ MODULES = [
     "fisherflow.uncertainty.plots",
     "fisherflow.uncertainty.laplace",
     "fisherflow.uncertainty.fitting",
+    "fisherflow.uncertainty.validate",
 ]
 
 

@@ -13,8 +13,6 @@ learning", NeurIPS; MacKay (1992).
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -35,7 +33,7 @@ from fisherflow.estimation.data import (
 from fisherflow.estimation.likelihoods import Likelihood, get_likelihood
 from fisherflow.estimation.reference import Wrapped
 from fisherflow.matrices import KINDS, FisherMatrix, ParamLayout
-from fisherflow.uncertainty.evidence import log_evidence, maximise_evidence
+from fisherflow.uncertainty.evidence import log_evidence
 from fisherflow.uncertainty.fitting import LARGE_OUTPUT, estimate_fisher
 from fisherflow.uncertainty.params import ParamSpec, select_params
 from fisherflow.uncertainty.posterior import PosteriorPrecision, prior_groups
@@ -45,52 +43,16 @@ from fisherflow.uncertainty.prediction import (
     predict_glm,
     predict_mc,
     sample_network,
-    validation_nll,
 )
 from fisherflow.uncertainty.predictive import output_jacobians, sample_outputs
+from fisherflow.uncertainty.tuning import tune_marglik, tune_val
+from fisherflow.uncertainty.validate import check_positive, check_prior_precision
 
 __all__ = ["Laplace"]
 
 #: Rows of a GLM predictive are processed in chunks of about this many Jacobian entries
 #: per output (``rows · P``), bounding the ``(rows, K, P)`` Jacobian's memory.
 _JACOBIAN_ENTRIES = 2**23
-
-
-def _positive(value: object, name: str) -> float:
-    if isinstance(value, Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    out = float(value)
-    if not math.isfinite(out) or out <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    return out
-
-
-def check_prior_precision(value: object) -> Tensor:
-    """A prior precision as a float64 tensor: a scalar or one value per layer, finite, > 0.
-
-    Raises:
-        TypeError: If ``value`` is neither a real number nor a tensor/sequence of them.
-        ValueError: If it has more than one dimension, or a value is NaN, infinite or <= 0.
-    """
-    if isinstance(value, bool):
-        raise TypeError("prior_precision must be a real number or a 1-D tensor, got bool")
-    if isinstance(value, numbers.Real):
-        tau = torch.tensor(float(value), dtype=torch.float64)
-    elif isinstance(value, (Tensor, list, tuple)):
-        tau = torch.as_tensor(value).detach().to(torch.float64).cpu()
-    else:
-        raise TypeError(
-            f"prior_precision must be a real number or a 1-D tensor, got {type(value).__name__}"
-        )
-    if tau.dim() > 1:
-        raise ValueError(f"prior_precision must be a scalar or 1-D, got shape {tuple(tau.shape)}")
-    if tau.dim() == 1 and tau.numel() == 1:
-        tau = tau[0]
-    if not bool(torch.isfinite(tau).all()) or bool((tau <= 0).any()):
-        raise ValueError(f"prior_precision must be finite and > 0, got {tau.tolist()}")
-    return tau
 
 
 class Laplace:
@@ -157,8 +119,8 @@ class Laplace:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self.sigma_noise = _positive(sigma_noise, "sigma_noise")
-        self.temperature = _positive(temperature, "temperature")
+        self.sigma_noise = check_positive(sigma_noise, "sigma_noise")
+        self.temperature = check_positive(temperature, "temperature")
         options = {"variance": self.sigma_noise**2} if likelihood == "gaussian" else {}
         self.likelihood = get_likelihood(likelihood, **options)
         if structure not in STRUCTURES:
@@ -549,8 +511,8 @@ class Laplace:
                 ``val_data`` or with ``"layerwise"``, or ``"marglik"`` before :meth:`fit`.
         """
         modes: dict[str, Callable[[], Tensor]] = {
-            "marglik": lambda: self._tune_marglik(prior_structure),
-            "val": lambda: self._tune_val(prior_structure, val_data, grid, predict_method),
+            "marglik": lambda: tune_marglik(self, prior_structure),
+            "val": lambda: tune_val(self, prior_structure, val_data, grid, predict_method),
         }
         if method not in modes:
             raise ValueError(f"method must be one of {list(modes)}, got {method!r}")
@@ -560,40 +522,3 @@ class Laplace:
             )
         self.prior_precision = modes[method]()
         return self.prior_precision
-
-    def _tune_marglik(self, prior_structure: str) -> Tensor:
-        if self.loglik is None:
-            raise ValueError("optimize_prior_precision('marglik') needs fit(data) first")
-        n = len(self.prior_groups) if prior_structure == "layerwise" else 1
-        start = self._prior.reshape(-1)
-        start = start.expand(n).clone() if start.numel() != n else start.clone()
-        tau = start if n > 1 else start[0]
-        precision = PosteriorPrecision(self._fisher(), tau, self.temperature)
-        eig = precision.piece_eigvals()
-        best = maximise_evidence(
-            self.loglik,
-            self._theta_sq(precision),
-            precision.piece_sizes(),
-            eig,
-            self.temperature,
-            start,
-        )
-        return best if n > 1 else best[0]
-
-    def _tune_val(
-        self,
-        prior_structure: str,
-        val_data: Iterable[Any] | None,
-        grid: Tensor | None,
-        predict_method: str | None,
-    ) -> Tensor:
-        if val_data is None:
-            raise ValueError("optimize_prior_precision('val') needs val_data")
-        if prior_structure != "scalar":
-            raise ValueError("optimize_prior_precision('val') tunes a scalar prior only")
-        values = torch.logspace(-4, 4, 21, dtype=torch.float64) if grid is None else grid
-        values = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
-        scores = [
-            validation_nll(self, val_data, check_prior_precision(t), predict_method) for t in values
-        ]
-        return values[int(torch.tensor(scores).argmin())].clone()
