@@ -34,6 +34,15 @@ MODULES = [
     "fisherflow.flow.glm_links",
     "fisherflow.flow.glm_newton",
     "fisherflow.flow.summary",
+    "fisherflow.uncertainty.posterior",
+    "fisherflow.uncertainty.params",
+    "fisherflow.uncertainty.predictive",
+    "fisherflow.uncertainty.evidence",
+    "fisherflow.uncertainty.calibration",
+    "fisherflow.uncertainty.plots",
+    "fisherflow.uncertainty.laplace",
+    "fisherflow.uncertainty.fitting",
+    "fisherflow.uncertainty.validate",
 ]
 
 

@@ -16,7 +16,9 @@ reads every import and fails on an upward one):
 3. :mod:`fisherflow.flow` — Fisher Flow on every structure: accumulation, forgetting,
    fusion, robust aggregation, online GLMs, aggregation across ranks;
    :mod:`fisherflow.optim` — natural-gradient optimizers (any structure, K-FAC, EKFAC)
-   that hand back the Fisher they maintain, and ``fisher_from_optimizer``.
+   that hand back the Fisher they maintain, and ``fisher_from_optimizer``;
+   :mod:`fisherflow.uncertainty` — ``Laplace`` posteriors from any Fisher, calibration.
+4. :mod:`fisherflow.llm` — next-token intervals and uncertainty-aware decoding.
 5. :mod:`fisherflow.cli`, :mod:`fisherflow.report` — the ``fisherflow`` command and
    its reports.
 
@@ -38,7 +40,16 @@ from typing import TYPE_CHECKING, Any
 from fisherflow._version import __version__
 
 if TYPE_CHECKING:
-    from fisherflow import distributed, estimation, flow, matrices, optim, stats
+    from fisherflow import (
+        distributed,
+        estimation,
+        flow,
+        llm,
+        matrices,
+        optim,
+        stats,
+        uncertainty,
+    )
     from fisherflow.estimation import (
         FallbackNotice,
         FisherEstimator,
@@ -61,9 +72,19 @@ if TYPE_CHECKING:
         load,
     )
     from fisherflow.optim import fisher_from_optimizer
+    from fisherflow.uncertainty import Laplace
 
 #: Subpackages, loaded on first use as ``fisherflow.NAME``.
-_SUBPACKAGES = ("distributed", "estimation", "flow", "matrices", "optim", "stats")
+_SUBPACKAGES = (
+    "distributed",
+    "estimation",
+    "flow",
+    "llm",
+    "matrices",
+    "optim",
+    "stats",
+    "uncertainty",
+)
 
 #: Public names re-exported from a subpackage: subpackage -> names.
 _EXPORTS: dict[str, tuple[str, ...]] = {
@@ -89,6 +110,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "load",
     ),
     "optim": ("fisher_from_optimizer",),
+    "uncertainty": ("Laplace",),
 }
 
 _HOME = {name: package for package, names in _EXPORTS.items() for name in names}
@@ -121,6 +143,7 @@ __all__ = [
     "FisherFlow",
     "FisherMatrix",
     "KronGroup",
+    "Laplace",
     "Likelihood",
     "LowRank",
     "OnlineGLM",
@@ -132,6 +155,7 @@ __all__ = [
     "fisher_from_optimizer",
     "flow",
     "fuse",
+    "llm",
     "load",
     "matrices",
     "optim",
@@ -139,4 +163,5 @@ __all__ = [
     "register_likelihood",
     "robust_fuse",
     "stats",
+    "uncertainty",
 ]
