@@ -32,6 +32,8 @@ MODULES = [
     "fisherflow.uncertainty.calibration",
     "fisherflow.uncertainty.plots",
     "fisherflow.uncertainty.laplace",
+    "fisherflow.uncertainty.ood",
+    "fisherflow.uncertainty.active",
 ]
 
 
