@@ -103,10 +103,12 @@ def demo_section(out: Path) -> list[str]:
     with torch.no_grad():
         logits_va, logits_te = model(x[va]), model(x[te])
     temp = temperature_scale(logits_va, y[va])
+    laplace = la.predict(x[te], method="probit")
+    assert isinstance(laplace, torch.Tensor)
     probs = {
         "MAP": torch.softmax(logits_te, 1),
         f"MAP, temperature {temp:.2f}": torch.softmax(logits_te / temp, 1),
-        "K-FAC Laplace (probit)": la.predict(x[te], method="probit"),
+        "K-FAC Laplace (probit)": laplace,
     }
     lines = [
         "## Uncertainty: calibration and out-of-distribution inputs",
