@@ -83,8 +83,7 @@ def demo_section(out: Path) -> list[str]:
     Returns:
         Markdown lines of the section.
     """
-    import fisherflow as ff
-    from fisherflow.uncertainty import calibration, temperature_scale
+    from fisherflow.uncertainty import Laplace, calibration, temperature_scale
     from fisherflow.uncertainty.ood import HIGHER_IS_OOD, ood_auroc, ood_scores
 
     start = time.perf_counter()
@@ -97,7 +96,7 @@ def demo_section(out: Path) -> list[str]:
     _train(model, x[tr].float(), y[tr])
     model = model.double()
     data = [(x[tr][i : i + 250], y[tr][i : i + 250]) for i in range(0, 1000, 250)]
-    la = ff.Laplace(model, likelihood="categorical", structure="kfac", params="last_layer")
+    la = Laplace(model, likelihood="categorical", structure="kfac", params="last_layer")
     la.fit(data, progress=False)
     la.optimize_prior_precision("marglik")
     with torch.no_grad():
