@@ -14,11 +14,13 @@ TAU, TEMP = 0.5, 0.8
 
 
 def _setup(structure="dense", params=None, likelihood="categorical", out_dim=3):
+    out_dim = 1 if likelihood == "bernoulli" else out_dim
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, out_dim)).double()
     X = torch.randn(6, 2, dtype=torch.float64)
     y = torch.randint(0, out_dim, (6,)) if likelihood == "categorical" else torch.randn(6, out_dim)
     y = y.double() if likelihood == "gaussian" else y
+    y = torch.randint(0, 2, (6, 1)).double() if likelihood == "bernoulli" else y
     names = ["2.weight", "2.bias"] if params == "last_layer" else None
     F = ff.estimate(model, [(X, y)], likelihood, "exact", structure, params=names, progress=False)
     la = ff.Laplace(model, likelihood=likelihood, fisher=F, prior_precision=TAU, temperature=TEMP)
@@ -42,6 +44,9 @@ def _brute_greedy(model, F, pool, k, likelihood="categorical"):
         if likelihood == "categorical":
             p = torch.softmax(out, 0)
             lam = torch.diag(p) - torch.outer(p, p)
+        elif likelihood == "bernoulli":
+            p = torch.sigmoid(out)
+            lam = torch.diag(p * (1 - p))
         else:
             lam = torch.eye(out.numel(), dtype=torch.float64)
         infos.append(J.T @ lam @ J / TEMP)
@@ -66,6 +71,7 @@ def _brute_greedy(model, F, pool, k, likelihood="categorical"):
         ("dense", None, "categorical"),
         ("kfac", "last_layer", "categorical"),
         ("diagonal", None, "gaussian"),
+        ("block", None, "bernoulli"),
     ],
 )
 def test_bait_equals_brute_force_greedy(structure, params, likelihood):
