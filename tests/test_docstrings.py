@@ -43,6 +43,8 @@ MODULES = [
     "fisherflow.uncertainty.laplace",
     "fisherflow.uncertainty.fitting",
     "fisherflow.uncertainty.validate",
+    "fisherflow.uncertainty.ood",
+    "fisherflow.uncertainty.active",
 ]
 
 

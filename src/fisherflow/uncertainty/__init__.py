@@ -9,13 +9,16 @@ probit, Laplace bridge, logit sampling), ``prediction`` (the predictive per like
 and method), ``fitting`` (the Fisher ``fit`` estimates, large output layers kept
 diagonal), ``tuning`` (prior precision by evidence or validation), ``laplace``
 (:class:`Laplace`), ``calibration`` (ECE, MCE, NLL, Brier, temperature scaling) and
-``plots`` (reliability diagrams; matplotlib is imported only when drawing).
+``plots`` (reliability diagrams; matplotlib is imported only when drawing), ``ood``
+(OOD scores and AUROC/FPR@95) and ``active`` (``select``: BAIT, BALD, entropy, Fisher).
 """
 
+from fisherflow.uncertainty.active import select
 from fisherflow.uncertainty.calibration import adaptive_ece, calibration, temperature_scale
 from fisherflow.uncertainty.evidence import log_evidence, maximise_evidence
 from fisherflow.uncertainty.fitting import LARGE_OUTPUT, LargeOutputNotice
 from fisherflow.uncertainty.laplace import Laplace
+from fisherflow.uncertainty.ood import fpr_at_tpr, ood_auroc, ood_scores
 from fisherflow.uncertainty.params import last_layer_params, select_params
 from fisherflow.uncertainty.plots import reliability_bins, reliability_diagram
 from fisherflow.uncertainty.posterior import PosteriorPrecision, prior_groups
@@ -40,9 +43,12 @@ __all__ = [
     "calibration",
     "check_positive",
     "check_prior_precision",
+    "fpr_at_tpr",
     "last_layer_params",
     "log_evidence",
     "maximise_evidence",
+    "ood_auroc",
+    "ood_scores",
     "output_jacobians",
     "predict_glm",
     "predict_mc",
@@ -52,6 +58,7 @@ __all__ = [
     "reliability_bins",
     "reliability_diagram",
     "sample_outputs",
+    "select",
     "select_params",
     "temperature_scale",
 ]
