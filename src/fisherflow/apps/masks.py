@@ -21,6 +21,8 @@ from torch import Tensor
 __all__ = [
     "PATTERNS",
     "SCOPES",
+    "check_nm",
+    "check_scope",
     "check_sparsity",
     "from_rows",
     "parse_pattern",
@@ -156,11 +158,8 @@ def select(
         >>> select({"w": torch.tensor([[4.0, 1.0, 3.0, 2.0]])}, 0.5, (2, 4))["w"].tolist()
         [[True, False, True, False]]
     """
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    check_scope(scope, nm)
     if nm is not None:
-        if scope != "layer":
-            raise ValueError(f"scope must be 'layer' with an N:M pattern, got {scope!r}")
         return {name: _select_nm(name, s, nm) for name, s in scores.items()}
     if scope == "layer":
         return {
@@ -185,14 +184,36 @@ def select(
     return out
 
 
-def _select_nm(name: str, s: Tensor, nm: tuple[int, int]) -> Tensor:
+def check_scope(scope: object, nm: tuple[int, int] | None) -> None:
+    """Check a scope name, and that N:M patterns use ``"layer"``.
+
+    Raises:
+        ValueError: For an unknown scope, or another scope with N:M.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if nm is not None and scope != "layer":
+        raise ValueError(f"scope must be 'layer' with an N:M pattern, got {scope!r}")
+
+
+def check_nm(name: str, cols: int, nm: tuple[int, int]) -> None:
+    """Check that M divides a row of ``cols`` entries of parameter ``name``.
+
+    Raises:
+        ValueError: If it does not.
+    """
     n, m = nm
-    rows, cols = s.shape
     if cols % m:
         raise ValueError(
             f"pattern '{n}:{m}' needs the input dimension of {name!r} to be a multiple of "
             f"{m}, got {cols}"
         )
+
+
+def _select_nm(name: str, s: Tensor, nm: tuple[int, int]) -> Tensor:
+    n, m = nm
+    rows, cols = s.shape
+    check_nm(name, cols, nm)
     groups = s.reshape(rows, cols // m, m)
     order = torch.argsort(groups, dim=2, stable=True)
     mask = torch.ones_like(groups, dtype=torch.bool)

@@ -14,7 +14,15 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from fisherflow.apps.masks import from_rows, parse_pattern, resolve_sparsity, select
+from fisherflow.apps.masks import (
+    check_nm,
+    check_scope,
+    from_rows,
+    parse_pattern,
+    resolve_sparsity,
+    select,
+    to_rows,
+)
 from fisherflow.apps.saliency import _input_major, _targets, check_method, row_saliency
 from fisherflow.matrices import FisherMatrix
 from fisherflow.matrices.validate import check_damping
@@ -98,13 +106,16 @@ def prune(
     method, fisher = check_method(model, fisher, method)
     nm = parse_pattern(pattern)
     fraction = resolve_sparsity(sparsity, nm)
+    check_scope(scope, nm)
     lam, rel = check_damping(damping), check_damping(rel_damping, "rel_damping")
     targets = _targets(model, fisher, params, method)
-    scores, units = row_saliency(model, fisher, method, targets, lam, rel, activations)
-    keep = select(scores, fraction, nm, scope)
-
     named = dict(model.named_parameters())
     majors = _input_major(model)
+    if nm is not None:  # before any costly saliency
+        for n in targets:
+            check_nm(n, to_rows(named[n], majors[n]).shape[1], nm)
+    scores, units = row_saliency(model, fisher, method, targets, lam, rel, activations)
+    keep = select(scores, fraction, nm, scope)
     masks = {n: from_rows(keep[n], tuple(named[n].shape), majors[n]) for n in targets}
     with torch.no_grad():
         if units:
