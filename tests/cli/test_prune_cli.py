@@ -110,3 +110,15 @@ def test_cli_fails_cleanly_and_writes_nothing(checkpoint, tmp_path, capsys):
     tensors.pop(next(k for k in tensors if k.endswith("mlp.c_fc.weight")))
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     fails(_args(broken, fisher, out, "--sparsity", "0.5"), "lacks 1 tensors")
+
+
+def test_demo_section_tabulates_every_method_and_plots(tmp_path):
+    from fisherflow.cli.demo_prune import SPARSITIES, demo_section
+
+    lines = demo_section(tmp_path)
+    rows = [line for line in lines if line.startswith(("| magnitude", "| OBD", "| OBS"))]
+    assert len(rows) == 4
+    for row in rows:
+        accs = [float(c) for c in row.strip("|").split("|")[1 : 1 + len(SPARSITIES)]]
+        assert all(0.0 <= a <= 1.0 for a in accs)
+    assert (tmp_path / "pruning_accuracy.png").stat().st_size > 0
