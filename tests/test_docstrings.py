@@ -25,6 +25,9 @@ MODULES = [
     "fisherflow.flow.forgetting",
     "fisherflow.flow.autograd",
     "fisherflow.flow.glm",
+    "fisherflow.apps.masks",
+    "fisherflow.apps.saliency",
+    "fisherflow.apps.prune",
 ]
 
 
