@@ -218,3 +218,23 @@ def test_bad_input_fails_with_named_errors(least_squares):
         nan_model.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         ff.apps.prune(nan_model, F, 0.5)
+
+
+def test_kfac_obs_paths_agree_absolute_and_relative_damping():
+    """With ``G = cI`` an absolute λ equals a relative one: the per-row kept-support
+    solve (absolute damping) and the shared pruned-set solve (relative) must agree."""
+    g = torch.Generator().manual_seed(2)
+    model = nn.Linear(12, 6).double()
+    a = torch.randn(13, 13, generator=g, dtype=torch.float64)
+    A = a @ a.T / 13
+    c, lam = 3.0, 0.2
+    layout = ff.ParamLayout.from_model(model)
+    group = {"l": ff.KronGroup("weight", "bias")}
+    F = ff.KFAC(group, {"l": A}, {"l": c * torch.eye(6, dtype=torch.float64)}, layout)
+    rel = lam / (c * float(A.diagonal().mean()))
+    absolute, relative = copy.deepcopy(model), copy.deepcopy(model)
+    m1 = ff.apps.prune(absolute, F, 0.4, method="obs", damping=lam)
+    m2 = ff.apps.prune(relative, F, 0.4, method="obs", rel_damping=rel)
+    assert torch.equal(m1["weight"], m2["weight"])
+    torch.testing.assert_close(absolute.weight, relative.weight, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(absolute.bias, relative.bias, rtol=1e-10, atol=1e-12)

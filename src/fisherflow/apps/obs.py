@@ -161,7 +161,9 @@ class RowUnit(Unit):
         a = a.detach().to(rows)
         self.A = a if a.dim() == 2 else torch.diag(a)
         self.g = g_diag.detach().to(rows)
-        self.lam = damping + rel_damping * self.g * self.A.diagonal().mean()
+        self.rel = rel_damping * float(self.A.diagonal().mean()) if self.A.numel() else 0.0
+        self.lam = damping + self.rel * self.g
+        self.shared = damping == 0.0
         self.where = f"layer {weight!r}"
 
     @override
@@ -177,10 +179,52 @@ class RowUnit(Unit):
 
     @override
     def compensate(self, keep: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        n_out, n_cols = self.x.shape
         mask = keep[self.weight]
         if self.bias is not None:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        new = self._pruned_set(mask) if self.shared else self._kept_support(mask)
+        n_in = new.shape[1] - (self.bias is not None)
+        out = {self.weight: from_rows(new[:, :n_in], self.shape, self.input_major)}
+        if self.bias is not None:
+            out[self.bias] = new[:, -1]
+        return out
+
+    def _pruned_set(self, mask: Tensor) -> Tensor:
+        """Every row's H is ``G_rr B`` with one ``B = A + rel·mean(diag A) I``.
+
+        Then ``δ = −B⁻¹[:, Q] (B⁻¹[Q, Q])⁻¹ θ_Q`` per row (the scale ``G_rr`` cancels):
+        one inverse of B per layer and a ``|Q|``-sized solve per row (Hassibi & Stork's
+        form), padded to the row with the most pruned weights.
+        """
+        n_out, n_cols = self.x.shape
+        eye = torch.eye(n_cols, dtype=self.x.dtype, device=self.x.device)
+        b_inv = torch.cholesky_inverse(_cholesky(self.A + self.rel * eye, self.where))
+        pruned = ~mask
+        counts = pruned.sum(1)
+        width = int(counts.max()) if n_out else 0
+        new = self.x * mask
+        if width == 0:
+            return new
+        # pruned indices of each row first (stable: in column order), padded
+        order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :width]
+        valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
+        step = max(1, _ROW_BATCH // max(1, width * max(width, n_cols)))
+        small = torch.eye(width, dtype=self.x.dtype, device=self.x.device)
+        for start in range(0, n_out, step):
+            rows = slice(start, min(start + step, n_out))
+            idx, ok = order[rows], valid[rows]
+            both = ok[:, :, None] & ok[:, None, :]
+            system = torch.where(both, b_inv[idx[:, :, None], idx[:, None, :]], small)
+            theta_q = torch.where(ok, self.x[rows].gather(1, idx), 0.0)
+            z = torch.cholesky_solve(theta_q[:, :, None], _cholesky(system, self.where))
+            z = torch.where(ok, z[:, :, 0], 0.0)
+            delta = -(z[:, :, None] * b_inv[idx]).sum(1)  # B⁻¹ symmetric: rows = columns
+            new[rows] = (self.x[rows] + delta) * mask[rows]
+        return new
+
+    def _kept_support(self, mask: Tensor) -> Tensor:
+        """Per row, ``θ_K += H_KK⁻¹ H_KQ θ_Q`` with ``H = G_rr A + λ_r I`` (any damping)."""
+        n_out, n_cols = self.x.shape
         new = torch.empty_like(self.x)
         eye = torch.eye(n_cols, dtype=self.x.dtype, device=self.x.device)
         step = max(1, _ROW_BATCH // max(1, n_cols * n_cols))
@@ -193,11 +237,7 @@ class RowUnit(Unit):
             system = h * (m[:, :, None] * m[:, None, :]) + torch.diag_embed(q)
             delta = torch.cholesky_solve(rhs[:, :, None], _cholesky(system, self.where))
             new[rows] = (self.x[rows] + delta[:, :, 0]) * m
-        n_in = n_cols - (self.bias is not None)
-        out = {self.weight: from_rows(new[:, :n_in], self.shape, self.input_major)}
-        if self.bias is not None:
-            out[self.bias] = new[:, -1]
-        return out
+        return new
 
 
 UnitBuilder = Callable[
