@@ -26,7 +26,7 @@ MODULES = [
     "fisherflow.flow.autograd",
     "fisherflow.flow.glm",
     "fisherflow.apps.masks",
-    "fisherflow.apps.saliency",
+    "fisherflow.apps.scores",
     "fisherflow.apps.prune",
 ]
 

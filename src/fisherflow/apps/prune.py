@@ -1,6 +1,6 @@
 """``ff.apps.prune``: prune a model's weights by magnitude, Wanda, OBD or OBS on its Fisher.
 
-One call scores every weight (:mod:`fisherflow.apps.saliency`), keeps the highest
+One call scores every weight (:mod:`fisherflow.apps.scores`), keeps the highest
 scores in the requested pattern and scope (:mod:`fisherflow.apps.masks`), sets the
 pruned weights to exactly zero and, for OBS, moves the kept weights of each unit to
 the minimiser of the Fisher's quadratic model on the kept support
@@ -23,7 +23,7 @@ from fisherflow.apps.masks import (
     select,
     to_rows,
 )
-from fisherflow.apps.saliency import _input_major, _targets, check_method, row_saliency
+from fisherflow.apps.scores import _input_major, _targets, check_method, row_saliency
 from fisherflow.matrices import FisherMatrix
 from fisherflow.matrices.validate import check_damping
 
@@ -54,7 +54,7 @@ def prune(
     give ``None`` or that value). Rows are the output units: a Linear weight's rows, a
     Conv weight's filters flattened, a Hugging Face ``Conv1D`` weight's columns.
 
-    Methods (see :mod:`fisherflow.apps.saliency`): ``"magnitude"`` ``|θ|``; ``"wanda"``
+    Methods (see :mod:`fisherflow.apps.scores`): ``"magnitude"`` ``|θ|``; ``"wanda"``
     ``|θ|·‖x‖`` (input norms from ``activations`` or a K-FAC Fisher's input factor);
     ``"obd"`` ``½ F_qq θ²``, weights not moved; ``"obs"`` ``θ² / (2[(F+λI)⁻¹]_qq)`` and
     *joint* compensation: the kept weights of each unit (the whole layout for a dense
