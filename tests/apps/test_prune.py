@@ -40,7 +40,7 @@ def _fisher(model, x, y, structure):
     )
 
 
-@pytest.mark.parametrize("structure", ["dense", "block", "kfac"])
+@pytest.mark.parametrize("structure", ["dense", "block", "kfac", "ekfac"])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_obs_is_the_least_squares_refit_on_the_kept_support(least_squares, structure, pattern):
     model, x, y, xb = least_squares
