@@ -345,6 +345,7 @@ def main() -> None:
     p.add_argument("--calib-rows", type=int, default=64, help="char GPT calibration rows")
     p.add_argument("--eval-rows", type=int, default=256)
     p.add_argument("--skip-smollm2", action="store_true")
+    p.add_argument("--skip-char-gpt", action="store_true")
     p.add_argument("--smollm2-blocks", type=int, default=None)
     p.add_argument("--smollm2-calib-rows", type=int, default=None)
     p.add_argument("--smollm2-eval-rows", type=int, default=None)
@@ -362,7 +363,7 @@ def main() -> None:
     )
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    sections = [run_char_gpt(args)]
+    sections = [] if args.skip_char_gpt else [run_char_gpt(args)]
     if not args.skip_smollm2:
         sections.append(run_smollm2(args))
     command = "python bench/bench_prune.py " + " ".join(sys.argv[1:])

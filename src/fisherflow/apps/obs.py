@@ -166,15 +166,29 @@ class RowUnit(Unit):
         self.shared = damping == 0.0
         self.where = f"layer {weight!r}"
 
+    def _b_inverse(self) -> Tensor:
+        """``B⁻¹`` with ``B = A + rel·mean(diag A) I`` (cached; the shared case)."""
+        if "_b_inv" not in self.__dict__:
+            eye = torch.eye(self.A.shape[0], dtype=self.A.dtype, device=self.A.device)
+            chol = _cholesky(self.A + self.rel * eye, self.where)
+            self.__dict__["_b_inv"] = torch.cholesky_inverse(chol)
+        b_inv: Tensor = self.__dict__["_b_inv"]
+        return b_inv
+
     @override
     def inverse_diagonal(self) -> dict[str, Tensor]:
+        n_in = self.x.shape[1] - (self.bias is not None)
+        if self.shared:  # H_r = G_rr B: [H_r⁻¹]_qq = [B⁻¹]_qq / G_rr
+            if not bool((self.g > 0).all()):
+                raise _singular(self.where)
+            inv = self._b_inverse().diagonal()[None, :] / self.g[:, None]
+            return {self.weight: inv[:, :n_in]}
         vals, vecs = eigh(self.A)
         spectrum = self.g[:, None] * vals.clamp_min(0)[None, :] + self.lam[:, None]
         top = float(spectrum.abs().max()) if spectrum.numel() else 0.0
         if not bool((spectrum > spectrum.shape[1] * torch.finfo(spectrum.dtype).eps * top).all()):
             raise _singular(self.where)
         inv = (1.0 / spectrum) @ (vecs * vecs).T  # [(g_r A + λ_r I)⁻¹]_qq per row r
-        n_in = inv.shape[1] - (self.bias is not None)
         return {self.weight: inv[:, :n_in]}
 
     @override
@@ -197,8 +211,8 @@ class RowUnit(Unit):
         form), padded to the row with the most pruned weights.
         """
         n_out, n_cols = self.x.shape
-        eye = torch.eye(n_cols, dtype=self.x.dtype, device=self.x.device)
-        b_inv = torch.cholesky_inverse(_cholesky(self.A + self.rel * eye, self.where))
+        b_inv = self._b_inverse()
+        flat = b_inv.reshape(-1)
         pruned = ~mask
         counts = pruned.sum(1)
         width = int(counts.max()) if n_out else 0
@@ -208,17 +222,19 @@ class RowUnit(Unit):
         # pruned indices of each row first (stable: in column order), padded
         order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :width]
         valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
-        step = max(1, _ROW_BATCH // max(1, width * max(width, n_cols)))
+        step = max(1, _ROW_BATCH // max(1, width * width))
         small = torch.eye(width, dtype=self.x.dtype, device=self.x.device)
         for start in range(0, n_out, step):
             rows = slice(start, min(start + step, n_out))
             idx, ok = order[rows], valid[rows]
             both = ok[:, :, None] & ok[:, None, :]
-            system = torch.where(both, b_inv[idx[:, :, None], idx[:, None, :]], small)
+            sub = flat.take(idx[:, :, None] * n_cols + idx[:, None, :])  # B⁻¹[Q, Q] per row
+            system = torch.where(both, sub, small)
             theta_q = torch.where(ok, self.x[rows].gather(1, idx), 0.0)
             z = torch.cholesky_solve(theta_q[:, :, None], _cholesky(system, self.where))
             z = torch.where(ok, z[:, :, 0], 0.0)
-            delta = -(z[:, :, None] * b_inv[idx]).sum(1)  # B⁻¹ symmetric: rows = columns
+            spread = torch.zeros_like(self.x[rows]).scatter_add_(1, idx, z)
+            delta = -(spread @ b_inv)  # −B⁻¹[:, Q] z, B⁻¹ symmetric
             new[rows] = (self.x[rows] + delta) * mask[rows]
         return new
 
