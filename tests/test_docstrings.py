@@ -45,6 +45,9 @@ MODULES = [
     "fisherflow.uncertainty.validate",
     "fisherflow.uncertainty.ood",
     "fisherflow.uncertainty.active",
+    "fisherflow.apps.masks",
+    "fisherflow.apps.scores",
+    "fisherflow.apps.prune",
 ]
 
 

