@@ -25,6 +25,8 @@ MODULES = [
     "fisherflow.flow.forgetting",
     "fisherflow.flow.autograd",
     "fisherflow.flow.glm",
+    "fisherflow.optim.eigenbasis",
+    "fisherflow.optim.shampoo",
 ]
 
 

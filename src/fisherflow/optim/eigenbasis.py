@@ -27,9 +27,9 @@ __all__ = [
     "eigenbasis",
     "matrix_root",
     "matrix_view",
+    "refresh_eigenbasis",
     "rotate",
     "rotate_back",
-    "refresh_eigenbasis",
     "side_exponent",
     "statistics_dtype",
 ]

@@ -168,7 +168,9 @@ class FactoredOptimizer(torch.optim.Optimizer):
             n in dict(self._model.named_parameters()) for n in names
         ):
             return ParamLayout.from_model(self._model, names)
-        return ParamLayout.from_shapes([(n, tuple(p.shape)) for n, p in zip(names, params)])
+        return ParamLayout.from_shapes(
+            [(n, tuple(p.shape)) for n, p in zip(names, params, strict=True)]
+        )
 
     def _param(self, name: str) -> Tensor:
         for group in self.param_groups:

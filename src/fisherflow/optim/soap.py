@@ -137,7 +137,7 @@ class SOAP(FactoredOptimizer):
         self.shampoo_beta = (
             None if shampoo_beta is None else check_fraction(shampoo_beta, "shampoo_beta")
         )
-        defaults = {
+        defaults: dict[str, Any] = {
             "lr": check_nonnegative(lr, "lr"),
             "betas": check_betas(betas),
             "eps": check_nonnegative(eps, "eps"),
@@ -163,7 +163,7 @@ class SOAP(FactoredOptimizer):
                 raise ValueError("kind: basis='kfac' supports 'mc' and 'exact', got 'empirical'")
             self._curvature = RunningCurvature(
                 model,
-                self.layout().names,
+                list(self.layout().names),
                 likelihood,
                 kind,
                 "kfac",
@@ -317,9 +317,9 @@ class SOAP(FactoredOptimizer):
             state = self.state.get(p)
             if not state or state["step"] == 0:
                 raise RuntimeError(f"fisher() needs an Adam step on {name!r} first")
-            beta2 = next(g for g in self.param_groups if any(q is p for q in g["params"]))[
-                "betas"
-            ][1]
+            beta2 = next(g for g in self.param_groups if any(q is p for q in g["params"]))["betas"][
+                1
+            ]
             values = state["exp_avg_sq"] * (n * b / (1 - beta2 ** state["step"]))
             if "QL" in state or "QR" in state:
                 groups[name] = KronGroup(name)
