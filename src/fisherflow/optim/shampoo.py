@@ -106,8 +106,8 @@ class Shampoo(FactoredOptimizer):
         >>> w = torch.nn.Parameter(torch.ones(2, 2))
         >>> opt = Shampoo([("w", w)], lr=0.1)
         >>> w.grad = torch.ones(2, 2); opt.step()
-        >>> w.detach().round(decimals=6).tolist()  # the Adam graft's first step: −lr·sign(g)
-        [[0.9, 0.9], [0.9, 0.9]]
+        >>> [round(v, 6) for v in w.detach().flatten().tolist()]  # Adam graft: −lr·sign(g)
+        [0.9, 0.9, 0.9, 0.9]
     """
 
     state_key = "shampoo"
