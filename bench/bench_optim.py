@@ -104,14 +104,14 @@ class GPT(nn.Module):
 
 def loss_of(model: nn.Module, chunk: torch.Tensor) -> torch.Tensor:
     logits = model(chunk[:, :-1])
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1))
+    return nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1)
+    )
 
 
 # ------------------------------------------------------------------ optimizers
 def muon(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    hidden = [
-        p for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("blocks.")
-    ]
+    hidden = [p for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("blocks.")]
     ids = {id(p) for p in hidden}
     rest = [p for p in model.parameters() if id(p) not in ids]
     return Chain(
@@ -204,7 +204,9 @@ def main() -> None:
         model.load_state_dict(init)
         runs[name] = (model, optimizers()[name](model))
     times: dict[str, list[float]] = {n: [] for n in names}
-    curves: dict[str, list[tuple[int, float]]] = {n: [(0, evaluate(runs[n][0], held))] for n in names}
+    curves: dict[str, list[tuple[int, float]]] = {
+        n: [(0, evaluate(runs[n][0], held))] for n in names
+    }
     failed: dict[str, str] = {}
     start = time.perf_counter()
     for s, chunk in enumerate(data, 1):

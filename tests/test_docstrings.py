@@ -27,6 +27,7 @@ MODULES = [
     "fisherflow.flow.glm",
     "fisherflow.optim.eigenbasis",
     "fisherflow.optim.shampoo",
+    "fisherflow.optim.damping",
 ]
 
 

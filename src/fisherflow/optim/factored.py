@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from fisherflow.matrices import ParamLayout
 from fisherflow.optim.checks import check_choice, check_count, check_fraction, check_nonnegative
 from fisherflow.optim.curvature import tensors_finite
-from fisherflow.optim.natural import NONFINITE
+from fisherflow.optim.modes import NONFINITE
 
 __all__ = ["FactoredOptimizer", "check_batch_meta", "check_betas", "named_groups"]
 

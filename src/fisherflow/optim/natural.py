@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import sys
-import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -29,40 +26,10 @@ from fisherflow.optim.curvature import (
     fisher_state,
     tensors_finite,
 )
+from fisherflow.optim.modes import DAMPING_MODES, NONFINITE, REDUCTIONS, inside_estimation
 from fisherflow.optim.params import param_groups
 
 __all__ = ["EKFAC", "KFAC", "NaturalGradient"]
-
-#: The preconditioner of a loss reduction: the per-observation or the summed Fisher.
-REDUCTIONS: dict[str, Callable[[FisherMatrix], FisherMatrix]] = {
-    "mean": lambda fisher: fisher.mean(),
-    "sum": lambda fisher: fisher,
-}
-
-
-#: Frames a warning skips to reach the user's line: fisherflow's and torch's own
-#: wrappers of ``step`` (``no_grad``, the optimizer's profiling hook).
-_LIBRARY_DIRS = (
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    os.path.dirname(os.path.abspath(torch.__file__)),
-)
-
-
-def _warn(what: str) -> None:
-    frame, level = sys._getframe(0), 1
-    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(
-        _LIBRARY_DIRS
-    ):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(f"non-finite {what}: the step was skipped", RuntimeWarning, stacklevel=level)
-
-
-def _raise(what: str) -> None:
-    raise FloatingPointError(f"non-finite {what}: the step was not taken")
-
-
-#: What a non-finite gradient, curvature or step does (the step is never taken).
-NONFINITE: dict[str, Callable[[str], None]] = {"warn": _warn, "raise": _raise}
 
 #: Key of the optimizer-wide state in :meth:`NaturalGradient.state_dict`.
 _STATE_KEY = "natural_gradient"
@@ -87,14 +54,17 @@ class NaturalGradient(torch.optim.Optimizer):
     folds it into a running average ``C`` (:class:`~fisherflow.optim.curvature.RunningCurvature`:
     an EMA with decay ``ema`` and Adam's bias correction, so ``C`` equals the first
     batch's Fisher exactly after the first update). The batch is the input of the
-    model's last forward call with gradients on before ``step()`` (a forward
-    pre-hook keeps a reference to it on update steps only), or ``step(batch=...)``
-    when given. The estimator runs its own forward (``eval()`` mode) and backward
-    passes on it with ``torch.autograd.grad``: the ``.grad`` the user's ``backward``
-    produced is never altered. ``kind="mc"`` samples labels from the model's outputs
-    (seeded per update from ``seed``, restored by :meth:`load_state_dict`);
-    ``kind="exact"`` needs no labels; ``kind="empirical"`` uses the targets, so it
-    needs ``step(batch=(inputs, targets))`` on update steps.
+    model's forward calls with gradients on since the last ``step()`` (a forward
+    pre-hook keeps references to them on update steps only) — micro-batches of
+    gradient accumulation together, so the curvature is that of the whole batch;
+    forwards run by fisherflow's estimation code are not counted, evaluation
+    forwards belong under ``torch.no_grad()`` — or ``step(batch=...)`` when given.
+    The estimator runs its own forward (``eval()`` mode) and backward passes on it with ``torch.autograd.grad``: the
+    ``.grad`` the user's ``backward`` produced is never altered. ``kind="mc"``
+    samples labels from the model's outputs (seeded per update from ``seed``,
+    restored by :meth:`load_state_dict`); ``kind="exact"`` needs no labels;
+    ``kind="empirical"`` uses the targets, so it needs
+    ``step(batch=(inputs, targets))`` on update steps.
 
     **Conventions.** With ``loss_reduction="mean"`` (PyTorch's default) the
     gradient is of a per-observation average, and the step is preconditioned with the
@@ -147,6 +117,9 @@ class NaturalGradient(torch.optim.Optimizer):
             observations.
         nonfinite: ``"warn"`` (skip the step) or ``"raise"``.
         seed: Seed of the MC label sampler.
+        damping_mode: ``"exact"`` (``(F + λI)⁻¹ g``) or ``"factored"`` (K-FAC only:
+            π-damped factors ``(G + √λ/π I) ⊗ (A + π√λ I)``, Martens & Grosse 2015
+            §6.3; see :mod:`fisherflow.optim.damping`).
 
     Raises:
         ValueError: For a bad hyperparameter (named), an unknown structure, kind,
@@ -174,9 +147,16 @@ class NaturalGradient(torch.optim.Optimizer):
         loss_reduction: str = "mean",
         nonfinite: str = "warn",
         seed: int = 0,
+        damping_mode: str = "exact",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self._solve = check_choice(damping_mode, "damping_mode", DAMPING_MODES)
+        if damping_mode == "factored" and structure != "kfac":
+            raise ValueError(
+                f"damping_mode='factored' needs structure='kfac', got structure={structure!r}"
+            )
+        self.damping_mode = damping_mode
         self.damping = check_damping(damping)
         self.update_freq = check_count(update_freq, "update_freq")
         self.inverse_freq = (
@@ -204,7 +184,7 @@ class NaturalGradient(torch.optim.Optimizer):
         self._curvature = self._new_curvature()
         self._preconditioner: FisherMatrix | None = None
         self._step, self._skipped = 0, 0
-        self._inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        self._inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         self._feeding = False
         ref = weakref.ref(self)
 
@@ -253,8 +233,13 @@ class NaturalGradient(torch.optim.Optimizer):
         )
 
     def _record(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not self._feeding and torch.is_grad_enabled() and self._update_due():
-            self._inputs = (args, kwargs)
+        if (
+            not self._feeding
+            and torch.is_grad_enabled()
+            and self._update_due()
+            and not inside_estimation()
+        ):
+            self._inputs.append((args, kwargs))  # micro-batches accumulate until step()
 
     def _update_due(self) -> bool:
         """Whether the next step updates the curvature (every ``update_freq``, or none yet)."""
@@ -290,27 +275,29 @@ class NaturalGradient(torch.optim.Optimizer):
         return self._skipped
 
     # --------------------------------------------------------------------- step
-    def _batch(self, batch: Any) -> Any:
+    def _batch(self, batch: Any) -> list[Any]:
         if batch is not None:
-            return batch
+            return [batch]
         if self.kind == "empirical":
             raise ValueError(
                 "batch: kind='empirical' needs the targets; pass "
                 "opt.step(batch=(inputs, targets)) on curvature update steps"
             )
-        if self._inputs is None:
+        if not self._inputs:
             raise RuntimeError(
                 "step(): no forward of the model with gradients on was seen since the last "
                 "curvature update; run the model's forward before step() or pass batch="
             )
-        args, kwargs = self._inputs
-        if len(args) != 1 or kwargs:
-            raise ValueError(
-                "batch: the model's forward took "
-                f"{len(args)} positional and {len(kwargs)} keyword inputs; the curvature "
-                "needs one input tensor: pass opt.step(batch=(inputs, None))"
-            )
-        return (args[0], None)
+        out = []
+        for args, kwargs in self._inputs:
+            if len(args) != 1 or kwargs:
+                raise ValueError(
+                    "batch: the model's forward took "
+                    f"{len(args)} positional and {len(kwargs)} keyword inputs; the curvature "
+                    "needs one input tensor: pass opt.step(batch=(inputs, None))"
+                )
+            out.append((args[0], None))
+        return out
 
     def _gradients(self) -> dict[str, Tensor]:
         grads = {}
@@ -326,7 +313,7 @@ class NaturalGradient(torch.optim.Optimizer):
 
     def _skip(self, what: str) -> None:
         self._skipped += 1
-        self._inputs = None
+        self._inputs = []
         self._on_nonfinite(what)
 
     def _damping(self, step: int) -> float:
@@ -366,7 +353,7 @@ class NaturalGradient(torch.optim.Optimizer):
             self._feeding = True
             try:
                 with torch.enable_grad():
-                    fisher = curvature.estimate(self._batch(batch))
+                    fisher = curvature.estimate(*self._batch(batch))
             finally:
                 self._feeding = False
             if not all_finite(fisher):
@@ -381,7 +368,7 @@ class NaturalGradient(torch.optim.Optimizer):
             curvature.updates, curvature.fisher = saved
             self._skip("step")
             return loss
-        self._preconditioner, self._step, self._inputs = preconditioner, step, None
+        self._preconditioner, self._step, self._inputs = preconditioner, step, []
         return loss
 
     def _apply(self, preconditioner: FisherMatrix, grads: dict[str, Tensor], step: int) -> bool:
@@ -389,7 +376,7 @@ class NaturalGradient(torch.optim.Optimizer):
         layout = preconditioner.layout
         params = dict(self._model.named_parameters())
         g = {n: grads[n] if n in grads else torch.zeros_like(params[n]) for n in layout.names}
-        delta = preconditioner.solve(g, self._damping(step))
+        delta = self._solve(preconditioner, g, self._damping(step))
         assert isinstance(delta, dict)
         if not tensors_finite(delta.values()):
             return False

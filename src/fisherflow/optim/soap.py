@@ -24,6 +24,7 @@ from fisherflow.optim.eigenbasis import (
     statistics_dtype,
 )
 from fisherflow.optim.factored import FactoredOptimizer, check_batch_meta, check_betas
+from fisherflow.optim.modes import inside_estimation
 from fisherflow.optim.soap_kfac import kfac_factors
 
 __all__ = ["BASES", "SOAP"]
@@ -175,7 +176,12 @@ class SOAP(FactoredOptimizer):
 
             def record(module: nn.Module, args: tuple[Any, ...]) -> None:
                 opt = ref()
-                if opt is not None and torch.is_grad_enabled() and not opt._feeding:
+                if (
+                    opt is not None
+                    and torch.is_grad_enabled()
+                    and not opt._feeding
+                    and not inside_estimation()
+                ):
                     opt._inputs = args
 
             self._feeding = False

@@ -1,0 +1,90 @@
+"""The string modes of the optimizers, each a dict whose error lists the valid keys.
+
+``REDUCTIONS`` (which Fisher preconditions a loss reduction), ``DAMPING_MODES`` (how
+damping enters a solve) and ``NONFINITE`` (what a non-finite gradient, curvature or
+step does: the step is never taken).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fisherflow.matrices import KFAC as KFACMatrix
+from fisherflow.matrices import FisherMatrix
+from fisherflow.optim.damping import factored_damping
+
+__all__ = ["DAMPING_MODES", "NONFINITE", "REDUCTIONS", "inside_estimation"]
+
+#: The preconditioner of a loss reduction: the per-observation or the summed Fisher.
+REDUCTIONS: dict[str, Callable[[FisherMatrix], FisherMatrix]] = {
+    "mean": lambda fisher: fisher.mean(),
+    "sum": lambda fisher: fisher,
+}
+
+
+def _exact_solve(fisher: FisherMatrix, g: dict[str, Tensor], damping: float) -> Any:
+    return fisher.solve(g, damping)
+
+
+def _factored_solve(fisher: FisherMatrix, g: dict[str, Tensor], damping: float) -> Any:
+    if not isinstance(fisher, KFACMatrix):
+        raise TypeError(f"factored damping needs a K-FAC curvature, got {fisher.structure!r}")
+    return factored_damping(fisher, damping).solve(g, 0.0)
+
+
+#: How damping enters the solve: ``(F + λI)⁻¹ g`` exactly, or K-FAC's factored (π) damping.
+DAMPING_MODES: dict[str, Callable[[FisherMatrix, dict[str, Tensor], float], Any]] = {
+    "exact": _exact_solve,
+    "factored": _factored_solve,
+}
+
+
+#: Frames a warning skips to reach the user's line: fisherflow's and torch's own
+#: wrappers of ``step`` (``no_grad``, the optimizer's profiling hook).
+_LIBRARY_DIRS = (
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    os.path.dirname(os.path.abspath(torch.__file__)),
+)
+
+
+def _warn(what: str) -> None:
+    frame, level = sys._getframe(0), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+        _LIBRARY_DIRS
+    ):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(f"non-finite {what}: the step was skipped", RuntimeWarning, stacklevel=level)
+
+
+def _raise(what: str) -> None:
+    raise FloatingPointError(f"non-finite {what}: the step was not taken")
+
+
+#: What a non-finite gradient, curvature or step does (the step is never taken).
+NONFINITE: dict[str, Callable[[str], None]] = {"warn": _warn, "raise": _raise}
+
+
+#: fisherflow's estimation package: a forward called from it is not a training batch.
+_ESTIMATION_DIR = os.path.join(_LIBRARY_DIRS[0], "estimation")
+
+
+def inside_estimation() -> bool:
+    """Whether the current call comes from fisherflow's estimation code.
+
+    A forward of the model run by :func:`~fisherflow.estimate`,
+    :func:`~fisherflow.reference_fisher` or an estimator is not one of the user's
+    training micro-batches, so the optimizers' input recorders skip it.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_ESTIMATION_DIR):
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
