@@ -59,8 +59,8 @@ class NaturalGradient(torch.optim.Optimizer):
     gradient accumulation together, so the curvature is that of the whole batch;
     forwards run by fisherflow's estimation code are not counted, evaluation
     forwards belong under ``torch.no_grad()`` — or ``step(batch=...)`` when given.
-    The estimator runs its own forward (``eval()`` mode) and backward passes on it with ``torch.autograd.grad``: the
-    ``.grad`` the user's ``backward`` produced is never altered. ``kind="mc"``
+    The estimator runs its own forward (``eval()`` mode) and backward passes on it
+    with ``torch.autograd.grad``: the ``.grad`` the user's ``backward`` produced is never altered. ``kind="mc"``
     samples labels from the model's outputs (seeded per update from ``seed``,
     restored by :meth:`load_state_dict`); ``kind="exact"`` needs no labels;
     ``kind="empirical"`` uses the targets, so it needs
