@@ -51,20 +51,20 @@ class NaturalGradient(torch.optim.Optimizer):
     estimates the Fisher of the current batch with
     :class:`~fisherflow.estimation.FisherEstimator` — the capture code of
     :func:`~fisherflow.estimate`, every layer type it supports, any ``structure`` — and
-    folds it into a running average ``C`` (:class:`~fisherflow.optim.curvature.RunningCurvature`:
-    an EMA with decay ``ema`` and Adam's bias correction, so ``C`` equals the first
-    batch's Fisher exactly after the first update). The batch is the input of the
-    model's forward calls with gradients on since the last ``step()`` (a forward
-    pre-hook keeps references to them on update steps only) — micro-batches of
-    gradient accumulation together, so the curvature is that of the whole batch;
-    forwards run by fisherflow's estimation code are not counted, evaluation
-    forwards belong under ``torch.no_grad()`` — or ``step(batch=...)`` when given.
-    The estimator runs its own forward (``eval()`` mode) and backward passes on it
-    with ``torch.autograd.grad``: the ``.grad`` the user's ``backward`` produced is never altered. ``kind="mc"``
-    samples labels from the model's outputs (seeded per update from ``seed``,
-    restored by :meth:`load_state_dict`); ``kind="exact"`` needs no labels;
-    ``kind="empirical"`` uses the targets, so it needs
-    ``step(batch=(inputs, targets))`` on update steps.
+    folds it into a running average ``C``
+    (:class:`~fisherflow.optim.curvature.RunningCurvature`: an EMA with decay ``ema`` and
+    Adam's bias correction, so ``C`` equals the first batch's Fisher exactly after the first
+    update). The batch is the input of the model's forward calls with gradients on since the
+    last ``step()`` (a forward pre-hook keeps references to them on update steps only) —
+    micro-batches of gradient accumulation together, so the curvature is that of the whole
+    batch; forwards run by fisherflow's estimation code are not counted, evaluation forwards
+    belong under ``torch.no_grad()`` — or ``step(batch=...)`` when given. The estimator runs
+    its own forward (``eval()`` mode) and backward passes on it with
+    ``torch.autograd.grad``: the ``.grad`` the user's ``backward`` produced is never
+    altered. ``kind="mc"`` samples labels from the model's outputs (seeded per update from
+    ``seed``, restored by :meth:`load_state_dict`); ``kind="exact"`` needs no labels;
+    ``kind="empirical"`` uses the targets, so it needs ``step(batch=(inputs, targets))`` on
+    update steps.
 
     **Conventions.** With ``loss_reduction="mean"`` (PyTorch's default) the
     gradient is of a per-observation average, and the step is preconditioned with the
