@@ -11,10 +11,8 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any
 
 import torch
-from torch import Tensor
 
 from fisherflow.matrices import KFAC as KFACMatrix
 from fisherflow.matrices import FisherMatrix
@@ -29,20 +27,21 @@ REDUCTIONS: dict[str, Callable[[FisherMatrix], FisherMatrix]] = {
 }
 
 
-def _exact_solve(fisher: FisherMatrix, g: dict[str, Tensor], damping: float) -> Any:
-    return fisher.solve(g, damping)
+def _exact(fisher: FisherMatrix, damping: float) -> tuple[FisherMatrix, float]:
+    return fisher, damping
 
 
-def _factored_solve(fisher: FisherMatrix, g: dict[str, Tensor], damping: float) -> Any:
+def _factored(fisher: FisherMatrix, damping: float) -> tuple[FisherMatrix, float]:
     if not isinstance(fisher, KFACMatrix):
         raise TypeError(f"factored damping needs a K-FAC curvature, got {fisher.structure!r}")
-    return factored_damping(fisher, damping).solve(g, 0.0)
+    return factored_damping(fisher, damping), 0.0
 
 
-#: How damping enters the solve: ``(F + λI)⁻¹ g`` exactly, or K-FAC's factored (π) damping.
-DAMPING_MODES: dict[str, Callable[[FisherMatrix, dict[str, Tensor], float], Any]] = {
-    "exact": _exact_solve,
-    "factored": _factored_solve,
+#: How damping enters the solve, as ``(F, λ) -> (matrix, damping to solve with)``:
+#: ``(F + λI)⁻¹ g`` exactly, or K-FAC's factored (π) damping inside the factors.
+DAMPING_MODES: dict[str, Callable[[FisherMatrix, float], tuple[FisherMatrix, float]]] = {
+    "exact": _exact,
+    "factored": _factored,
 }
 
 

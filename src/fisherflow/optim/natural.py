@@ -28,6 +28,7 @@ from fisherflow.optim.curvature import (
 )
 from fisherflow.optim.modes import DAMPING_MODES, NONFINITE, REDUCTIONS, inside_estimation
 from fisherflow.optim.params import param_groups
+from fisherflow.optim.spread import spread_eigenbasis
 
 __all__ = ["EKFAC", "KFAC", "NaturalGradient"]
 
@@ -89,6 +90,14 @@ class NaturalGradient(torch.optim.Optimizer):
     step is skipped (nothing changes, the step count included) with a
     ``RuntimeWarning``, or raises ``FloatingPointError`` with ``nonfinite="raise"``.
     ``step()`` with no gradient on any parameter raises ``RuntimeError``.
+
+    **Ranks.** Under ``torch.distributed`` (gradients averaged across ranks, as DDP
+    does) each rank estimates the curvature on its own inputs and the statistics are
+    all-reduced (the curvature of the global batch); K-FAC's factor
+    eigendecompositions are spread round-robin over the ranks and broadcast
+    (:func:`~fisherflow.optim.spread.spread_eigenbasis`), so every rank takes the same
+    step — the one a single process takes on the global batch (exactly so for
+    ``kind="exact"``/``"empirical"``; ``"mc"`` draws different labels per rank).
 
     **State.** :meth:`state_dict` holds tensors and plain Python values only
     (``torch.load(weights_only=True)`` reads it): the momentum buffers, the step
@@ -183,6 +192,7 @@ class NaturalGradient(torch.optim.Optimizer):
         self._seed = seed
         self._curvature = self._new_curvature()
         self._preconditioner: FisherMatrix | None = None
+        self._prepared: tuple[FisherMatrix, float, FisherMatrix, float] | None = None
         self._step, self._skipped = 0, 0
         self._inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         self._feeding = False
@@ -376,7 +386,13 @@ class NaturalGradient(torch.optim.Optimizer):
         layout = preconditioner.layout
         params = dict(self._model.named_parameters())
         g = {n: grads[n] if n in grads else torch.zeros_like(params[n]) for n in layout.names}
-        delta = self._solve(preconditioner, g, self._damping(step))
+        lam = self._damping(step)
+        prepared = self._prepared
+        if prepared is None or prepared[0] is not preconditioner or prepared[1] != lam:
+            matrix, solve_damping = self._solve(preconditioner, lam)
+            spread_eigenbasis(matrix)  # round-robin over ranks under torch.distributed
+            prepared = self._prepared = (preconditioner, lam, matrix, solve_damping)
+        delta = prepared[2].solve(g, prepared[3])
         assert isinstance(delta, dict)
         if not tensors_finite(delta.values()):
             return False
