@@ -56,12 +56,12 @@ class NaturalGradient(torch.optim.Optimizer):
     (:class:`~fisherflow.optim.curvature.RunningCurvature`: an EMA with decay ``ema`` and
     Adam's bias correction, so ``C`` equals the first batch's Fisher exactly after the first
     update). The batch is the input of the model's forward calls with gradients on since the
-    last ``step()`` (a forward pre-hook keeps references to them on update steps only) —
-    micro-batches of gradient accumulation together, so the curvature is that of the whole
-    batch; forwards run by fisherflow's estimation code are not counted, evaluation forwards
-    belong under ``torch.no_grad()`` — or ``step(batch=...)`` when given. The estimator runs
-    its own forward (``eval()`` mode) and backward passes on it with
-    ``torch.autograd.grad``: the ``.grad`` the user's ``backward`` produced is never
+    last ``step()`` or ``zero_grad()`` (a forward pre-hook keeps references to them on
+    update steps only) — micro-batches of gradient accumulation together, so the curvature
+    is that of the whole batch; forwards run by fisherflow's estimation code are not
+    counted, evaluation forwards belong under ``torch.no_grad()`` — or ``step(batch=...)``
+    when given. The estimator runs its own forward (``eval()`` mode) and backward passes on
+    it with ``torch.autograd.grad``: the ``.grad`` the user's ``backward`` produced is never
     altered. ``kind="mc"`` samples labels from the model's outputs (seeded per update from
     ``seed``, restored by :meth:`load_state_dict`); ``kind="exact"`` needs no labels;
     ``kind="empirical"`` uses the targets, so it needs ``step(batch=(inputs, targets))`` on
@@ -250,6 +250,11 @@ class NaturalGradient(torch.optim.Optimizer):
             and not inside_estimation()
         ):
             self._inputs.append((args, kwargs))  # micro-batches accumulate until step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients and the recorded inputs: a new accumulation cycle begins."""
+        super().zero_grad(set_to_none)
+        self._inputs = []
 
     def _update_due(self) -> bool:
         """Whether the next step updates the curvature (every ``update_freq``, or none yet)."""
