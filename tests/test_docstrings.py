@@ -28,6 +28,7 @@ MODULES = [
     "fisherflow.optim.eigenbasis",
     "fisherflow.optim.shampoo",
     "fisherflow.optim.damping",
+    "fisherflow.optim.soap",
 ]
 
 

@@ -112,6 +112,18 @@ class SOAP(FactoredOptimizer):
     Raises:
         ValueError: For a bad hyperparameter (named), an unknown ``basis``, or
             ``basis="kfac"`` without ``model``.
+
+    Example:
+        A rank-one gradient ``11ᵀ`` has the single direction ``qqᵀ``, ``q = 1/√2``; Adam's
+        first step in the basis moves that coordinate by ``lr``, each entry by ``lr/2``:
+
+        >>> w = torch.nn.Parameter(torch.ones(2, 2))
+        >>> opt = SOAP([("w", w)], lr=0.1, weight_decay=0.0)
+        >>> w.grad = torch.ones(2, 2); opt.step()  # the first step builds the basis only
+        >>> w.detach().tolist()
+        [[1.0, 1.0], [1.0, 1.0]]
+        >>> opt.step(); [round(v, 5) for v in w.detach().flatten().tolist()]
+        [0.95, 0.95, 0.95, 0.95]
     """
 
     state_key = "soap"
