@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -26,7 +25,8 @@ from fisherflow.optim.curvature import (
     fisher_state,
     tensors_finite,
 )
-from fisherflow.optim.modes import DAMPING_MODES, NONFINITE, REDUCTIONS, inside_estimation
+from fisherflow.optim.inputs import InputRecorder
+from fisherflow.optim.modes import DAMPING_MODES, NONFINITE, REDUCTIONS
 from fisherflow.optim.params import param_groups
 from fisherflow.optim.spread import spread_eigenbasis
 
@@ -194,16 +194,7 @@ class NaturalGradient(torch.optim.Optimizer):
         self._preconditioner: FisherMatrix | None = None
         self._prepared: tuple[FisherMatrix, float, FisherMatrix, float] | None = None
         self._step, self._skipped = 0, 0
-        self._inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-        self._feeding = False
-        ref = weakref.ref(self)
-
-        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            opt = ref()
-            if opt is not None:
-                opt._record(args, kwargs)
-
-        self._hook = model.register_forward_pre_hook(record, with_kwargs=True)
+        self._inputs = InputRecorder(model, self._update_due)
 
     # ----------------------------------------------------------- groups and hooks
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -242,28 +233,14 @@ class NaturalGradient(torch.optim.Optimizer):
             seed=self._seed,
         )
 
-    def _record(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if (
-            not self._feeding
-            and torch.is_grad_enabled()
-            and self._update_due()
-            and not inside_estimation()
-        ):
-            self._inputs.append((args, kwargs))  # micro-batches accumulate until step()
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients and the recorded inputs: a new accumulation cycle begins."""
         super().zero_grad(set_to_none)
-        self._inputs = []
+        self._inputs.clear()
 
     def _update_due(self) -> bool:
         """Whether the next step updates the curvature (every ``update_freq``, or none yet)."""
         return self._curvature.fisher is None or self._step % self.update_freq == 0
-
-    def __del__(self) -> None:
-        hook = self.__dict__.get("_hook")
-        if hook is not None:
-            hook.remove()
 
     # ------------------------------------------------------------------ results
     def fisher(self) -> FisherMatrix:
@@ -298,21 +275,7 @@ class NaturalGradient(torch.optim.Optimizer):
                 "batch: kind='empirical' needs the targets; pass "
                 "opt.step(batch=(inputs, targets)) on curvature update steps"
             )
-        if not self._inputs:
-            raise RuntimeError(
-                "step(): no forward of the model with gradients on was seen since the last "
-                "curvature update; run the model's forward before step() or pass batch="
-            )
-        out = []
-        for args, kwargs in self._inputs:
-            if len(args) != 1 or kwargs:
-                raise ValueError(
-                    "batch: the model's forward took "
-                    f"{len(args)} positional and {len(kwargs)} keyword inputs; the curvature "
-                    "needs one input tensor: pass opt.step(batch=(inputs, None))"
-                )
-            out.append((args[0], None))
-        return out
+        return self._inputs.batches()  # micro-batches since the last step, together
 
     def _gradients(self) -> dict[str, Tensor]:
         grads = {}
@@ -328,7 +291,7 @@ class NaturalGradient(torch.optim.Optimizer):
 
     def _skip(self, what: str) -> None:
         self._skipped += 1
-        self._inputs = []
+        self._inputs.clear()
         self._on_nonfinite(what)
 
     def _damping(self, step: int) -> float:
@@ -365,12 +328,8 @@ class NaturalGradient(torch.optim.Optimizer):
         update = self._update_due()
         saved = (curvature.updates, curvature.fisher)
         if update:
-            self._feeding = True
-            try:
-                with torch.enable_grad():
-                    fisher = curvature.estimate(*self._batch(batch))
-            finally:
-                self._feeding = False
+            with self._inputs.feeding(), torch.enable_grad():
+                fisher = curvature.estimate(*self._batch(batch))
             if not all_finite(fisher):
                 self._skip("curvature")
                 return loss
@@ -383,7 +342,8 @@ class NaturalGradient(torch.optim.Optimizer):
             curvature.updates, curvature.fisher = saved
             self._skip("step")
             return loss
-        self._preconditioner, self._step, self._inputs = preconditioner, step, []
+        self._preconditioner, self._step = preconditioner, step
+        self._inputs.clear()
         return loss
 
     def _apply(self, preconditioner: FisherMatrix, grads: dict[str, Tensor], step: int) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,7 +23,7 @@ from fisherflow.optim.eigenbasis import (
     statistics_dtype,
 )
 from fisherflow.optim.factored import FactoredOptimizer, check_batch_meta, check_betas
-from fisherflow.optim.modes import inside_estimation
+from fisherflow.optim.inputs import InputRecorder
 from fisherflow.optim.soap_kfac import kfac_factors
 
 __all__ = ["BASES", "SOAP"]
@@ -183,26 +182,11 @@ class SOAP(FactoredOptimizer):
                 ema=self.shampoo_beta if self.shampoo_beta is not None else defaults["betas"][1],
                 seed=seed,
             )
-            self._inputs: Any = None
-            ref = weakref.ref(self)
+            self._inputs = InputRecorder(model, self._basis_due)
 
-            def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-                opt = ref()
-                if (
-                    opt is not None
-                    and torch.is_grad_enabled()
-                    and not opt._feeding
-                    and not inside_estimation()
-                ):
-                    opt._inputs = args
-
-            self._feeding = False
-            self._hook = model.register_forward_pre_hook(record)
-
-    def __del__(self) -> None:
-        hook = self.__dict__.get("_hook")
-        if hook is not None:
-            hook.remove()
+    def _basis_due(self) -> bool:
+        """Whether the next step re-estimates the K-FAC basis (``"kfac"``)."""
+        return self._step % self.precondition_frequency == 0
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -228,20 +212,16 @@ class SOAP(FactoredOptimizer):
     def _before_update(self) -> None:
         """``"kfac"``: estimate the K-FAC factors and move the bases on update steps."""
         curvature = self._curvature
-        if curvature is None or self._step % self.precondition_frequency != 0:
+        if curvature is None or not self._basis_due():
             return
-        if self._inputs is None:
+        if not self._inputs.inputs:
             raise RuntimeError(
                 "step(): basis='kfac' needs the model's forward (with gradients on) before "
                 "step() on basis-update steps"
             )
-        self._feeding = True
-        try:
-            with torch.enable_grad():
-                fisher = curvature.estimate((self._inputs[0], None))
-        finally:
-            self._feeding = False
-            self._inputs = None
+        with self._inputs.feeding(), torch.enable_grad():
+            fisher = curvature.estimate(self._inputs.batches()[-1])
+        self._inputs.clear()
         fisher = curvature.blend(fisher)
         assert isinstance(fisher, KFACMatrix)
         for name, (left, right) in kfac_factors(fisher, self.max_precond_dim).items():
