@@ -29,6 +29,7 @@ MODULES = [
     "fisherflow.optim.shampoo",
     "fisherflow.optim.damping",
     "fisherflow.optim.soap",
+    "fisherflow.optim.update",
 ]
 
 

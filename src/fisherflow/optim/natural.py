@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,6 +28,7 @@ from fisherflow.optim.inputs import InputRecorder
 from fisherflow.optim.modes import DAMPING_MODES, NONFINITE, REDUCTIONS
 from fisherflow.optim.params import param_groups
 from fisherflow.optim.spread import spread_eigenbasis
+from fisherflow.optim.update import apply_direction, kl_clip_scale
 
 __all__ = ["EKFAC", "KFAC", "NaturalGradient"]
 
@@ -361,37 +361,8 @@ class NaturalGradient(torch.optim.Optimizer):
         assert isinstance(delta, dict)
         if not tensors_finite(delta.values()):
             return False
-        scale = 1.0
-        if self.kl_clip is not None:
-            q = 0.0
-            for group in self.param_groups:
-                for p in group["params"]:
-                    n = self._names[id(p)]
-                    if n in grads:
-                        dg = float((delta[n] * g[n].to(delta[n].dtype)).sum())
-                        q += group["lr"] ** 2 * dg
-            if q > 0:
-                scale = min(1.0, math.sqrt(2.0 * self.kl_clip / q))
-        for group in self.param_groups:
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                n = self._names[id(p)]
-                if n not in grads:
-                    continue
-                d = delta[n].to(dtype=p.dtype, device=p.device)
-                if scale != 1.0:
-                    d = d * scale
-                if mu != 0:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = d.clone()
-                    else:
-                        buf.mul_(mu).add_(d)
-                    d = buf
-                if wd != 0:
-                    p.mul_(1.0 - lr * wd)
-                p.add_(d, alpha=-lr)
+        scale = kl_clip_scale(self.param_groups, self._names, delta, grads, self.kl_clip)
+        apply_direction(self.param_groups, self._names, self.state, delta, grads, scale)
         return True
 
     # -------------------------------------------------------------------- state
