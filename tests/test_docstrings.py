@@ -48,6 +48,11 @@ MODULES = [
     "fisherflow.apps.masks",
     "fisherflow.apps.scores",
     "fisherflow.apps.prune",
+    "fisherflow.optim.eigenbasis",
+    "fisherflow.optim.shampoo",
+    "fisherflow.optim.damping",
+    "fisherflow.optim.soap",
+    "fisherflow.optim.update",
 ]
 
 

@@ -15,11 +15,12 @@ reads every import and fails on an upward one):
    :func:`~fisherflow.estimation.estimate`, the dense reference.
 3. :mod:`fisherflow.flow` — Fisher Flow on every structure: accumulation, forgetting,
    fusion, robust aggregation, online GLMs, aggregation across ranks;
-   :mod:`fisherflow.optim` — natural-gradient optimizers (any structure, K-FAC, EKFAC)
-   that hand back the Fisher they maintain, and ``fisher_from_optimizer``;
-   :mod:`fisherflow.uncertainty` — ``Laplace`` posteriors from any Fisher, calibration.
+   :mod:`fisherflow.optim` — natural-gradient optimizers (any structure, K-FAC, EKFAC),
+   Shampoo and SOAP, that hand back the Fisher they maintain, and ``fisher_from_optimizer``;
+   :mod:`fisherflow.uncertainty` — ``Laplace`` posteriors from any Fisher, calibration,
+   OOD scores, active learning; :mod:`fisherflow.apps` — uses of the Fisher on models
+   (OBD/OBS pruning).
 4. :mod:`fisherflow.llm` — next-token intervals and uncertainty-aware decoding.
-   :mod:`fisherflow.apps` — uses of the Fisher on models (OBD/OBS pruning).
 5. :mod:`fisherflow.cli`, :mod:`fisherflow.report` — the ``fisherflow`` command and
    its reports.
 

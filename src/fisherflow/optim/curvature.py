@@ -9,13 +9,14 @@ arithmetic (``γ * F`` and ``F + G``). Its state is tensors and plain Python val
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fisherflow.estimation import FisherEstimator, Likelihood
+from fisherflow.estimation import DataNotice, FallbackNotice, FisherEstimator, Likelihood
 from fisherflow.matrices import STRUCTURES, FisherMatrix, ParamLayout
 
 __all__ = [
@@ -114,12 +115,23 @@ class RunningCurvature:
         """The layout of the covered parameters."""
         return self.estimator.layout
 
-    def estimate(self, batch: Any) -> FisherMatrix:
-        """The summed Fisher of one batch, with the next update's MC labels."""
+    def estimate(self, batch: Any, *more: Any) -> FisherMatrix:
+        """The summed Fisher of one batch (or of micro-batches together), next update's labels.
+
+        Micro-batches fed together give the statistics of their concatenation (sums
+        over observations), as gradient accumulation does for the gradient. The
+        estimator's notices (a layer K-FAC cannot factor, falling back to a diagonal
+        block; how a batch is read) are issued on the first update only.
+        """
         est = self.estimator
         est.seed = update_seed(self.seed, self.updates + 1)
         est.reset()
-        est.update(batch)
+        with warnings.catch_warnings():
+            if self.updates > 0:  # the estimator's notices were given on the first update
+                warnings.simplefilter("ignore", FallbackNotice)
+                warnings.simplefilter("ignore", DataNotice)
+            for part in (batch, *more):
+                est.update(part)
         est.all_reduce()
         fisher = est.result()
         est.reset()  # release the statistics

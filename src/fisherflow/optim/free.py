@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from fisherflow.matrices import Diagonal, FisherMatrix, ParamLayout
+from fisherflow.optim.factored import FactoredOptimizer
 from fisherflow.optim.natural import NaturalGradient
 
 __all__ = ["fisher_from_optimizer"]
@@ -74,7 +75,9 @@ def fisher_from_optimizer(
 
     For a :class:`~fisherflow.optim.NaturalGradient` the running Fisher is returned,
     rescaled to ``num_samples`` observations (``opt.fisher().mean() * num_samples``;
-    ``batch_size`` is then unused).
+    ``batch_size`` is then unused); for :class:`~fisherflow.optim.Shampoo` and
+    :class:`~fisherflow.optim.SOAP` their own ``fisher(batch_size=, num_samples=)``
+    (rescaled the same way when it is a sampled K-FAC Fisher).
 
     Args:
         opt: A ``torch.optim.Adam``/``AdamW`` (any optimizer whose state has Adam's
@@ -100,6 +103,9 @@ def fisher_from_optimizer(
     n = _check_positive(num_samples, "num_samples")
     if isinstance(opt, NaturalGradient):
         return opt.fisher().mean() * n
+    if isinstance(opt, FactoredOptimizer):
+        fisher = opt.fisher(batch_size=b, num_samples=n)  # type: ignore[attr-defined]
+        return fisher if fisher.num_samples == n else fisher.mean() * n
     if not isinstance(opt, torch.optim.Optimizer):
         raise TypeError(f"opt must be a torch.optim.Optimizer, got {type(opt).__name__}")
     moments: dict[int, Tensor] = {}

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import os
-import sys
-import warnings
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,40 +24,13 @@ from fisherflow.optim.curvature import (
     fisher_state,
     tensors_finite,
 )
+from fisherflow.optim.inputs import InputRecorder
+from fisherflow.optim.modes import DAMPING_MODES, NONFINITE, REDUCTIONS
 from fisherflow.optim.params import param_groups
+from fisherflow.optim.spread import spread_eigenbasis
+from fisherflow.optim.update import apply_direction, kl_clip_scale
 
 __all__ = ["EKFAC", "KFAC", "NaturalGradient"]
-
-#: The preconditioner of a loss reduction: the per-observation or the summed Fisher.
-REDUCTIONS: dict[str, Callable[[FisherMatrix], FisherMatrix]] = {
-    "mean": lambda fisher: fisher.mean(),
-    "sum": lambda fisher: fisher,
-}
-
-
-#: Frames a warning skips to reach the user's line: fisherflow's and torch's own
-#: wrappers of ``step`` (``no_grad``, the optimizer's profiling hook).
-_LIBRARY_DIRS = (
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    os.path.dirname(os.path.abspath(torch.__file__)),
-)
-
-
-def _warn(what: str) -> None:
-    frame, level = sys._getframe(0), 1
-    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(
-        _LIBRARY_DIRS
-    ):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(f"non-finite {what}: the step was skipped", RuntimeWarning, stacklevel=level)
-
-
-def _raise(what: str) -> None:
-    raise FloatingPointError(f"non-finite {what}: the step was not taken")
-
-
-#: What a non-finite gradient, curvature or step does (the step is never taken).
-NONFINITE: dict[str, Callable[[str], None]] = {"warn": _warn, "raise": _raise}
 
 #: Key of the optimizer-wide state in :meth:`NaturalGradient.state_dict`.
 _STATE_KEY = "natural_gradient"
@@ -84,17 +52,20 @@ class NaturalGradient(torch.optim.Optimizer):
     estimates the Fisher of the current batch with
     :class:`~fisherflow.estimation.FisherEstimator` — the capture code of
     :func:`~fisherflow.estimate`, every layer type it supports, any ``structure`` — and
-    folds it into a running average ``C`` (:class:`~fisherflow.optim.curvature.RunningCurvature`:
-    an EMA with decay ``ema`` and Adam's bias correction, so ``C`` equals the first
-    batch's Fisher exactly after the first update). The batch is the input of the
-    model's last forward call with gradients on before ``step()`` (a forward
-    pre-hook keeps a reference to it on update steps only), or ``step(batch=...)``
-    when given. The estimator runs its own forward (``eval()`` mode) and backward
-    passes on it with ``torch.autograd.grad``: the ``.grad`` the user's ``backward``
-    produced is never altered. ``kind="mc"`` samples labels from the model's outputs
-    (seeded per update from ``seed``, restored by :meth:`load_state_dict`);
-    ``kind="exact"`` needs no labels; ``kind="empirical"`` uses the targets, so it
-    needs ``step(batch=(inputs, targets))`` on update steps.
+    folds it into a running average ``C``
+    (:class:`~fisherflow.optim.curvature.RunningCurvature`: an EMA with decay ``ema`` and
+    Adam's bias correction, so ``C`` equals the first batch's Fisher exactly after the first
+    update). The batch is the input of the model's forward calls with gradients on since the
+    last ``step()`` or ``zero_grad()`` (a forward pre-hook keeps references to them on
+    update steps only) — micro-batches of gradient accumulation together, so the curvature
+    is that of the whole batch; forwards run by fisherflow's estimation code are not
+    counted, evaluation forwards belong under ``torch.no_grad()`` — or ``step(batch=...)``
+    when given. The estimator runs its own forward (``eval()`` mode) and backward passes on
+    it with ``torch.autograd.grad``: the ``.grad`` the user's ``backward`` produced is never
+    altered. ``kind="mc"`` samples labels from the model's outputs (seeded per update from
+    ``seed``, restored by :meth:`load_state_dict`); ``kind="exact"`` needs no labels;
+    ``kind="empirical"`` uses the targets, so it needs ``step(batch=(inputs, targets))`` on
+    update steps.
 
     **Conventions.** With ``loss_reduction="mean"`` (PyTorch's default) the
     gradient is of a per-observation average, and the step is preconditioned with the
@@ -119,6 +90,14 @@ class NaturalGradient(torch.optim.Optimizer):
     step is skipped (nothing changes, the step count included) with a
     ``RuntimeWarning``, or raises ``FloatingPointError`` with ``nonfinite="raise"``.
     ``step()`` with no gradient on any parameter raises ``RuntimeError``.
+
+    **Ranks.** Under ``torch.distributed`` (gradients averaged across ranks, as DDP
+    does) each rank estimates the curvature on its own inputs and the statistics are
+    all-reduced (the curvature of the global batch); K-FAC's factor
+    eigendecompositions are spread round-robin over the ranks and broadcast
+    (:func:`~fisherflow.optim.spread.spread_eigenbasis`), so every rank takes the same
+    step — the one a single process takes on the global batch (exactly so for
+    ``kind="exact"``/``"empirical"``; ``"mc"`` draws different labels per rank).
 
     **State.** :meth:`state_dict` holds tensors and plain Python values only
     (``torch.load(weights_only=True)`` reads it): the momentum buffers, the step
@@ -147,6 +126,9 @@ class NaturalGradient(torch.optim.Optimizer):
             observations.
         nonfinite: ``"warn"`` (skip the step) or ``"raise"``.
         seed: Seed of the MC label sampler.
+        damping_mode: ``"exact"`` (``(F + λI)⁻¹ g``) or ``"factored"`` (K-FAC only:
+            π-damped factors ``(G + √λ/π I) ⊗ (A + π√λ I)``, Martens & Grosse 2015
+            §6.3; see :mod:`fisherflow.optim.damping`).
 
     Raises:
         ValueError: For a bad hyperparameter (named), an unknown structure, kind,
@@ -174,9 +156,16 @@ class NaturalGradient(torch.optim.Optimizer):
         loss_reduction: str = "mean",
         nonfinite: str = "warn",
         seed: int = 0,
+        damping_mode: str = "exact",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self._solve = check_choice(damping_mode, "damping_mode", DAMPING_MODES)
+        if damping_mode == "factored" and structure != "kfac":
+            raise ValueError(
+                f"damping_mode='factored' needs structure='kfac', got structure={structure!r}"
+            )
+        self.damping_mode = damping_mode
         self.damping = check_damping(damping)
         self.update_freq = check_count(update_freq, "update_freq")
         self.inverse_freq = (
@@ -203,17 +192,9 @@ class NaturalGradient(torch.optim.Optimizer):
         self._seed = seed
         self._curvature = self._new_curvature()
         self._preconditioner: FisherMatrix | None = None
+        self._prepared: tuple[FisherMatrix, float, FisherMatrix, float] | None = None
         self._step, self._skipped = 0, 0
-        self._inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
-        self._feeding = False
-        ref = weakref.ref(self)
-
-        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            opt = ref()
-            if opt is not None:
-                opt._record(args, kwargs)
-
-        self._hook = model.register_forward_pre_hook(record, with_kwargs=True)
+        self._inputs = InputRecorder(model, self._update_due)
 
     # ----------------------------------------------------------- groups and hooks
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -252,18 +233,14 @@ class NaturalGradient(torch.optim.Optimizer):
             seed=self._seed,
         )
 
-    def _record(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not self._feeding and torch.is_grad_enabled() and self._update_due():
-            self._inputs = (args, kwargs)
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients and the recorded inputs: a new accumulation cycle begins."""
+        super().zero_grad(set_to_none)
+        self._inputs.clear()
 
     def _update_due(self) -> bool:
         """Whether the next step updates the curvature (every ``update_freq``, or none yet)."""
         return self._curvature.fisher is None or self._step % self.update_freq == 0
-
-    def __del__(self) -> None:
-        hook = self.__dict__.get("_hook")
-        if hook is not None:
-            hook.remove()
 
     # ------------------------------------------------------------------ results
     def fisher(self) -> FisherMatrix:
@@ -290,27 +267,15 @@ class NaturalGradient(torch.optim.Optimizer):
         return self._skipped
 
     # --------------------------------------------------------------------- step
-    def _batch(self, batch: Any) -> Any:
+    def _batch(self, batch: Any) -> list[Any]:
         if batch is not None:
-            return batch
+            return [batch]
         if self.kind == "empirical":
             raise ValueError(
                 "batch: kind='empirical' needs the targets; pass "
                 "opt.step(batch=(inputs, targets)) on curvature update steps"
             )
-        if self._inputs is None:
-            raise RuntimeError(
-                "step(): no forward of the model with gradients on was seen since the last "
-                "curvature update; run the model's forward before step() or pass batch="
-            )
-        args, kwargs = self._inputs
-        if len(args) != 1 or kwargs:
-            raise ValueError(
-                "batch: the model's forward took "
-                f"{len(args)} positional and {len(kwargs)} keyword inputs; the curvature "
-                "needs one input tensor: pass opt.step(batch=(inputs, None))"
-            )
-        return (args[0], None)
+        return self._inputs.batches()  # micro-batches since the last step, together
 
     def _gradients(self) -> dict[str, Tensor]:
         grads = {}
@@ -326,7 +291,7 @@ class NaturalGradient(torch.optim.Optimizer):
 
     def _skip(self, what: str) -> None:
         self._skipped += 1
-        self._inputs = None
+        self._inputs.clear()
         self._on_nonfinite(what)
 
     def _damping(self, step: int) -> float:
@@ -363,12 +328,8 @@ class NaturalGradient(torch.optim.Optimizer):
         update = self._update_due()
         saved = (curvature.updates, curvature.fisher)
         if update:
-            self._feeding = True
-            try:
-                with torch.enable_grad():
-                    fisher = curvature.estimate(self._batch(batch))
-            finally:
-                self._feeding = False
+            with self._inputs.feeding(), torch.enable_grad():
+                fisher = curvature.estimate(*self._batch(batch))
             if not all_finite(fisher):
                 self._skip("curvature")
                 return loss
@@ -381,7 +342,8 @@ class NaturalGradient(torch.optim.Optimizer):
             curvature.updates, curvature.fisher = saved
             self._skip("step")
             return loss
-        self._preconditioner, self._step, self._inputs = preconditioner, step, None
+        self._preconditioner, self._step = preconditioner, step
+        self._inputs.clear()
         return loss
 
     def _apply(self, preconditioner: FisherMatrix, grads: dict[str, Tensor], step: int) -> bool:
@@ -389,41 +351,18 @@ class NaturalGradient(torch.optim.Optimizer):
         layout = preconditioner.layout
         params = dict(self._model.named_parameters())
         g = {n: grads[n] if n in grads else torch.zeros_like(params[n]) for n in layout.names}
-        delta = preconditioner.solve(g, self._damping(step))
+        lam = self._damping(step)
+        prepared = self._prepared
+        if prepared is None or prepared[0] is not preconditioner or prepared[1] != lam:
+            matrix, solve_damping = self._solve(preconditioner, lam)
+            spread_eigenbasis(matrix)  # round-robin over ranks under torch.distributed
+            prepared = self._prepared = (preconditioner, lam, matrix, solve_damping)
+        delta = prepared[2].solve(g, prepared[3])
         assert isinstance(delta, dict)
         if not tensors_finite(delta.values()):
             return False
-        scale = 1.0
-        if self.kl_clip is not None:
-            q = 0.0
-            for group in self.param_groups:
-                for p in group["params"]:
-                    n = self._names[id(p)]
-                    if n in grads:
-                        dg = float((delta[n] * g[n].to(delta[n].dtype)).sum())
-                        q += group["lr"] ** 2 * dg
-            if q > 0:
-                scale = min(1.0, math.sqrt(2.0 * self.kl_clip / q))
-        for group in self.param_groups:
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                n = self._names[id(p)]
-                if n not in grads:
-                    continue
-                d = delta[n].to(dtype=p.dtype, device=p.device)
-                if scale != 1.0:
-                    d = d * scale
-                if mu != 0:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = d.clone()
-                    else:
-                        buf.mul_(mu).add_(d)
-                    d = buf
-                if wd != 0:
-                    p.mul_(1.0 - lr * wd)
-                p.add_(d, alpha=-lr)
+        scale = kl_clip_scale(self.param_groups, self._names, delta, grads, self.kl_clip)
+        apply_direction(self.param_groups, self._names, self.state, delta, grads, scale)
         return True
 
     # -------------------------------------------------------------------- state
