@@ -16,7 +16,8 @@ reads every import and fails on an upward one):
 3. :mod:`fisherflow.flow` — Fisher Flow on every structure: accumulation, forgetting,
    fusion, robust aggregation, online GLMs, aggregation across ranks;
    :mod:`fisherflow.optim` — natural-gradient optimizers (any structure, K-FAC, EKFAC)
-   that hand back the Fisher they maintain, and ``fisher_from_optimizer``.
+   that hand back the Fisher they maintain, and ``fisher_from_optimizer``;
+   :mod:`fisherflow.apps` — uses of the Fisher on models: EWC, Fisher-weighted merging.
 5. :mod:`fisherflow.cli`, :mod:`fisherflow.report` — the ``fisherflow`` command and
    its reports.
 
@@ -24,7 +25,7 @@ Every Fisher holds the **sum** of per-observation information and names its kind
 structure, likelihood, ``num_samples`` and layout.
 """
 
-from fisherflow import distributed, estimation, flow, matrices, optim, stats
+from fisherflow import apps, distributed, estimation, flow, matrices, optim, stats
 from fisherflow._version import __version__
 from fisherflow.estimation import (
     FallbackNotice,
@@ -65,6 +66,7 @@ __all__ = [
     "OnlineGLM",
     "ParamLayout",
     "__version__",
+    "apps",
     "distributed",
     "estimate",
     "estimation",
