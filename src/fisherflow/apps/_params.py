@@ -26,7 +26,7 @@ def named_tensors(source: Any, name: str) -> dict[str, Tensor]:
         TypeError: If ``source`` is neither an ``nn.Module`` nor a mapping of tensors.
     """
     if isinstance(source, nn.Module):
-        named = dict(source.named_parameters(remove_duplicate=False))
+        named: dict[str, Tensor] = dict(source.named_parameters(remove_duplicate=False))
         for key, value in source.state_dict(keep_vars=True).items():
             named.setdefault(key, value)
         return named

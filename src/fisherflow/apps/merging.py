@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -54,9 +54,10 @@ _SEPARABLE = frozenset({"diagonal"})
 
 
 def _average(tensors: Sequence[Tensor], weights: Sequence[float], key: str) -> Tensor:
-    out = weights[0] * tensors[0].to(torch.float64)
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    out = weights[0] * tensors[0].to(dtype)
     for w, t in zip(weights[1:], tensors[1:], strict=True):
-        out = out + w * t.to(torch.float64)
+        out.add_(t.to(dtype), alpha=w)
     return out
 
 
@@ -91,7 +92,7 @@ def check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
         raise TypeError(f"weights must be a sequence of numbers, got {type(weights).__name__}")
     if len(weights) != n:
         raise ValueError(f"weights must have one entry per model ({n}), got {len(weights)}")
-    out = []
+    out: list[float] = []
     for i, w in enumerate(weights):
         if isinstance(w, bool) or not isinstance(w, numbers.Real):
             raise TypeError(f"weights[{i}] must be a real number, got {type(w).__name__}")
@@ -139,7 +140,9 @@ def merge_block(
     weights: Sequence[float],
     damping: float = 0.0,
 ) -> tuple[dict[str, Tensor], list[float]]:
-    """Merge the parameters of one unit (pure; float64 arithmetic).
+    """Merge the parameters of one unit (pure).
+
+    Arithmetic is in the widest dtype of the Fishers and parameters, at least float32.
 
     Args:
         thetas: Per model, the unit's tensors by name.
@@ -148,7 +151,7 @@ def merge_block(
         damping: λ >= 0.
 
     Returns:
-        ``(merged tensors by name in float64, Fisher mass wᵢ·tr Fᵢ per model)``.
+        ``(merged tensors by name in that dtype, Fisher mass wᵢ·tr Fᵢ per model)``.
 
     Example:
         >>> from fisherflow.matrices import Diagonal, ParamLayout
@@ -160,15 +163,19 @@ def merge_block(
         ([3.0], [1.0, 3.0])
     """
     layout = fishers[0].layout
-    F64 = [F.to(dtype=torch.float64) for F in fishers]
-    flats = [layout.flatten({n: t[n] for n in layout.names}).to(torch.float64) for t in thetas]
+    dtype = torch.float32
+    for t in [F.dtype for F in fishers] + [v.dtype for th in thetas for v in th.values()]:
+        dtype = torch.promote_types(dtype, t)
+    Fs = [F.to(dtype=dtype) if F.dtype != dtype else F for F in fishers]
+    flats = [layout.flatten({n: t[n] for n in layout.names}).to(dtype) for t in thetas]
     total = sum(weights)
-    anchor = _average(flats, [w / total for w in weights], "")
+    anchor = _average(flats, [w / total for w in weights], "").to(dtype)
     rhs = torch.zeros_like(anchor)
-    for w, F, theta in zip(weights, F64, flats, strict=True):
-        rhs = rhs + w * F.mv(theta - anchor)  # type: ignore[operator]
-    merged = anchor + weighted_solve(F64, weights, rhs, damping)
-    masses = [w * float(F.trace()) for w, F in zip(weights, F64, strict=True)]
+    for w, F, theta in zip(weights, Fs, flats, strict=True):
+        rhs = rhs + w * cast(Tensor, F.mv(theta - anchor))
+    del flats
+    merged = anchor + weighted_solve(Fs, weights, rhs, damping)
+    masses = [w * float(F.trace()) for w, F in zip(weights, Fs, strict=True)]
     return layout.unflatten(merged), masses
 
 
@@ -232,7 +239,8 @@ def _aliases(model: Any, covered: set[str], named: dict[str, Tensor]) -> dict[st
         return {}
 
     def where(t: Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
-        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        offset = int(t.storage_offset())
+        return (t.untyped_storage().data_ptr(), offset, tuple(t.shape), tuple(t.stride()))
 
     home = {where(named[k]): k for k in covered}
     return {k: home[where(t)] for k, t in named.items() if k not in covered and where(t) in home}
