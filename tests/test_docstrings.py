@@ -25,6 +25,10 @@ MODULES = [
     "fisherflow.flow.forgetting",
     "fisherflow.flow.autograd",
     "fisherflow.flow.glm",
+    "fisherflow.apps.ewc",
+    "fisherflow.apps.merging",
+    "fisherflow.apps._solve",
+    "fisherflow.cli.merge_config",
 ]
 
 

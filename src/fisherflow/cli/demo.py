@@ -18,7 +18,7 @@ SHOWN_STRUCTURES = ("dense", "diagonal", "block", "kfac", "ekfac", "lowrank")
 
 #: Further report sections, as modules under ``fisherflow.cli``: each defines
 #: ``demo_section(out: Path) -> list[str]`` (Markdown lines; plots written into ``out``).
-SECTIONS: tuple[str, ...] = ()
+SECTIONS: tuple[str, ...] = ("demo_ewc_merge",)
 
 
 def register(subparsers: Any) -> None:
