@@ -30,9 +30,11 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
+import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from fisherflow.apps._params import flat_params
 from fisherflow.flow import FisherFlow, make_forgetting
@@ -41,8 +43,33 @@ from fisherflow.matrices import FisherMatrix, ParamLayout
 __all__ = ["ANCHOR_RULES", "EWC", "ewc_penalty"]
 
 
+class _HalfQuadratic(torch.autograd.Function):
+    """``½ δᵀFδ`` with gradient ``Fδ``: one product with F for value and gradient.
+
+    Autograd through :meth:`~fisherflow.matrices.FisherMatrix.quad` would apply F a
+    second time in the backward pass; since F is symmetric, the gradient is the
+    ``Fδ`` already computed for the value.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, delta: Tensor, fisher: FisherMatrix) -> Tensor:
+        with torch.no_grad():
+            f_delta = cast(Tensor, fisher.mv(delta)).to(device=delta.device, dtype=delta.dtype)
+        ctx.save_for_backward(f_delta)
+        return 0.5 * torch.dot(delta, f_delta)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (f_delta,) = ctx.saved_tensors
+        return grad * f_delta, None
+
+
 def ewc_penalty(fisher: FisherMatrix, delta: Tensor, strength: float = 1.0) -> Tensor:
     """``strength/2 · δᵀ F δ`` in the Fisher's structure, differentiable in ``δ``.
+
+    One product ``Fδ`` in F's structure gives both the value and the gradient
+    ``strength · Fδ`` (F is symmetric); second derivatives are not supported.
 
     Reference: Kirkpatrick et al. (2017), eq. 3.
 
@@ -60,7 +87,8 @@ def ewc_penalty(fisher: FisherMatrix, delta: Tensor, strength: float = 1.0) -> T
         >>> float(ewc_penalty(F, torch.tensor([1.0, 0.5]), strength=2.0))  # 2 + 1
         3.0
     """
-    return (0.5 * strength * fisher.quad(delta)).to(delta.dtype)
+    work = delta.to(fisher.dtype)
+    return (strength * cast(Tensor, _HalfQuadratic.apply(work, fisher))).to(delta.dtype)
 
 
 def _check_strength(strength: object) -> float:

@@ -308,7 +308,7 @@ def merge(
             thetas = [{n: t[n] for n in names} for t in named]
             sub = [unit_fisher(F, unit, names) for F in fishers]
             merged, _ = merge_block(thetas, sub, w, lam)
-            out.update({n: merged[n].to(named[0][n].dtype) for n in names})
+            out.update({n: merged[n].to(named[0][n].dtype, copy=True) for n in names})
         aliases = _aliases(models[0], set(out), named[0])
         total = sum(w)
         for key in named[0]:
