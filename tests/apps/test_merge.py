@@ -156,3 +156,30 @@ def test_bad_input_is_a_clear_error():
         ff.apps.merge([a, b], [F, F], weights=[0.0, 0.0])
     with pytest.raises(ValueError, match="fishers must have one entry per model"):
         ff.apps.merge([a, b], [F])
+
+
+def test_fishers_from_an_optimizer_and_from_files(tmp_path):
+    """Any source of a Fisher merges: Adam's state ("Fishers for free") and saved files."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3, dtype=D), torch.randint(0, 2, (64,))
+    models, fishers = [], []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = nn.Linear(3, 2).double()
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        for i in range(0, 64, 16):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x[i : i + 16]), y[i : i + 16]).backward()
+            opt.step()
+        F = ff.fisher_from_optimizer(opt, batch_size=16, num_samples=64, model=m)
+        F.save(tmp_path / f"f{seed}.safetensors")
+        models.append(m)
+        fishers.append(F)
+    merged = ff.apps.merge(models, fishers)
+    loaded = ff.apps.merge(models, [ff.load(tmp_path / f"f{s}.safetensors") for s in (0, 1)])
+    d = [F.layout.unflatten(F.diagonal()) for F in fishers]
+    expected = (d[0]["weight"] * models[0].weight + d[1]["weight"] * models[1].weight) / (
+        d[0]["weight"] + d[1]["weight"]
+    )
+    torch.testing.assert_close(merged["weight"], expected.detach())
+    torch.testing.assert_close(loaded["weight"], merged["weight"])
