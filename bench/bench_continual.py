@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer examples per task")
     parser.add_argument("--tasks", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--only", default="", help="run only methods whose name starts so")
     parser.add_argument("--strengths", default="30,300", help="λ grid of the Fisher penalties")
     parser.add_argument("--l2-strengths", default="0.01,0.1", help="λ grid of the L2 penalty")
     parser.add_argument("--out", default=str(Path(__file__).parent / "RESULTS_continual.md"))
@@ -147,6 +148,8 @@ def main() -> None:
     l2_grid = [float(v) for v in args.l2_strengths.split(",")]
     runs = [("fine-tuning", 0.0)] + [("L2", v) for v in l2_grid]
     runs += [(name, v) for name in METHODS[2:] for v in grid]
+    if args.only:
+        runs = [r for r in runs if r[0].startswith(args.only)]
     for name, strength in runs:
         t = time.perf_counter()
         acc = run_method(name, strength, tasks, args)
