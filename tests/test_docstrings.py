@@ -53,6 +53,10 @@ MODULES = [
     "fisherflow.optim.damping",
     "fisherflow.optim.soap",
     "fisherflow.optim.update",
+    "fisherflow.apps.ewc",
+    "fisherflow.apps.merging",
+    "fisherflow.apps._solve",
+    "fisherflow.cli.merge_config",
 ]
 
 

@@ -19,7 +19,8 @@ reads every import and fails on an upward one):
    Shampoo and SOAP, that hand back the Fisher they maintain, and ``fisher_from_optimizer``;
    :mod:`fisherflow.uncertainty` — ``Laplace`` posteriors from any Fisher, calibration,
    OOD scores, active learning; :mod:`fisherflow.apps` — uses of the Fisher on models
-   (OBD/OBS pruning).
+   EWC, Fisher-weighted merging,
+   OBD/OBS pruning.
 4. :mod:`fisherflow.llm` — next-token intervals and uncertainty-aware decoding.
 5. :mod:`fisherflow.cli`, :mod:`fisherflow.report` — the ``fisherflow`` command and
    its reports.

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 __all__ = ["build_parser", "main"]
 
 #: Subcommand modules, in the order ``fisherflow --help`` lists them.
-COMMANDS = ("demo", "estimate", "inspect", "prune", "stats")
+COMMANDS = ("demo", "estimate", "inspect", "merge", "prune", "stats")
 
 
 def build_parser() -> argparse.ArgumentParser:

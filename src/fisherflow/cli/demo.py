@@ -25,7 +25,7 @@ SHOWN_STRUCTURES = ("dense", "diagonal", "block", "kfac", "ekfac", "lowrank")
 
 #: Further report sections, as modules under ``fisherflow.cli``: each defines
 #: ``demo_section(out: Path) -> list[str]`` (Markdown lines; plots written into ``out``).
-SECTIONS: tuple[str, ...] = ("demo_optim", "demo_uncertainty", "demo_prune")
+SECTIONS: tuple[str, ...] = ("demo_optim", "demo_uncertainty", "demo_ewc_merge", "demo_prune")
 
 HEATMAP_CAPTION = (
     "Grey stripes: the {zero} of {size} parameters whose gradient is 0 on every image "

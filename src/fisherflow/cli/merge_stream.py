@@ -1,0 +1,339 @@
+"""The streaming merge behind ``fisherflow merge``: checkpoints read tensor by tensor.
+
+Peak memory is about one merge unit (a layer's tensors under a K-FAC or block
+Fisher, one tensor under a diagonal one, everything under dense or low-rank) per
+input, plus the output shard being filled: tensors are read from the inputs'
+safetensors shards with ``safe_open`` as each unit is merged and dropped after it,
+and an output shard is written as soon as it is full. The merge itself is
+:func:`fisherflow.apps.merge_block` on each unit, so the result equals
+:func:`fisherflow.apps.merge` on the whole models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from fisherflow.apps.merging import (
+    check_inputs,
+    check_weights,
+    fallback_tensor,
+    merge_block,
+    merge_units,
+    unit_fisher,
+)
+from fisherflow.cli.merge_config import MergeConfig, ModelEntry, read_config
+from fisherflow.matrices import FisherMatrix, load
+
+__all__ = ["ShardWriter", "Source", "merge_config", "read_tensor"]
+
+_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors")
+_SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+class _Shape:
+    """A tensor's shape without its data (for the layout checks)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+
+class Source:
+    """One input checkpoint: a Hugging Face directory read lazily, or an in-memory model.
+
+    Args:
+        spec: A directory holding ``model.safetensors`` (or sharded with
+            ``model.safetensors.index.json``), or ``module:factory``.
+
+    Raises:
+        FileNotFoundError: If a directory has no safetensors weights.
+        ValueError: If the index names a missing shard or a shard lacks a tensor.
+    """
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.directory: Path | None = None
+        self._tensors: dict[str, Tensor] | None = None
+        self._files: dict[str, Path] = {}
+        self._handles: dict[Path, Any] = {}
+        path = Path(spec)
+        if path.is_dir():
+            self.directory = path
+            index = path / _WEIGHT_FILES[0]
+            if index.is_file():
+                weight_map = json.loads(index.read_text()).get("weight_map", {})
+                self._files = {k: path / f for k, f in weight_map.items()}
+            elif (path / _WEIGHT_FILES[1]).is_file():
+                with safe_open(path / _WEIGHT_FILES[1], "pt") as f:
+                    self._files = {k: path / _WEIGHT_FILES[1] for k in f.keys()}
+            else:
+                raise FileNotFoundError(f"{spec} holds no model.safetensors (or its index)")
+            self.shapes = {}
+            for f in sorted(set(self._files.values())):
+                if not f.is_file():
+                    raise ValueError(f"{spec}: the index names a missing shard {f.name}")
+                handle = self._handle(f)
+                present = set(handle.keys())
+                for k in [k for k, g in self._files.items() if g == f]:
+                    if k not in present:
+                        raise ValueError(f"{spec}: tensor {k!r} is missing from {f.name}")
+                    self.shapes[k] = _Shape(tuple(handle.get_slice(k).get_shape()))
+        else:
+            from fisherflow.cli.estimate import load_model
+
+            self._tensors = dict(load_model(spec).state_dict())
+            self.shapes = {k: _Shape(tuple(t.shape)) for k, t in self._tensors.items()}
+
+    def _handle(self, f: Path) -> Any:
+        if f not in self._handles:
+            self._handles[f] = safe_open(f, "pt")
+        return self._handles[f]
+
+    def keys(self) -> list[str]:
+        """Tensor names in checkpoint order."""
+        return list(self.shapes)
+
+    def close(self) -> None:
+        """Drop open shard handles."""
+        self._handles.clear()
+
+    def get(self, key: str) -> Tensor:
+        """One tensor (read from its shard now)."""
+        return read_tensor(self, key)
+
+
+def read_tensor(source: Source, key: str) -> Tensor:
+    """Read one tensor of a source (the one place inputs are read: tests count it)."""
+    if source._tensors is not None:
+        return source._tensors[key].detach()
+    return source._handle(source._files[key]).get_tensor(key)
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards of at most ``max_bytes`` (one shard in memory).
+
+    Args:
+        folder: Where the shards go.
+        max_bytes: Largest shard (a single larger tensor gets a shard of its own).
+    """
+
+    def __init__(self, folder: Path, max_bytes: int) -> None:
+        self.folder, self.max_bytes = folder, max_bytes
+        self._buffer: dict[str, Tensor] = {}
+        self._bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+        self.peak_buffer_bytes = 0
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        """Queue a tensor, writing the current shard first if it would overflow."""
+        size = tensor.numel() * tensor.element_size()
+        if self._buffer and self._bytes + size > self.max_bytes:
+            self.flush()
+        self._buffer[name] = tensor.detach().contiguous().clone()
+        self._bytes += size
+        self.total_bytes += size
+        self.peak_buffer_bytes = max(self.peak_buffer_bytes, self._bytes)
+
+    def flush(self) -> None:
+        """Write the queued tensors as one shard."""
+        if not self._buffer:
+            return
+        path = self.folder / f"shard-{len(self.shards):05d}.safetensors"
+        save_file(self._buffer, str(path), metadata={"format": "pt"})
+        self.shards.append((path, list(self._buffer)))
+        self._buffer, self._bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Write the last shard and name the shards as ``from_pretrained`` expects."""
+        self.flush()
+        n = len(self.shards)
+        if n == 1:
+            self.shards[0][0].rename(self.folder / "model.safetensors")
+            return ["model.safetensors"]
+        names, weight_map = [], {}
+        for i, (path, keys) in enumerate(self.shards):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(self.folder / name)
+            names.append(name)
+            weight_map.update(dict.fromkeys(keys, name))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.folder / _WEIGHT_FILES[0]).write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+def _fisher(entry: ModelEntry, progress: bool) -> FisherMatrix | None:
+    if entry.fisher_file is not None:
+        return load(entry.fisher_file)
+    if entry.estimate is None:
+        return None
+    from fisherflow.cli.estimate import load_data, load_model
+    from fisherflow.estimation import estimate
+
+    opts = dict(entry.estimate)
+    data = load_data(opts.pop("data"), int(opts.pop("batch_size", 8)), opts.pop("limit", None))
+    model = load_model(entry.model)
+    return estimate(
+        model,
+        data,
+        opts.pop("likelihood", "categorical"),
+        opts.pop("kind", "mc"),
+        opts.pop("structure", "diagonal"),
+        mc_samples=int(opts.pop("mc_samples", 1)),
+        rank=int(opts.pop("rank", 10)),
+        seed=opts.pop("seed", 0),
+        progress=progress,
+    )
+
+
+def _copy_side_files(source: Source, folder: Path, dtype: str | None) -> list[str]:
+    """Copy config, generation and tokenizer files; set the config's dtype if asked."""
+    if source.directory is None:
+        return []
+    copied = []
+    for f in sorted(source.directory.iterdir()):
+        if not f.is_file() or f.name.endswith(_SKIP_SUFFIXES) or f.name == _WEIGHT_FILES[0]:
+            continue
+        shutil.copy2(f, folder / f.name)
+        copied.append(f.name)
+    config = folder / "config.json"
+    if dtype is not None and config.is_file():
+        data = json.loads(config.read_text())
+        for key in ("torch_dtype", "dtype"):
+            if key in data:
+                data[key] = dtype
+        config.write_text(json.dumps(data, indent=2) + "\n")
+    return copied
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out``, renamed onto it on success, removed on failure."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not an empty directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _report(
+    config: MergeConfig, units: list[dict[str, Any]], extra: dict[str, Any]
+) -> tuple[str, str]:
+    n = len(config.models)
+    totals = [sum(u["mass"][i] for u in units) for i in range(n)]
+    report = {
+        "models": [{"model": e.model, "weight": e.weight} for e in config.models],
+        "damping": config.damping,
+        "fallback": config.fallback,
+        "fisher_mass_per_model": totals,
+        "units": units,
+        **extra,
+    }
+    lines = [
+        "# fisherflow merge report",
+        "",
+        f"{n} models, damping {config.damping:g}, fallback {config.fallback!r}, "
+        f"{len(units)} Fisher-merged units, {extra['fallback_tensors']} tensors by fallback.",
+        "",
+        "| model | weight | Fisher mass w·tr F |",
+        "|---|---|---|",
+        *[
+            f"| {e.model} | {e.weight:g} | {t:.6g} |"
+            for e, t in zip(config.models, totals, strict=True)
+        ],
+        "",
+        "Per unit: each model's share of the Fisher mass (its effective weight there).",
+        "",
+        "| unit | " + " | ".join(f"model {i}" for i in range(n)) + " |",
+        "|---|" + "---|" * n,
+        *[f"| {u['unit']} | " + " | ".join(f"{s:.3f}" for s in u["share"]) + " |" for u in units],
+    ]
+    return json.dumps(report, indent=2) + "\n", "\n".join(lines) + "\n"
+
+
+def merge_config(config_path: str | Path, out: str | Path, progress: bool = True) -> Path:
+    """Run a merge configuration into ``out`` (atomically: all or nothing).
+
+    Returns:
+        The output directory.
+
+    Raises:
+        ValueError: On a bad configuration, checkpoints whose tensors differ, Fishers
+            that do not fit the checkpoints, or an ``out`` that is not empty.
+        FileNotFoundError: If an input is missing.
+    """
+    config = read_config(config_path)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not an empty directory")
+    weights = check_weights([e.weight for e in config.models], len(config.models))
+    sources = [Source(e.model) for e in config.models]
+    check_inputs([s.shapes for s in sources], [], what="checkpoints")
+    fishers = [_fisher(e, progress) for e in config.models]
+    fishers_given = [F for F in fishers if F is not None]
+    if fishers_given:
+        check_inputs([s.shapes for s in sources], fishers_given, what="checkpoints")
+    dtype = getattr(torch, config.dtype) if config.dtype else None
+    units_done: list[dict[str, Any]] = []
+    total = sum(weights)
+    normalised = [w / total for w in weights]
+    with _staging(out) as tmp:
+        writer = ShardWriter(tmp, config.max_shard_size)
+        units = merge_units(fishers_given[0]) if fishers_given else {}
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(sources[0].keys()), desc="merge", unit="tensor", disable=not progress)
+        for unit, names in units.items():
+            thetas = [{n: read_tensor(s, n) for n in names} for s in sources]
+            sub = [unit_fisher(F, unit, names) for F in fishers_given]
+            merged, masses = merge_block(thetas, sub, weights, config.damping)
+            like = {n: thetas[0][n].dtype for n in names}
+            del thetas
+            for n in names:
+                writer.add(n, merged[n].to(dtype or like[n]))
+            del merged
+            mass = sum(masses)
+            share = [m / mass if mass > 0 else w for m, w in zip(masses, normalised, strict=True)]
+            units_done.append({"unit": unit, "parameters": names, "mass": masses, "share": share})
+            bar.update(len(names))
+        covered = {n for names in units.values() for n in names}
+        rest = [k for k in sources[0].keys() if k not in covered]
+        for key in rest:
+            tensors = [read_tensor(s, key) for s in sources]
+            t = fallback_tensor(tensors, normalised, key, config.fallback)
+            del tensors
+            writer.add(key, t.to(dtype) if dtype and t.dtype.is_floating_point else t)
+            del t
+            bar.update(1)
+        bar.close()
+        shards = writer.close()
+        copied = _copy_side_files(sources[0], tmp, config.dtype)
+        extra = {
+            "fallback_tensors": len(rest),
+            "shards": shards,
+            "copied_files": copied,
+            "largest_shard_bytes": writer.peak_buffer_bytes,
+        }
+        text, md = _report(config, units_done, extra)
+        (tmp / "merge_report.json").write_text(text)
+        (tmp / "merge_report.md").write_text(md)
+        for s in sources:
+            s.close()
+    return out
