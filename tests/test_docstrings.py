@@ -24,6 +24,7 @@ MODULES = [
     "fisherflow.stats._special",
     "fisherflow.report.plots",
     "fisherflow.cli.args",
+    "fisherflow.cli.demo_data",
     "fisherflow.flow.weighting",
     "fisherflow.flow.state",
     "fisherflow.flow.fusion",

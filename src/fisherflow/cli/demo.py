@@ -109,17 +109,15 @@ def run_demo(out: str | Path, rows: int = 128, rank: int = 20, progress: bool = 
         The path of the Markdown report.
     """
     import torch
-    from sklearn.datasets import load_digits
 
+    from fisherflow.cli.demo_data import digits
     from fisherflow.estimation import estimate
     from fisherflow.report import heatmaps, spectra, write_text
     from fisherflow.report.plots import FLOOR_DECADES
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    digits = load_digits()
-    x = torch.tensor(digits.images / 16.0, dtype=torch.float32)[:, None]
-    y = torch.tensor(digits.target)
+    x, y = digits(torch.float32, images=True)
     lines = [
         "# fisherflow demo: Fisher approximations on digits",
         "",

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fisherflow.cli.demo_data import digits
+
 __all__ = ["accuracy", "demo_section", "mlp", "permuted_tasks", "train"]
 
 Task = tuple[Tensor, Tensor, Tensor, Tensor]  # x_train, y_train, x_test, y_test
@@ -80,13 +82,6 @@ def permuted_tasks(x: Tensor, y: Tensor, n_tasks: int, n_train: int, seed: int =
     return tasks
 
 
-def _digits() -> tuple[Tensor, Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return torch.tensor(d.data / 16.0, dtype=torch.float32), torch.tensor(d.target)
-
-
 def _continual(
     tasks: Sequence[Task], structure: str | None, strength: float, epochs: int
 ) -> list[float]:
@@ -116,25 +111,17 @@ def _continual(
 
 
 def _plot(curves: dict[str, list[float]], epochs: int, path: Path) -> Path:
-    import matplotlib
+    from fisherflow.report import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from fisherflow.report.files import atomic_path
-
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig = new_figure(6, 3.2)
+    ax = fig.subplots()
     for label, curve in curves.items():
         ax.plot(range(1, len(curve) + 1), curve, label=label)
     for k in range(1, len(next(iter(curves.values()))) // epochs):
         ax.axvline(k * epochs + 0.5, color="grey", lw=0.5)
     ax.set(xlabel="epoch (tasks 1, 2, 3)", ylabel="accuracy on task 1", ylim=(0, 1))
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _merge_demo(x: Tensor, y: Tensor) -> list[tuple[str, float]]:
@@ -182,7 +169,7 @@ def _merge_demo(x: Tensor, y: Tensor) -> list[tuple[str, float]]:
 def demo_section(out: Path) -> list[str]:
     """Markdown lines of the section; writes ``ewc_forgetting.png`` into ``out``."""
     start = time.perf_counter()
-    x, y = _digits()
+    x, y = digits(torch.float32)
     tasks = permuted_tasks(x, y, n_tasks=3, n_train=1200)
     epochs = 3
     curves = {

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fisherflow.cli.demo_data import digits
+
 __all__ = ["demo_section"]
 
 STEPS = 80
@@ -38,14 +40,10 @@ def _optimizers() -> dict[str, Any]:
 
 
 def _plot_curves(curves: dict[str, list[float]], path: Path) -> Path:
-    import matplotlib
+    from fisherflow.report import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from fisherflow.report.files import atomic_path
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig = new_figure(6.5, 4)
+    ax = fig.subplots()
     for name, losses in curves.items():
         ax.plot(range(1, len(losses) + 1), losses, label=name)
     ax.set_yscale("log")
@@ -53,11 +51,7 @@ def _plot_curves(curves: dict[str, list[float]], path: Path) -> Path:
     ax.set_ylabel("held-out cross-entropy")
     ax.set_title(f"digits MLP, batch {BATCH}: same data, same initial weights")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def demo_section(out: Path) -> list[str]:
@@ -69,14 +63,10 @@ def demo_section(out: Path) -> list[str]:
     Returns:
         Markdown lines of the section.
     """
-    from sklearn.datasets import load_digits
-
     from fisherflow.estimation import estimate, reference_fisher
     from fisherflow.report import heatmaps
 
-    digits = load_digits()
-    x = torch.tensor(digits.data / 16.0, dtype=torch.float64)
-    y = torch.tensor(digits.target)
+    x, y = digits()
     x_train, y_train, x_test, y_test = x[:1400], y[:1400], x[1400:], y[1400:]
     g = torch.Generator().manual_seed(0)
     order = torch.randint(0, len(x_train), (STEPS, BATCH), generator=g)

@@ -6,6 +6,8 @@ import copy
 import time
 from pathlib import Path
 
+from fisherflow.cli.demo_data import digits
+
 __all__ = ["SPARSITIES", "demo_section"]
 
 #: Fractions of the weight matrices pruned in the demo.
@@ -19,15 +21,12 @@ def demo_section(out: Path) -> list[str]:
         Markdown lines (the plot is written into ``out``).
     """
     import torch
-    from sklearn.datasets import load_digits
     from torch import nn
 
     from fisherflow.apps import prune
     from fisherflow.estimation import estimate
 
-    digits = load_digits()
-    x = torch.tensor(digits.data / 16.0, dtype=torch.float64)
-    y = torch.tensor(digits.target)
+    x, y = digits()
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     train, test = perm[:1200], perm[1200:]
     torch.manual_seed(0)
@@ -89,14 +88,10 @@ def demo_section(out: Path) -> list[str]:
 
 
 def _plot(curves: dict[str, list[float]], dense: float, path: Path) -> Path:
-    import matplotlib
+    from fisherflow.report import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from fisherflow.report import atomic_path
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = new_figure(6, 4)
+    ax = fig.subplots()
     for label, accs in curves.items():
         ax.plot([100 * s for s in SPARSITIES], accs, marker="o", label=label)
     ax.axhline(dense, color="grey", linestyle="--", label="dense")
@@ -104,8 +99,4 @@ def _plot(curves: dict[str, list[float]], dense: float, path: Path) -> Path:
     ax.set_ylabel("held-out accuracy")
     ax.set_title("digits MLP: accuracy against sparsity")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)

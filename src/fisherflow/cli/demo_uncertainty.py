@@ -15,15 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fisherflow.cli.demo_data import digits
+
 __all__ = ["demo_section"]
-
-
-def _data() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.images / 16.0, dtype=torch.float64)
-    return x, torch.tensor(digits.target)
 
 
 def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 20) -> None:
@@ -44,33 +38,24 @@ def _plots(
     labels: torch.Tensor,
     entropies: dict[str, dict[str, torch.Tensor]],
 ) -> tuple[Path, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from fisherflow.report import atomic_path
+    from fisherflow.report import new_figure, save_figure
     from fisherflow.uncertainty import reliability_diagram
 
-    fig, axes = plt.subplots(1, len(probs), figsize=(4 * len(probs), 4))
+    fig = new_figure(4 * len(probs), 4)
+    axes = fig.subplots(1, len(probs))
     for ax, (name, p) in zip(axes, probs.items(), strict=True):
         reliability_diagram(p, labels, n_bins=10, ax=ax, label=name)
         ax.set_title(name)
-    rel = out / "uncertainty_reliability.png"
-    with atomic_path(rel) as tmp:
-        fig.savefig(tmp, dpi=90, format="png", bbox_inches="tight")
-    plt.close(fig)
-    fig, axes = plt.subplots(1, len(entropies), figsize=(5 * len(entropies), 3.5))
+    rel = save_figure(fig, out / "uncertainty_reliability.png", dpi=90)
+    fig = new_figure(5 * len(entropies), 3.5)
+    axes = fig.subplots(1, len(entropies))
     for ax, (name, sets) in zip(axes, entropies.items(), strict=True):
         for label, h in sets.items():
             ax.hist(h.numpy(), bins=30, range=(0, 2.31), alpha=0.5, density=True, label=label)
         ax.set_title(f"{name}: predictive entropy")
         ax.set_xlabel("entropy (nats)")
         ax.legend()
-    ent = out / "uncertainty_entropy.png"
-    with atomic_path(ent) as tmp:
-        fig.savefig(tmp, dpi=90, format="png", bbox_inches="tight")
-    plt.close(fig)
+    ent = save_figure(fig, out / "uncertainty_entropy.png", dpi=90)
     return rel, ent
 
 
@@ -87,7 +72,7 @@ def demo_section(out: Path) -> list[str]:
     from fisherflow.uncertainty.ood import HIGHER_IS_OOD, ood_auroc, ood_scores
 
     start = time.perf_counter()
-    x, y = _data()
+    x, y = digits(images=True)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     x, y = x[perm], y[perm]
     tr, va, te = slice(0, 1000), slice(1000, 1300), slice(1300, None)

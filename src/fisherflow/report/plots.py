@@ -24,6 +24,8 @@ __all__ = [
     "effective_dimension",
     "heatmaps",
     "layer_spans",
+    "new_figure",
+    "save_figure",
     "spectra",
     "summary",
 ]
@@ -103,7 +105,19 @@ def layer_spans(layout: ParamLayout) -> list[tuple[str, int, int]]:
     return spans
 
 
-def _figure(width: float, height: float) -> Any:
+def new_figure(width: float, height: float) -> Any:
+    """A matplotlib ``Figure`` drawn by the Agg canvas, outside pyplot.
+
+    Nothing global changes: the caller's pyplot backend and open figures are left
+    alone, and the figure is freed with its last reference (no ``plt.close``).
+
+    Args:
+        width: Width in inches.
+        height: Height in inches.
+
+    Returns:
+        The figure (constrained layout); add axes with ``fig.subplots(...)``.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -112,7 +126,17 @@ def _figure(width: float, height: float) -> Any:
     return fig
 
 
-def _save(fig: Any, path: str | Path, dpi: int = 100) -> Path:
+def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> Path:
+    """Write ``fig`` as a PNG atomically (a temporary file renamed into place).
+
+    Args:
+        fig: A matplotlib figure.
+        path: The ``.png`` file to write.
+        dpi: Resolution.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
@@ -176,7 +200,7 @@ def heatmaps(
     n = len(mats)
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
-    fig = _figure(4.2 * cols + 1.0, 4.2 * rows + 0.9)
+    fig = new_figure(4.2 * cols + 1.0, 4.2 * rows + 0.9)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     absm = {k: v.detach().abs().double().cpu() for k, v in mats.items()}
     top = max((float(v.max()) for v in absm.values() if v.numel()), default=1.0)
@@ -218,7 +242,7 @@ def heatmaps(
             "does not represent."
         )
     _caption(fig, caption)
-    return _save(fig, path, dpi=110)
+    return save_figure(fig, path, dpi=110)
 
 
 def spectra(
@@ -244,7 +268,7 @@ def spectra(
     Returns:
         ``path``.
     """
-    fig = _figure(7.0, 4.8)
+    fig = new_figure(7.0, 4.8)
     ax = fig.subplots()
     vals = {
         k: torch.sort(v.detach().double().cpu(), descending=True).values for k, v in eigs.items()
@@ -275,4 +299,4 @@ def spectra(
     ax.legend(fontsize=8, loc="upper right")
     if caption:
         _caption(fig, caption)
-    return _save(fig, path)
+    return save_figure(fig, path)
