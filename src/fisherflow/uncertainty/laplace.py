@@ -366,7 +366,7 @@ class Laplace:
         return torch.einsum("rkp,rlp->rkl", J.to(sol.dtype), sol)
 
     def glm_predictive(
-        self, x: Any, batch_size: int | None = None
+        self, x: Any, batch_size: int | None = None, progress: bool = False
     ) -> tuple[Tensor, Tensor, tuple[int, ...]]:
         """The linearised output distribution: mean ``(M, C)``, covariance ``(M, C, C)``.
 
@@ -380,6 +380,7 @@ class Laplace:
             x: A batch of inputs.
             batch_size: Rows per chunk (``None``: chunks bounding the memory of the
                 Jacobians, or the whole batch on the Jacobian-free path).
+            progress: Show a progress bar over chunks.
         """
         self.resolve(x)
         batch_size = check_batch_size(batch_size)
@@ -388,7 +389,12 @@ class Laplace:
         kron = self._fisher().structure in ("kfac", "ekfac")
         step = batch_size or (rows if kron else jac_rows)
         means, covs, outs = [], [], []
-        for start in range(0, rows, step):
+        starts: Iterable[int] = range(0, rows, step)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="GLM predictive", unit="batch", leave=False)
+        for start in starts:
             chunk = select_rows(x, start, min(rows, start + step), rows)
             cov, out = self._output_covariance(chunk, jac_rows)
             c = out.shape[-1] if out.dim() >= 2 else 1
