@@ -118,15 +118,16 @@ def kronecker_functional_covariance(
             eye = torch.eye(k, dtype=out.dtype, device=out.device)
             cot = eye.reshape(k, 1, *out.shape[1:]).expand(k, *out.shape)
             recs = list(usable.values())
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # vmap's performance notes
-                grads = torch.autograd.grad(
-                    out, [r.output for r in recs], cot, allow_unused=True, is_grads_batched=True
-                )
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # vmap's performance notes
+                    grads = torch.autograd.grad(
+                        out, [r.output for r in recs], cot, allow_unused=True, is_grads_batched=True
+                    )
+            except RuntimeError:  # an op without a batching rule: the Jacobian path
+                return None
         finally:
-            records = capture.records
             capture.start(0)  # drop the records (activations, graph)
-    del records
     taus = _priors(la, basis)
     t = la.temperature
     cov = torch.zeros(rows, k, k, dtype=dtype, device=out.device)
