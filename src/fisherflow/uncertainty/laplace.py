@@ -59,6 +59,9 @@ __all__ = ["Laplace"]
 #: Rows of a GLM predictive are processed in chunks of about this many Jacobian entries
 #: per output (``rows · P``), bounding the ``(rows, K, P)`` Jacobian's memory.
 _JACOBIAN_ENTRIES = 2**23
+#: Rows per chunk of the Jacobian-free K-FAC/EKFAC predictive (its memory is a forward
+#: with autograd plus ``rows · C`` output gradients per layer).
+_KRONECKER_ROWS = 4096
 
 
 class Laplace:
@@ -379,7 +382,7 @@ class Laplace:
         Args:
             x: A batch of inputs.
             batch_size: Rows per chunk (``None``: chunks bounding the memory of the
-                Jacobians, or the whole batch on the Jacobian-free path).
+                Jacobians, or 4096 rows on the Jacobian-free path).
             progress: Show a progress bar over chunks.
         """
         self.resolve(x)
@@ -387,7 +390,7 @@ class Laplace:
         rows = batch_rows(x)
         jac_rows = max(1, _JACOBIAN_ENTRIES // max(1, self._fisher().size))
         kron = self._fisher().structure in ("kfac", "ekfac")
-        step = batch_size or (rows if kron else jac_rows)
+        step = batch_size or (_KRONECKER_ROWS if kron else jac_rows)
         means, covs, outs = [], [], []
         starts: Iterable[int] = range(0, rows, step)
         if progress:
