@@ -23,11 +23,9 @@ from fisherflow.estimation import STRUCTURES
 from fisherflow.estimation.capture import Capture
 from fisherflow.estimation.data import (
     Forward,
-    batch_rows,
     default_forward,
     evaluating,
     output_tensor,
-    select_rows,
     split_batch,
     to_device,
 )
@@ -36,12 +34,12 @@ from fisherflow.estimation.reference import Wrapped
 from fisherflow.matrices import KINDS, FisherMatrix, ParamLayout
 from fisherflow.uncertainty.evidence import log_evidence
 from fisherflow.uncertainty.fitting import LARGE_OUTPUT, estimate_fisher
-from fisherflow.uncertainty.kronecker import kronecker_functional_covariance
 from fisherflow.uncertainty.params import ParamSpec, select_params
 from fisherflow.uncertainty.posterior import PosteriorPrecision, prior_groups
 from fisherflow.uncertainty.prediction import (
     LINKS,
     METHODS,
+    glm_output,
     predict_glm,
     predict_mc,
     sample_network,
@@ -387,42 +385,10 @@ class Laplace:
         """
         self.resolve(x)
         batch_size = check_batch_size(batch_size)
-        rows = batch_rows(x)
         jac_rows = max(1, _JACOBIAN_ENTRIES // max(1, self._fisher().size))
         kron = self._fisher().structure in ("kfac", "ekfac")
         step = batch_size or (_KRONECKER_ROWS if kron else jac_rows)
-        means, covs, outs = [], [], []
-        starts: Iterable[int] = range(0, rows, step)
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="GLM predictive", unit="batch", leave=False)
-        for start in starts:
-            chunk = select_rows(x, start, min(rows, start + step), rows)
-            cov, out = self._output_covariance(chunk, jac_rows)
-            c = out.shape[-1] if out.dim() >= 2 else 1
-            n, k = cov.shape[:2]
-            m = k // c
-            cov = cov.reshape(n, m, c, m, c).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
-            means.append(out.reshape(-1, c).to(cov.dtype))
-            covs.append(cov.reshape(-1, c, c))
-            outs.append(out)
-        shape = (rows, *outs[0].shape[1:])
-        return torch.cat(means), torch.cat(covs), shape
-
-    def _output_covariance(self, x: Any, jac_rows: int) -> tuple[Tensor, Tensor]:
-        """``(J Σ Jᵀ, output)`` of a chunk: ``(rows, K, K)`` and ``(rows, ...)``."""
-        if self._fisher().structure in ("kfac", "ekfac"):
-            fast = kronecker_functional_covariance(self, x, self._kron_capture(), jac_rows)
-            if fast is not None:
-                return fast
-        rows = batch_rows(x)
-        covs, outs = [], []
-        for start in range(0, rows, jac_rows):
-            J, out = self.jacobians(select_rows(x, start, min(rows, start + jac_rows), rows))
-            covs.append(self.functional_variance(J))
-            outs.append(out)
-        return torch.cat(covs), torch.cat(outs)
+        return glm_output(self, x, step, jac_rows, progress)
 
     def _kron_capture(self) -> Capture:
         """The layer capture of the Jacobian-free path (one per posterior layout)."""
