@@ -101,6 +101,20 @@ def kronecker_functional_covariance(
         ``(cov, out)`` with ``cov`` of shape ``(rows, K, K)`` for ``K`` output entries
         per row, as :meth:`Laplace.functional_variance` of the Jacobians; ``None`` when
         the Fisher is not Kronecker-factored or no layer can take the fast path.
+
+    Example:
+        >>> from torch import nn
+        >>> import fisherflow as ff
+        >>> from fisherflow.matrices import KFAC, KronGroup, ParamLayout
+        >>> lin = nn.Linear(1, 1, bias=False).double()
+        >>> F = KFAC({"l": KronGroup("weight")}, {"l": torch.ones(1, 1, dtype=torch.float64)},
+        ...          {"l": 3 * torch.ones(1, 1, dtype=torch.float64)},
+        ...          ParamLayout.from_shapes({"weight": (1, 1)}))
+        >>> la = ff.Laplace(lin, likelihood="gaussian", fisher=F, prior_precision=1.0)
+        >>> x = torch.tensor([[2.0]], dtype=torch.float64)
+        >>> cov, _ = kronecker_functional_covariance(la, x, la._kron_capture(), 1)
+        >>> cov.item()  # x² / (F + τ) = 4 / 4
+        1.0
     """
     basis = _basis(la)
     if basis is None:
