@@ -148,7 +148,7 @@ class Laplace:
         #: Observations behind :attr:`loglik`.
         self.n_data = 0
         self._given = fisher is not None
-        self._capture: tuple[tuple[str, ...], Capture] | None = None
+        self._capture: tuple[tuple[Any, ...], Capture] | None = None
         if fisher is not None:
             if not isinstance(fisher, FisherMatrix):
                 raise TypeError(f"fisher must be a FisherMatrix, got {type(fisher).__name__}")
@@ -391,10 +391,10 @@ class Laplace:
         return glm_output(self, x, step, jac_rows, progress)
 
     def _kron_capture(self) -> Capture:
-        """The layer capture of the Jacobian-free path (one per posterior layout)."""
-        names = tuple(self.names)
-        if self._capture is None or self._capture[0] != names:
-            self._capture = (names, Capture(self.model, self.layout, self._fisher().dtype))
+        """The layer capture of the Jacobian-free path (one per layout and dtype)."""
+        key = (*self.names, self._fisher().dtype)
+        if self._capture is None or self._capture[0] != key:
+            self._capture = (key, Capture(self.model, self.layout, self._fisher().dtype))
         return self._capture[1]
 
     def predict(
