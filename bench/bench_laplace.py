@@ -83,8 +83,9 @@ def main() -> None:
     lines = [
         "# Laplace: fisherflow against laplace-torch 0.3 (CPU, float32)",
         "",
-        f"Command: `python bench/bench_laplace.py{' --quick' if args.quick else ''}` — "
-        f"{args.threads} threads, MLP 32-128-128-10 (bias-free), {n} training rows in "
+        f"Command: `python bench/bench_laplace.py{' --quick' if args.quick else ''}"
+        f"{f' --threads {args.threads}' if args.threads != 2 else ''}` — "
+        f"{args.threads} thread(s), MLP 32-128-128-10 (bias-free), {n} training rows in "
         f"batches of 256, GLM probit predictive on 128 rows, all weights, {reps} "
         "interleaved repetitions, on a shared 2-core machine (noisy timings).",
         "",

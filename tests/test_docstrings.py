@@ -46,6 +46,7 @@ MODULES = [
     "fisherflow.uncertainty.validate",
     "fisherflow.uncertainty.ood",
     "fisherflow.uncertainty.active",
+    "fisherflow.uncertainty.kronecker",
     "fisherflow.apps.masks",
     "fisherflow.apps.scores",
     "fisherflow.apps.prune",

@@ -252,7 +252,7 @@ def token_intervals(
         raise ValueError(
             f"token_intervals needs a categorical likelihood, got {la.likelihood.name!r}"
         )
-    la._resolve(input_ids)
+    la.resolve(input_ids)
     la.posterior_precision  # noqa: B018 -- raises before fit
     logits, view = _last_layer(la, input_ids)
     shape = logits.shape[:-1]

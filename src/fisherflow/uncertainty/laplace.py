@@ -20,13 +20,12 @@ import torch
 from torch import Tensor, nn
 
 from fisherflow.estimation import STRUCTURES
+from fisherflow.estimation.capture import Capture
 from fisherflow.estimation.data import (
     Forward,
-    batch_rows,
     default_forward,
     evaluating,
     output_tensor,
-    select_rows,
     split_batch,
     to_device,
 )
@@ -40,19 +39,27 @@ from fisherflow.uncertainty.posterior import PosteriorPrecision, prior_groups
 from fisherflow.uncertainty.prediction import (
     LINKS,
     METHODS,
+    glm_output,
     predict_glm,
     predict_mc,
     sample_network,
 )
 from fisherflow.uncertainty.predictive import output_jacobians, sample_outputs
 from fisherflow.uncertainty.tuning import tune_marglik, tune_val
-from fisherflow.uncertainty.validate import check_positive, check_prior_precision
+from fisherflow.uncertainty.validate import (
+    check_batch_size,
+    check_positive,
+    check_prior_precision,
+)
 
 __all__ = ["Laplace"]
 
 #: Rows of a GLM predictive are processed in chunks of about this many Jacobian entries
 #: per output (``rows · P``), bounding the ``(rows, K, P)`` Jacobian's memory.
 _JACOBIAN_ENTRIES = 2**23
+#: Rows per chunk of the Jacobian-free K-FAC/EKFAC predictive (its memory is a forward
+#: with autograd plus ``rows · C`` output gradients per layer).
+_KRONECKER_ROWS = 4096
 
 
 class Laplace:
@@ -141,6 +148,7 @@ class Laplace:
         #: Observations behind :attr:`loglik`.
         self.n_data = 0
         self._given = fisher is not None
+        self._capture: tuple[tuple[Any, ...], Capture] | None = None
         if fisher is not None:
             if not isinstance(fisher, FisherMatrix):
                 raise TypeError(f"fisher must be a FisherMatrix, got {type(fisher).__name__}")
@@ -185,8 +193,8 @@ class Laplace:
     def _fisher(self) -> FisherMatrix:
         if self.fisher is not None and self.mean is None:
             raise ValueError(
-                "params='last_layer' is found by running the model: call predict(x) or "
-                "fit(data) once before sample()"
+                "params='last_layer' is found by running the model: call resolve(x), "
+                "predict(x) or fit(data) once first"
             )
         if self.fisher is None or self.mean is None:
             raise ValueError(
@@ -226,14 +234,30 @@ class Laplace:
         self.mean = fisher.layout.flatten({n: named[n].detach() for n in fisher.layout.names})
         self.mean = self.mean.to(device=fisher.device, dtype=fisher.dtype)
 
-    def _resolve(self, inputs: Any) -> None:
-        """Resolve ``params`` (``"last_layer"`` needs a batch) and attach a given Fisher."""
+    def resolve(self, inputs: Any) -> Laplace:
+        """Settle the posterior's parameters on a batch of inputs; ``self``.
+
+        ``params="last_layer"`` is found by running the model, so :attr:`layout`,
+        :meth:`sample` and a given Fisher's check wait for a batch: ``fit``, ``predict``
+        and the other methods taking inputs call this themselves; call it directly to
+        use :attr:`layout` first. Other ``params`` are settled already (a no-op).
+
+        Args:
+            inputs: A batch of inputs (only run for ``"last_layer"``, once).
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: If a given Fisher's layout does not match the parameters found.
+        """
         if self._names is None:
             names = select_params(self.model, self._spec, inputs, self.forward)
             assert names is not None
             self._names = names
             if self.fisher is not None and self.mean is None:
                 self._attach(self.fisher)
+        return self
 
     # -------------------------------------------------------------------- fit
     def fit(
@@ -268,7 +292,7 @@ class Laplace:
         first = next(iter(data), None)
         if first is None:
             raise ValueError("data is empty")
-        self._resolve(split_batch(first).inputs)
+        self.resolve(split_batch(first).inputs)
         if not self._given:
             assert self._names is not None
             fisher = estimate_fisher(
@@ -327,7 +351,7 @@ class Laplace:
 
         ``K`` is the number of output entries per row (``C`` for a ``(rows, C)`` output).
         """
-        self._resolve(x)
+        self.resolve(x)
         wrapped = Wrapped(self.model, self.forward)
         with evaluating(self.model):
             return output_jacobians(wrapped, self.names, self._params(), x)
@@ -342,28 +366,36 @@ class Laplace:
         sol = self.posterior_precision.solve(cols).T.reshape(rows, k, p)
         return torch.einsum("rkp,rlp->rkl", J.to(sol.dtype), sol)
 
-    def glm_predictive(self, x: Any) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    def glm_predictive(
+        self, x: Any, batch_size: int | None = None, progress: bool = False
+    ) -> tuple[Tensor, Tensor, tuple[int, ...]]:
         """The linearised output distribution: mean ``(M, C)``, covariance ``(M, C, C)``.
 
         Rows of the output are split into ``M`` observations of ``C`` outputs (the last
-        dimension); the third value is the output's shape, to map back.
+        dimension); the third value is the output's shape, to map back. A K-FAC or
+        EKFAC posterior over ``nn.Linear`` layers takes the Jacobian-free path of
+        :mod:`fisherflow.uncertainty.kronecker`; other parameters build per-row
+        Jacobians.
+
+        Args:
+            x: A batch of inputs.
+            batch_size: Rows per chunk (``None``: chunks bounding the memory of the
+                Jacobians, or 4096 rows on the Jacobian-free path).
+            progress: Show a progress bar over chunks.
         """
-        self._resolve(x)
-        rows = batch_rows(x)
-        step = max(1, _JACOBIAN_ENTRIES // max(1, self._fisher().size))
-        means, covs, outs = [], [], []
-        for start in range(0, rows, step):
-            J, out = self.jacobians(select_rows(x, start, min(rows, start + step), rows))
-            cov = self.functional_variance(J)
-            c = out.shape[-1] if out.dim() >= 2 else 1
-            n, k = J.shape[:2]
-            m = k // c
-            cov = cov.reshape(n, m, c, m, c).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
-            means.append(out.reshape(-1, c).to(cov.dtype))
-            covs.append(cov.reshape(-1, c, c))
-            outs.append(out)
-        shape = (rows, *outs[0].shape[1:])
-        return torch.cat(means), torch.cat(covs), shape
+        self.resolve(x)
+        batch_size = check_batch_size(batch_size)
+        jac_rows = max(1, _JACOBIAN_ENTRIES // max(1, self._fisher().size))
+        kron = self._fisher().structure in ("kfac", "ekfac")
+        step = batch_size or (_KRONECKER_ROWS if kron else jac_rows)
+        return glm_output(self, x, step, jac_rows, progress)
+
+    def _kron_capture(self) -> Capture:
+        """The layer capture of the Jacobian-free path (one per layout and dtype)."""
+        key = (*self.names, self._fisher().dtype)
+        if self._capture is None or self._capture[0] != key:
+            self._capture = (key, Capture(self.model, self.layout, self._fisher().dtype))
+        return self._capture[1]
 
     def predict(
         self,
@@ -371,6 +403,7 @@ class Laplace:
         method: str = "glm",
         n_samples: int = 100,
         generator: torch.Generator | None = None,
+        batch_size: int | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """The posterior predictive at inputs ``x``.
 
@@ -387,6 +420,8 @@ class Laplace:
             method: See above.
             n_samples: Draws for ``"glm"`` (categorical/bernoulli) and ``"mc"``.
             generator: Random generator for the draws.
+            batch_size: Rows per chunk of the GLM methods (``None``: chosen to bound
+                memory; see :meth:`glm_predictive`).
 
         Returns:
             Probabilities shaped like the output (categorical, bernoulli); the
@@ -396,7 +431,8 @@ class Laplace:
 
         Raises:
             ValueError: If ``method`` is not supported by the likelihood, ``n_samples``
-                is not a positive integer, or there is no Fisher yet.
+                is not a positive integer, ``batch_size`` neither ``None`` nor a positive
+                integer, or there is no Fisher yet.
         """
         name = self.likelihood.name
         valid = METHODS.get(name, ("mc",))
@@ -406,11 +442,12 @@ class Laplace:
             )
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-        self._resolve(x)
+        check_batch_size(batch_size)
+        self.resolve(x)
         self._fisher()
         if method == "mc":
             return predict_mc(self, x, n_samples, generator)
-        mean, cov, shape = self.glm_predictive(x)
+        mean, cov, shape = self.glm_predictive(x, batch_size)
         return predict_glm(name, method, mean, cov, shape, n_samples, generator)
 
     __call__ = predict
@@ -421,12 +458,14 @@ class Laplace:
         n_samples: int = 100,
         method: str = "glm",
         generator: torch.Generator | None = None,
+        batch_size: int | None = None,
     ) -> Tensor:
         """Draws of the predicted mean (probabilities for classification), ``(n, *output)``.
 
         ``"glm"``: outputs drawn from the linearised ``N(f, JΣJᵀ)`` through the inverse
         link; ``"mc"``: parameter draws through the network. For mutual information,
-        BALD and other scores built on samples.
+        BALD and other scores built on samples. ``batch_size``: rows per chunk of the
+        GLM predictive (see :meth:`glm_predictive`).
 
         Raises:
             ValueError: If ``method`` is not ``"glm"`` or ``"mc"``, or ``n_samples`` is
@@ -436,12 +475,13 @@ class Laplace:
             raise ValueError(f"method must be one of ['glm', 'mc'], got {method!r}")
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-        self._resolve(x)
+        check_batch_size(batch_size)
+        self.resolve(x)
         self._fisher()
         link = LINKS.get(self.likelihood.name, lambda f: f)
         if method == "mc":
             return sample_network(self, x, n_samples, generator).to(torch.float64)
-        mean, cov, shape = self.glm_predictive(x)
+        mean, cov, shape = self.glm_predictive(x, batch_size)
         draws = sample_outputs(mean, cov, n_samples, generator)
         return link(draws).reshape(n_samples, *shape)
 

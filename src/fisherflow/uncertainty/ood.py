@@ -126,8 +126,9 @@ def _check_int(value: object, name: str) -> int:
     return value
 
 
-def _chunk_scores(la: Laplace, x: Any, n_samples: int, gen: torch.Generator | None) -> OODScores:
-    mean, cov, _ = la.glm_predictive(x)  # (M, C), (M, C, C)
+def _chunk_scores(
+    la: Laplace, mean: Tensor, cov: Tensor, n_samples: int, gen: torch.Generator | None
+) -> OODScores:
     draws = sample_outputs(mean, cov, n_samples, gen)
     if la.likelihood.name == "bernoulli":
         p1 = torch.sigmoid(draws)
@@ -160,10 +161,11 @@ def ood_scores(
     Args:
         la: A :class:`~fisherflow.uncertainty.Laplace` with a categorical or Bernoulli
             likelihood and a Fisher (given or fitted).
-        x: Inputs: a tensor (scored ``batch_size`` rows at a time) or any batch the
-            model takes.
+        x: Inputs: any batch the model takes (its GLM predictive is computed
+            ``batch_size`` rows at a time, :meth:`Laplace.glm_predictive`).
         n_samples: Logit draws from the linearised predictive (for the sampled scores).
-        batch_size: Rows per chunk of a tensor ``x``.
+        batch_size: Rows per chunk of the predictive (and observations per chunk of
+            the logit draws).
         generator: Random generator for the draws.
         progress: Show a progress bar over chunks.
 
@@ -195,12 +197,12 @@ def ood_scores(
         )
     n_samples = _check_int(n_samples, "n_samples")
     batch_size = _check_int(batch_size, "batch_size")
-    chunks: Any = _chunks(x, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc="OOD scores", unit="batch", leave=False)
-    parts = [_chunk_scores(la, chunk, n_samples, generator) for chunk in chunks]
+    mean, cov, _ = la.glm_predictive(x, batch_size, progress=progress)  # (M, C), (M, C, C)
+    # the draws of ``batch_size`` observations at a time bound their memory
+    parts = [
+        _chunk_scores(la, m, c, n_samples, generator)
+        for m, c in zip(torch.split(mean, batch_size), torch.split(cov, batch_size), strict=True)
+    ]
     return OODScores(
         **{name: torch.cat([getattr(p, name) for p in parts]).double() for name in HIGHER_IS_OOD}
     )

@@ -15,8 +15,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from fisherflow.estimation.data import evaluating, output_tensor, split_batch
+from fisherflow.estimation.data import (
+    batch_rows,
+    evaluating,
+    output_tensor,
+    select_rows,
+    split_batch,
+)
 from fisherflow.estimation.reference import Wrapped
+from fisherflow.uncertainty.kronecker import kronecker_functional_covariance
 from fisherflow.uncertainty.predictive import (
     bridge_categorical,
     probit_bernoulli,
@@ -27,7 +34,15 @@ from fisherflow.uncertainty.predictive import (
 if TYPE_CHECKING:
     from fisherflow.uncertainty.laplace import Laplace
 
-__all__ = ["LINKS", "METHODS", "predict_glm", "predict_mc", "sample_network", "validation_nll"]
+__all__ = [
+    "LINKS",
+    "METHODS",
+    "glm_output",
+    "predict_glm",
+    "predict_mc",
+    "sample_network",
+    "validation_nll",
+]
 
 #: The predictive methods each likelihood supports (``"mc"`` for any other).
 METHODS: dict[str, tuple[str, ...]] = {
@@ -81,6 +96,51 @@ def predict_glm(
         return bridge_categorical(mean, cov).reshape(shape)
     draws = sample_outputs(mean, cov, n_samples, generator)
     return LINKS[name](draws).mean(0).reshape(shape)
+
+
+def _output_covariance(la: Laplace, x: Any, jac_rows: int) -> tuple[Tensor, Tensor]:
+    """``(J Σ Jᵀ, output)`` of a chunk: ``(rows, K, K)`` and ``(rows, ...)``."""
+    if la._fisher().structure in ("kfac", "ekfac"):
+        fast = kronecker_functional_covariance(la, x, la._kron_capture(), jac_rows)
+        if fast is not None:
+            return fast
+    rows = batch_rows(x)
+    covs, outs = [], []
+    for start in range(0, rows, jac_rows):
+        J, out = la.jacobians(select_rows(x, start, min(rows, start + jac_rows), rows))
+        covs.append(la.functional_variance(J))
+        outs.append(out)
+    return torch.cat(covs), torch.cat(outs)
+
+
+def glm_output(
+    la: Laplace, x: Any, step: int, jac_rows: int, progress: bool
+) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """:meth:`Laplace.glm_predictive` over chunks of ``step`` rows (Jacobians: ``jac_rows``).
+
+    Returns the output means ``(M, C)``, their covariances ``(M, C, C)`` (the block
+    diagonal of ``J Σ Jᵀ`` over the ``M`` observations of ``C`` outputs) and the
+    output's shape.
+    """
+    rows = batch_rows(x)
+    means, covs, outs = [], [], []
+    starts: Iterable[int] = range(0, rows, step)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="GLM predictive", unit="batch", leave=False)
+    for start in starts:
+        cov, out = _output_covariance(
+            la, select_rows(x, start, min(rows, start + step), rows), jac_rows
+        )
+        c = out.shape[-1] if out.dim() >= 2 else 1
+        n, k = cov.shape[:2]
+        m = k // c
+        cov = cov.reshape(n, m, c, m, c).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+        means.append(out.reshape(-1, c).to(cov.dtype))
+        covs.append(cov.reshape(-1, c, c))
+        outs.append(out)
+    return torch.cat(means), torch.cat(covs), (rows, *outs[0].shape[1:])
 
 
 def sample_network(la: Laplace, x: Any, n_samples: int, gen: torch.Generator | None) -> Tensor:

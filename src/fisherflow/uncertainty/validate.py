@@ -8,7 +8,7 @@ import numbers
 import torch
 from torch import Tensor
 
-__all__ = ["check_positive", "check_prior_precision"]
+__all__ = ["check_batch_size", "check_positive", "check_prior_precision"]
 
 
 def check_positive(value: object, name: str) -> float:
@@ -56,3 +56,20 @@ def check_prior_precision(value: object) -> Tensor:
     if not bool(torch.isfinite(tau).all()) or bool((tau <= 0).any()):
         raise ValueError(f"prior_precision must be finite and > 0, got {tau.tolist()}")
     return tau
+
+
+def check_batch_size(value: object, name: str = "batch_size") -> int | None:
+    """``None`` or a positive integer (rows per chunk).
+
+    Raises:
+        ValueError: If ``value`` is neither.
+
+    Example:
+        >>> check_batch_size(64), check_batch_size(None)
+        (64, None)
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be None or a positive integer, got {value!r}")
+    return int(value)
