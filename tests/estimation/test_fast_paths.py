@@ -19,11 +19,14 @@ def _mlp() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     return model, [(x, y), (x[:3] * 2, y[:3])]
 
 
-@pytest.mark.parametrize("budget", [1, 40, engine.BATCH_ELEMENTS])
+@pytest.mark.parametrize(
+    "budget", [(1, 1e9), (40, 1e9), (engine.BATCH_ELEMENTS, 1e9), (engine.BATCH_ELEMENTS, 0.0)]
+)
 @pytest.mark.parametrize("structure", ["diagonal", "dense", "kfac"])
 def test_batched_exact_matches_reference(monkeypatch, budget, structure):
     """Chunks of 1, a few, or all scores give the same (exact) result."""
-    monkeypatch.setattr(engine, "BATCH_ELEMENTS", budget)
+    monkeypatch.setattr(engine, "BATCH_ELEMENTS", budget[0])
+    monkeypatch.setattr(engine, "BATCH_MEMORY", budget[1])
     model, data = _mlp()
     F = estimate(model, data, "categorical", "exact", structure, progress=False)
     R = reference_fisher(model, data, "categorical", "exact")
@@ -38,6 +41,39 @@ def test_batched_exact_matches_reference(monkeypatch, budget, structure):
         G = torch.diag(p.sum(0)) - p.T @ p
         torch.testing.assert_close(F.G["3"], G)  # type: ignore[attr-defined]
         torch.testing.assert_close(F.rest, R.diagonal()[F.layout.indices(["2.weight", "2.bias"])])  # type: ignore[attr-defined]
+
+
+def test_chunks_follow_the_memory_budget(monkeypatch):
+    """``k`` scores per backward: their output gradients within BATCH_MEMORY × the records."""
+    from fisherflow.estimation.layers import Record
+
+    rec = Record(None, torch.zeros(1), None, torch.zeros(8, 30), torch.zeros(8, 10))
+    # held: 8·(30 + 10) entries; one score's output gradients: 8·10 entries
+    assert engine.chunk_scores([rec], 10) == max(1, int(engine.BATCH_MEMORY * 4))
+    monkeypatch.setattr(engine, "BATCH_MEMORY", 1.0)
+    assert engine.chunk_scores([rec], 10) == 4
+    assert engine.chunk_scores([rec], 3) == 3
+    monkeypatch.setattr(engine, "BATCH_MEMORY", 0.0)
+    assert engine.chunk_scores([rec], 10) == 1
+    monkeypatch.setattr(engine, "BATCH_MEMORY", 1e9)
+    monkeypatch.setattr(engine, "BATCH_ELEMENTS", 3 * 80)
+    assert engine.chunk_scores([rec], 10) == 3
+
+
+def test_chunked_diagonal_equals_one_chunk(monkeypatch):
+    """The diagonal's Σ_k δ_k² over chunks and batches equals one chunk to rounding."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 7)).double()
+    data = [(torch.randn(n, 5, dtype=torch.float64), torch.randint(0, 7, (n,))) for n in (9, 4)]
+    got = {}
+    for memory in (1e9, 0.0, 0.5):
+        monkeypatch.setattr(engine, "BATCH_MEMORY", memory)
+        F = estimate(model, data, "categorical", "exact", "diagonal", progress=False)
+        got[memory] = F.diagonal()
+    R = reference_fisher(model, data, "categorical", "exact").diagonal()
+    for memory in (0.0, 0.5):
+        torch.testing.assert_close(got[memory], got[1e9], rtol=1e-12, atol=0)
+    torch.testing.assert_close(got[1e9], R)
 
 
 def test_batched_mc_matches_looped(monkeypatch):

@@ -3,8 +3,9 @@
 A pass (:func:`~fisherflow.estimation.engine.run_pass`) records every captured layer
 use of a batch and calls, for each of its accumulators, :meth:`Accumulator.begin`
 once with the batch's records, then :meth:`Accumulator.add` per score (or
-:meth:`Accumulator.add_many` for a chunk of scores). An accumulator holds **sums**
-(so shards add exactly) and implements, besides ``add``:
+:meth:`Accumulator.add_many` for a chunk of scores), then :meth:`Accumulator.end_batch`
+once (where sums deferred over the batch's chunks of scores are finished). An
+accumulator holds **sums** (so shards add exactly) and implements, besides ``add``:
 
 - :meth:`Accumulator.build`: the :class:`~fisherflow.matrices.FisherMatrix` of the
   sums so far (without disturbing them: more batches may follow);
@@ -120,8 +121,8 @@ class Accumulator:
 
     Subclasses take the plan and their own options as explicit keyword parameters
     (never ``**options``: a misrouted option is a ``TypeError``), and implement
-    :meth:`add` and :meth:`build`; :meth:`begin`, :meth:`add_many`, :meth:`reduce`
-    and :meth:`end_pass` have defaults.
+    :meth:`add` and :meth:`build`; :meth:`begin`, :meth:`add_many`, :meth:`end_batch`,
+    :meth:`reduce` and :meth:`end_pass` have defaults.
 
     Args:
         plan: What the estimate covers.
@@ -164,6 +165,14 @@ class Accumulator:
         for i in range(k):
             sl = [(rec, d[i * rows : (i + 1) * rows]) for rec, d in pairs]
             self.add(sl, {}, rows)
+
+    def end_batch(self) -> None:
+        """Called once per batch after its last score; the default does nothing.
+
+        An accumulator may defer work over a batch's chunks of scores (the diagonal sums
+        ``Σ_k δ_k²`` of every chunk before one product with the inputs) and finish it
+        here; it must also finish it before any read of its sums.
+        """
 
     def reduce(self, group: Any = None) -> None:
         """Sum the state across the ranks of ``group``, in place (every rank calls it).

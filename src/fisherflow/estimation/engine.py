@@ -54,10 +54,12 @@ from fisherflow.estimation.scores import Scores, make_scores
 
 __all__ = [
     "BATCH_ELEMENTS",
+    "BATCH_MEMORY",
     "CHECK_TOL",
     "Check",
     "Recheck",
     "build_plan",
+    "chunk_scores",
     "clear_probe_cache",
     "mismatched",
     "model_signature",
@@ -150,6 +152,8 @@ def run_pass(
                             capture, model, forward, inputs, torch.stack(cots), rows
                         )
                 _per_score(out, records, scores, accs, rows, stat, func_all, cots)
+            for acc in accs:
+                acc.end_batch()
             timer.done()
             if progress is not None:
                 progress.update(1)
@@ -216,6 +220,50 @@ def _fallback(
 
 #: Most output-gradient entries held at once by a batched backward (chunks of scores).
 BATCH_ELEMENTS = 2**25
+
+#: Most bytes of output gradients held at once by a batched backward, as a multiple of
+#: the bytes the batch's records already hold (their saved inputs and outputs: what the
+#: capture keeps of one forward, about what a plain forward+backward holds). A chunk of
+#: ``k`` scores holds ``k`` copies of the records' output gradients, and about as much
+#: again in the backward's intermediates and the accumulators' temporaries, so 0.5 adds
+#: about one more forward+backward's worth to the peak. Measured on the README's
+#: benchmarks (one thread, CPU time, interleaved; ``bench/RESULTS_estimate.md``): the
+#: 64-256-256-10 MLP (batch 512) gets ``k = 1`` of its 10 classes per backward, peak
+#: 18 → 6 MB; the conv16-conv32-linear CNN (batch 128) ``k = 2``, exact K-FAC 49 → 32
+#: MB, exact diagonal 28 → 16 MB; neither slower (the exact diagonal sums ``Σ_k δ_k²``
+#: over every chunk before its one product with the inputs,
+#: :class:`~fisherflow.estimation.accumulators.DiagonalAcc`). Chunking changes only
+#: the order of float sums (results equal to rounding).
+BATCH_MEMORY = 0.5
+
+
+def chunk_scores(records: list[Record], scores: int) -> int:
+    """Scores per batched backward: within :data:`BATCH_ELEMENTS` and :data:`BATCH_MEMORY`.
+
+    Args:
+        records: The records whose output gradients the backward returns.
+        scores: The number of scores (cotangents) to backpropagate.
+
+    Returns:
+        ``k`` between 1 and ``scores``.
+
+    Example:
+        >>> import torch
+        >>> from fisherflow.estimation.layers import Record
+        >>> rec = Record(None, torch.zeros(1), None, torch.zeros(4, 3), torch.zeros(4, 2))
+        >>> chunk_scores([rec], 10)  # holds 12 + 8 entries: 0.5 · 20 // 8 = 1 cotangent
+        1
+    """
+    per = max(1, sum(r.output.numel() for r in records))
+    per_bytes = max(1, sum(r.output.numel() * r.output.element_size() for r in records))
+    held = sum(
+        t.numel() * t.element_size()
+        for r in records
+        for t in (r.data, r.output)
+        if isinstance(t, Tensor)
+    )
+    by_memory = int(BATCH_MEMORY * held) // per_bytes
+    return max(1, min(scores, BATCH_ELEMENTS // per, by_memory))
 
 
 def _split_local(
@@ -295,8 +343,7 @@ def _batched(
     shown = records if positions == 1 else [as_rows(r, positions) for r in records]
     fed_rows = rows * positions
     outs = [r.output for r in records]
-    per = max(1, sum(o.numel() for o in outs))
-    k_max = max(1, min(scores.size, BATCH_ELEMENTS // per))
+    k_max = chunk_scores(records, scores.size)
     chunk: list[Tensor] = []
 
     def feed(grads: Any, k: int, many: bool = True) -> None:

@@ -40,6 +40,26 @@ class DiagonalAcc(Accumulator):
         super().__init__(plan)
         self.names = list(plan.layout.names if names is None else names)
         self.keep = set(self.names)
+        #: ``{id(record): (record, weight name, bias name, Σ_k δ_k²)}`` of the batch's
+        #: single-use one-position layers fed by :meth:`add_many`: the squared output
+        #: gradients of every chunk of scores are summed first, and the layer's diagonal
+        #: (one product with the squared inputs) is taken once per batch, by :meth:`flush`
+        #: (from :meth:`end_batch`, and before any read).
+        self.pending: dict[int, tuple[Record, str, str | None, Tensor]] = {}
+
+    def begin(self, records: Sequence[Record]) -> None:  # noqa: D102
+        self.flush()
+
+    def end_batch(self) -> None:  # noqa: D102
+        self.flush()
+
+    def flush(self) -> None:
+        """Turn the pending ``Σ_k δ_k²`` into diagonals (at the end of a batch, before reads)."""
+        for rec, wn, bn, sq in self.pending.values():
+            fast = rec.handler.diag(rec, sq.sqrt_())
+            assert fast is not None
+            self._add_diag(wn, bn, fast)
+        self.pending = {}
 
     def _accumulate(self, name: str, value: Tensor) -> None:
         held = self.state.get(name)
@@ -84,21 +104,28 @@ class DiagonalAcc(Accumulator):
             self._accumulate(n, (g * g).sum(0))
 
     def add_many(self, pairs: Pairs, k: int, rows: int) -> None:
-        """Single-use, one-position layers with ``squared_diag`` handlers: ``Σ_k δ_k²`` first."""
+        """Single-use, one-position layers with ``squared_diag`` handlers: ``Σ_k δ_k²`` first.
+
+        The sum runs over every chunk of the batch (:attr:`pending`), so chunking the
+        scores does not multiply the products with the inputs.
+        """
         rest: list[tuple[Record, Tensor]] = []
         for rec, d, wn, bn, once in self._kept(pairs):
             if not (once and _one_position(rec, d)):
                 rest.append((rec, d))
                 continue
-            d_eff = (d * d).reshape(k, rows, *d.shape[1:]).sum(0).sqrt()
-            fast = rec.handler.diag(rec, d_eff)
-            assert fast is not None
-            self._add_diag(wn, bn, fast)
+            sq = (d * d).reshape(k, rows, *d.shape[1:]).sum(0)
+            held = self.pending.get(id(rec))
+            if held is None:
+                self.pending[id(rec)] = (rec, wn, bn, sq)
+            else:
+                held[3].add_(sq)
         if rest:
             super().add_many(rest, k, rows)
 
     def vector(self) -> Tensor:
         """The accumulated diagonal, flat in the order of ``names`` (zeros where unseen)."""
+        self.flush()
         layout = self.plan.layout
         parts = [
             self.state[n].reshape(-1)
@@ -110,6 +137,7 @@ class DiagonalAcc(Accumulator):
 
     def set_vector(self, vector: Tensor) -> None:
         """Replace the sums by a flat vector in the order of ``names`` (e.g. all-reduced)."""
+        self.pending = {}
         layout = self.plan.layout
         sizes = [math.prod(layout.shape(n)) for n in self.names]
         self.state = {

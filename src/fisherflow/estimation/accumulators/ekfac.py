@@ -128,6 +128,10 @@ class EKFACAcc(Accumulator):
         for acc in self._feeding:
             acc.add_many(pairs, k, rows)
 
+    def end_batch(self) -> None:  # noqa: D102
+        for acc in self._feeding:
+            acc.end_batch()
+
     def reduce(self, group: Any = None) -> None:
         """Sum the current pass's statistics across ranks (factors, then corrections)."""
         if self.corrections is None:

@@ -66,6 +66,9 @@ class KFACAcc(Accumulator):
                 side = self.A[g].shape[0]
                 self._keep(("A", g), rec.handler.rows_a(rec, self.plan.reduce), side)
 
+    def end_batch(self) -> None:  # noqa: D102
+        self.rest.end_batch()
+
     def _split(
         self, pairs: Pairs
     ) -> tuple[list[tuple[str, Record, Tensor]], list[tuple[Record, Tensor]]]:
