@@ -27,10 +27,15 @@ from fisherflow.matrices.linalg import default_rcond
 __all__ = ["merge_diagonal_inplace"]
 
 
-def _owned(t: Tensor, dtype: torch.dtype, fresh: bool) -> Tensor:
-    """``t`` in ``dtype`` as a flat tensor this function may overwrite."""
+def _owned(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype`` as a flat tensor this function may overwrite.
+
+    Always a new tensor: the inputs are never written to. (A tensor read with
+    safetensors' ``safe_open`` may map its file privately; writing to it would copy
+    its pages into anonymous memory that lives as long as the file handle.)
+    """
     out = t.reshape(-1).to(dtype)
-    return out.clone() if not fresh and out.data_ptr() == t.data_ptr() else out
+    return out.clone() if out.data_ptr() == t.data_ptr() else out
 
 
 def merge_diagonal_inplace(
@@ -39,22 +44,18 @@ def merge_diagonal_inplace(
     weights: Sequence[float],
     damping: float,
     dtype: torch.dtype,
-    *,
-    fresh: bool = False,
 ) -> tuple[Tensor, list[float]]:
     """Merge one tensor of ``n`` models under diagonal Fishers, in place.
 
     Args:
         read_theta: ``i ↦`` model i's tensor (read when called; called twice per
-            model: once for θ̄, once for the numerator). Never modified unless ``fresh``.
+            model: once for θ̄, once for the numerator). Never modified.
         read_fisher: ``i ↦`` model i's Fisher diagonal over that tensor (flat, same
-            number of entries), called once per model. Never modified unless ``fresh``.
+            number of entries), called once per model. Never modified.
         weights: One weight ``>= 0`` per model with a positive sum.
         damping: λ >= 0.
         dtype: The arithmetic dtype (``merge_block``'s: the widest of the inputs',
             at least float32).
-        fresh: Whether the readers return new tensors nobody else holds (read from a
-            file), which are then overwritten instead of copied.
 
     Returns:
         ``(merged flat tensor in dtype, Fisher mass wᵢ·tr Fᵢ per model)``.
@@ -77,14 +78,14 @@ def merge_diagonal_inplace(
     den: Tensor | None = None
     masses = []
     for i, w in enumerate(weights):
-        f = _owned(read_fisher(i), dtype, fresh)
+        f = _owned(read_fisher(i), dtype)
         if f.numel() != anchor.numel():
             raise ValueError(
                 f"the Fisher slice of model {i} has {f.numel()} entries, the tensor "
                 f"{anchor.numel()}"
             )
         masses.append(w * float(f.sum()))
-        diff = _owned(read_theta(i), dtype, fresh).sub_(anchor).mul_(f).mul_(w)  # w·(F(θ−θ̄))
+        diff = _owned(read_theta(i), dtype).sub_(anchor).mul_(f).mul_(w)  # w·(F(θ−θ̄))
         num = diff if num is None else num.add_(diff)
         del diff
         f.mul_(w)  # the scaled Fisher w·F, as Diagonal's scaling

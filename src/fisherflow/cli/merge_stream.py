@@ -9,7 +9,8 @@ and an output shard is written as soon as it is full.
   time (:class:`fisherflow.cli.merge_fisher.FisherSource`), and each tensor is
   merged in place (:func:`fisherflow.apps._diagonal.merge_diagonal_inplace`): the
   peak is the output shard being filled plus about five tensors of the largest
-  parameter's size (three running sums, one input tensor, one Fisher slice),
+  parameter's size (three running sums, a copy of one input tensor and of one
+  Fisher slice; the tensors read stay in the files' mapped pages),
   whatever the number of models.
 * Other structures merge each unit with :func:`fisherflow.apps.merge_block` (about
   a dozen unit-sized temporaries) and hold the Fishers whole.
@@ -370,14 +371,12 @@ def _merge_diagonal(
     dtype = torch.float32
     for t in [F.dtype for F in fishers] + [s.dtypes[name] for s in sources]:
         dtype = torch.promote_types(dtype, t)
-    fresh = all(s.directory is not None for s in sources) and all(F.streamed for F in fishers)
     flat, masses = merge_diagonal_inplace(
         lambda i: read_tensor(sources[i], name),
         lambda i: fishers[i].diagonal(name),
         weights,
         config.damping,
         dtype,
-        fresh=fresh,
     )
     out_dtype = getattr(torch, config.dtype) if config.dtype else sources[0].dtypes[name]
     merged = flat.view(sources[0].shapes[name].shape).to(out_dtype)
