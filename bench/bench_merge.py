@@ -260,7 +260,11 @@ def main() -> None:
         "--memory-structures", default="diagonal", help="Fishers of the memory part (diagonal,kfac)"
     )
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "RESULTS_merge.md"))
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="results file (default bench/RESULTS_merge.md; with --skip-mnist: print only)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     args.fisher_rows = 1000 if args.quick else 3000
@@ -307,7 +311,10 @@ def main() -> None:
         ],
         "",
     ]
-    Path(args.out).write_text("\n".join(lines))
+    if args.out is None and not args.skip_mnist:
+        args.out = str(Path(__file__).parent / "RESULTS_merge.md")
+    if args.out is not None:  # --skip-mnist alone must not overwrite the MNIST table
+        Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
 
 
