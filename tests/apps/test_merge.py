@@ -183,3 +183,30 @@ def test_fishers_from_an_optimizer_and_from_files(tmp_path):
     )
     torch.testing.assert_close(merged["weight"], expected.detach())
     torch.testing.assert_close(loaded["weight"], merged["weight"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("damping", [0.0, 0.5])
+def test_inplace_diagonal_merge_is_bitwise_merge_block(dtype, damping):
+    from fisherflow.apps._diagonal import merge_diagonal_inplace
+    from fisherflow.apps.merging import merge_block
+
+    g = torch.Generator().manual_seed(3)
+    lay = ff.ParamLayout.from_shapes({"w": (3, 5)})
+    thetas = [torch.randn(3, 5, generator=g, dtype=dtype) for _ in range(3)]
+    values = [torch.rand(15, generator=g, dtype=dtype) for _ in range(3)]
+    for v in values:  # some entries no model informs (the pseudo-inverse's cut-off)
+        v[:4] = 0.0
+    fishers = [ff.Diagonal(v, lay) for v in values]
+    weights = [2.0, 0.5, 1.0]
+    expected, masses = merge_block([{"w": t} for t in thetas], fishers, weights, damping)
+    before = [t.clone() for t in thetas + values]
+    merged, got_masses = merge_diagonal_inplace(
+        thetas.__getitem__, values.__getitem__, weights, damping, dtype
+    )
+    assert torch.equal(merged.view(3, 5), expected["w"])
+    assert got_masses == masses
+    assert all(torch.equal(a, b) for a, b in zip(before, thetas + values, strict=True))
+    if damping == 0.0:  # uninformed entries keep the weighted average
+        avg = sum(w * t for w, t in zip(weights, thetas, strict=True)) / sum(weights)
+        torch.testing.assert_close(merged[:4], avg.reshape(-1)[:4])

@@ -36,11 +36,12 @@ from torch import Tensor
 
 from fisherflow.apps._params import check_same_layout, named_tensors
 from fisherflow.apps._solve import weighted_solve
-from fisherflow.matrices import FisherMatrix
+from fisherflow.matrices import FisherMatrix, ParamLayout
 
 __all__ = [
     "FALLBACKS",
     "check_inputs",
+    "check_layout_fits",
     "check_weights",
     "fallback_tensor",
     "merge",
@@ -218,19 +219,28 @@ def check_inputs(
                 )
     if fishers:
         check_same_layout(list(fishers))
-        layout = fishers[0].layout
-        missing = [n for n in layout.names if n not in first]
-        if missing:
+        check_layout_fits(first, fishers[0].layout, what)
+
+
+def check_layout_fits(first: dict[str, Any], layout: ParamLayout, what: str = "models") -> None:
+    """Check that a Fisher layout's names are tensors of ``first`` with its shapes.
+
+    Raises:
+        ValueError: If the layout names a tensor ``first`` lacks or gives it another
+            shape.
+    """
+    missing = [n for n in layout.names if n not in first]
+    if missing:
+        raise ValueError(
+            f"the Fishers' layout names tensors the {what} lack: {missing[:5]}"
+            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        )
+    for name, shape in zip(layout.names, layout.shapes, strict=True):
+        if tuple(first[name].shape) != shape:
             raise ValueError(
-                f"the Fishers' layout names tensors the {what} lack: {missing[:5]}"
-                + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                f"{what}[0][{name!r}] has shape {tuple(first[name].shape)}, the "
+                f"Fishers' layout says {shape}"
             )
-        for name, shape in zip(layout.names, layout.shapes, strict=True):
-            if tuple(first[name].shape) != shape:
-                raise ValueError(
-                    f"{what}[0][{name!r}] has shape {tuple(first[name].shape)}, the "
-                    f"Fishers' layout says {shape}"
-                )
 
 
 def _aliases(model: Any, covered: set[str], named: dict[str, Tensor]) -> dict[str, str]:

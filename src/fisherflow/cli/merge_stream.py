@@ -1,12 +1,22 @@
 """The streaming merge behind ``fisherflow merge``: checkpoints read tensor by tensor.
 
-Peak memory is about one merge unit (a layer's tensors under a K-FAC or block
-Fisher, one tensor under a diagonal one, everything under dense or low-rank) per
-input, plus the output shard being filled: tensors are read from the inputs'
-safetensors shards with ``safe_open`` as each unit is merged and dropped after it,
-and an output shard is written as soon as it is full. The merge itself is
-:func:`fisherflow.apps.merge_block` on each unit, so the result equals
-:func:`fisherflow.apps.merge` on the whole models.
+Tensors are read from the inputs' safetensors shards with ``safe_open`` as each
+merge unit (a layer's tensors under a K-FAC or block Fisher, one tensor under a
+diagonal one, everything under dense or low-rank) is merged and dropped after it,
+and an output shard is written as soon as it is full.
+
+* Diagonal Fishers from files are read the same way, one parameter's slice at a
+  time (:class:`fisherflow.cli.merge_fisher.FisherSource`), and each tensor is
+  merged in place (:func:`fisherflow.apps._diagonal.merge_diagonal_inplace`): the
+  peak is the output shard being filled plus about five tensors of the largest
+  parameter's size (three running sums, a copy of one input tensor and of one
+  Fisher slice; the tensors read stay in the files' mapped pages),
+  whatever the number of models.
+* Other structures merge each unit with :func:`fisherflow.apps.merge_block` (about
+  a dozen unit-sized temporaries) and hold the Fishers whole.
+
+Either way the result equals :func:`fisherflow.apps.merge` on the whole models
+(bitwise for diagonal Fishers).
 """
 
 from __future__ import annotations
@@ -25,16 +35,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from fisherflow.apps.merging import (
-    check_inputs,
-    check_weights,
-    fallback_tensor,
-    merge_block,
-    merge_units,
-    unit_fisher,
-)
+from fisherflow.apps._diagonal import merge_diagonal_inplace
+from fisherflow.apps.merging import check_inputs, check_weights, fallback_tensor, merge_block
 from fisherflow.cli.merge_config import MergeConfig, ModelEntry, read_config
-from fisherflow.matrices import FisherMatrix, load
+from fisherflow.cli.merge_fisher import SAFETENSORS_DTYPES, FisherSource, check_fisher_sources
 
 __all__ = ["ShardWriter", "Source", "merge_config", "read_tensor"]
 
@@ -80,6 +84,7 @@ class Source:
             else:
                 raise FileNotFoundError(f"{spec} holds no model.safetensors (or its index)")
             self.shapes = {}
+            self.dtypes: dict[str, torch.dtype] = {}
             for f in sorted(set(self._files.values())):
                 if not f.is_file():
                     raise ValueError(f"{spec}: the index names a missing shard {f.name}")
@@ -88,12 +93,15 @@ class Source:
                 for k in [k for k, g in self._files.items() if g == f]:
                     if k not in present:
                         raise ValueError(f"{spec}: tensor {k!r} is missing from {f.name}")
-                    self.shapes[k] = _Shape(tuple(handle.get_slice(k).get_shape()))
+                    view = handle.get_slice(k)
+                    self.shapes[k] = _Shape(tuple(view.get_shape()))
+                    self.dtypes[k] = SAFETENSORS_DTYPES.get(view.get_dtype(), torch.float32)
         else:
             from fisherflow.cli.estimate import load_model
 
             self._tensors = dict(load_model(spec).state_dict())
             self.shapes = {k: _Shape(tuple(t.shape)) for k, t in self._tensors.items()}
+            self.dtypes = {k: t.dtype for k, t in self._tensors.items()}
 
     def _handle(self, f: Path) -> Any:
         if f not in self._handles:
@@ -136,12 +144,16 @@ class ShardWriter:
         self.total_bytes = 0
         self.peak_buffer_bytes = 0
 
-    def add(self, name: str, tensor: Tensor) -> None:
-        """Queue a tensor, writing the current shard first if it would overflow."""
+    def add(self, name: str, tensor: Tensor, owned: bool = False) -> None:
+        """Queue a tensor, writing the current shard first if it would overflow.
+
+        ``owned``: the tensor is contiguous, shares no storage and nobody else holds
+        it, so it is queued as it is rather than copied.
+        """
         size = tensor.numel() * tensor.element_size()
         if self._buffer and self._bytes + size > self.max_bytes:
             self.flush()
-        self._buffer[name] = tensor.detach().contiguous().clone()
+        self._buffer[name] = tensor.detach() if owned else tensor.detach().contiguous().clone()
         self._bytes += size
         self.total_bytes += size
         self.peak_buffer_bytes = max(self.peak_buffer_bytes, self._bytes)
@@ -173,9 +185,9 @@ class ShardWriter:
         return names
 
 
-def _fisher(entry: ModelEntry, progress: bool) -> FisherMatrix | None:
+def _fisher(entry: ModelEntry, progress: bool) -> FisherSource | None:
     if entry.fisher_file is not None:
-        return load(entry.fisher_file)
+        return FisherSource(entry.fisher_file)
     if entry.estimate is None:
         return None
     from fisherflow.cli.estimate import load_data, load_model
@@ -184,16 +196,18 @@ def _fisher(entry: ModelEntry, progress: bool) -> FisherMatrix | None:
     opts = dict(entry.estimate)
     data = load_data(opts.pop("data"), int(opts.pop("batch_size", 8)), opts.pop("limit", None))
     model = load_model(entry.model)
-    return estimate(
-        model,
-        data,
-        opts.pop("likelihood", "categorical"),
-        opts.pop("kind", "mc"),
-        opts.pop("structure", "diagonal"),
-        mc_samples=int(opts.pop("mc_samples", 1)),
-        rank=int(opts.pop("rank", 10)),
-        seed=opts.pop("seed", 0),
-        progress=progress,
+    return FisherSource(
+        estimate(
+            model,
+            data,
+            opts.pop("likelihood", "categorical"),
+            opts.pop("kind", "mc"),
+            opts.pop("structure", "diagonal"),
+            mc_samples=int(opts.pop("mc_samples", 1)),
+            rank=int(opts.pop("rank", 10)),
+            seed=opts.pop("seed", 0),
+            progress=progress,
+        )
     )
 
 
@@ -289,26 +303,30 @@ def merge_config(config_path: str | Path, out: str | Path, progress: bool = True
     fishers = [_fisher(e, progress) for e in config.models]
     fishers_given = [F for F in fishers if F is not None]
     if fishers_given:
-        check_inputs([s.shapes for s in sources], fishers_given, what="checkpoints")
+        check_fisher_sources(sources[0].shapes, fishers_given)
     dtype = getattr(torch, config.dtype) if config.dtype else None
     units_done: list[dict[str, Any]] = []
     total = sum(weights)
     normalised = [w / total for w in weights]
     with _staging(out) as tmp:
         writer = ShardWriter(tmp, config.max_shard_size)
-        units = merge_units(fishers_given[0]) if fishers_given else {}
+        units = fishers_given[0].units() if fishers_given else {}
+        diagonal = bool(fishers_given) and fishers_given[0].structure == "diagonal"
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(sources[0].keys()), desc="merge", unit="tensor", disable=not progress)
         for unit, names in units.items():
-            thetas = [{n: read_tensor(s, n) for n in names} for s in sources]
-            sub = [unit_fisher(F, unit, names) for F in fishers_given]
-            merged, masses = merge_block(thetas, sub, weights, config.damping)
-            like = {n: thetas[0][n].dtype for n in names}
-            del thetas
-            for n in names:
-                writer.add(n, merged[n].to(dtype or like[n]))
-            del merged
+            if diagonal:
+                masses = _merge_diagonal(names[0], sources, fishers_given, weights, config, writer)
+            else:
+                thetas = [{n: read_tensor(s, n) for n in names} for s in sources]
+                sub = [F.unit(unit, names) for F in fishers_given]
+                merged, masses = merge_block(thetas, sub, weights, config.damping)
+                like = {n: thetas[0][n].dtype for n in names}
+                del thetas, sub
+                for n in names:
+                    writer.add(n, merged[n].to(dtype or like[n]))
+                del merged
             mass = sum(masses)
             share = [m / mass if mass > 0 else w for m, w in zip(masses, normalised, strict=True)]
             units_done.append({"unit": unit, "parameters": names, "mass": masses, "share": share})
@@ -336,4 +354,32 @@ def merge_config(config_path: str | Path, out: str | Path, progress: bool = True
         (tmp / "merge_report.md").write_text(md)
         for s in sources:
             s.close()
+        for F in fishers_given:
+            F.close()
     return out
+
+
+def _merge_diagonal(
+    name: str,
+    sources: list[Source],
+    fishers: list[FisherSource],
+    weights: list[float],
+    config: MergeConfig,
+    writer: ShardWriter,
+) -> list[float]:
+    """Merge one tensor under diagonal Fishers in place and queue it; the masses."""
+    dtype = torch.float32
+    for t in [F.dtype for F in fishers] + [s.dtypes[name] for s in sources]:
+        dtype = torch.promote_types(dtype, t)
+    flat, masses = merge_diagonal_inplace(
+        lambda i: read_tensor(sources[i], name),
+        lambda i: fishers[i].diagonal(name),
+        weights,
+        config.damping,
+        dtype,
+    )
+    out_dtype = getattr(torch, config.dtype) if config.dtype else sources[0].dtypes[name]
+    merged = flat.view(sources[0].shapes[name].shape).to(out_dtype)
+    del flat
+    writer.add(name, merged, owned=True)
+    return masses
