@@ -186,9 +186,34 @@ def test_long_run_notice(monkeypatch):
         ff.estimate(model, data, "categorical", "exact", "diagonal")
     assert len(got) == 1  # once per estimate
     assert "position-local" in str(got[0].message)
+    assert "needs" in str(got[0].message)  # announced before the batch's passes ran
+    assert got[0].filename == __file__  # at the user's line
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ff.estimate(model, data, "categorical", "mc", "diagonal")  # only the exact kind
+
+
+def test_long_run_notice_comes_before_the_rest_of_the_passes(monkeypatch):
+    """The notice is issued after the first chunk of passes, with the others still to run."""
+    model, data = _case("transformer")
+    monkeypatch.setattr(positions, "LONG_PASSES", 10)
+    monkeypatch.setattr(positions, "LONG_SECONDS", 0.0)
+    ticks: list[int] = []
+    real = positions.CostTimer.tick
+
+    def tick(self, passes):
+        ticks.append(passes)
+        if not self.pending:
+            return
+        real(self, passes)
+        if not self.pending:
+            ticks.append(-1)  # the notice was issued here
+
+    monkeypatch.setattr(positions.CostTimer, "tick", tick)
+    with pytest.warns(positions.CostNotice, match="needs"):
+        ff.estimate(model, data[:1], "categorical", "exact", "diagonal")
+    at = ticks.index(-1)
+    assert 0 < at < len(ticks) - 1  # after the first chunk, before the last
 
 
 class Scaled(EmbedMLP):

@@ -8,7 +8,7 @@ names are re-exported here, where :func:`run_pass` has always been imported from
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -142,7 +142,9 @@ def run_pass(
             )
             if split is not None:  # the position-local layers: one backward per class
                 local, records = split
-                _batched(out, local, scores.per_class(), accs, rows, stat, layout=scores.layout)
+                _batched(
+                    out, local, scores.per_class(), accs, rows, stat, scores.layout, timer.tick
+                )
             if split is None or records or capture.fallback:
                 cots = [c.to(out.dtype) for c in scores] if capture.fallback else None
                 func_all: dict[str, Tensor] = {}
@@ -151,7 +153,7 @@ def run_pass(
                         func_all = _fallback(
                             capture, model, forward, inputs, torch.stack(cots), rows
                         )
-                _per_score(out, records, scores, accs, rows, stat, func_all, cots)
+                _per_score(out, records, scores, accs, rows, stat, func_all, cots, timer.tick)
             for acc in accs:
                 acc.end_batch()
             timer.done()
@@ -169,10 +171,14 @@ def _per_score(
     stat: torch.dtype,
     func_all: dict[str, Tensor],
     cots: list[Tensor] | None,
+    tick: Callable[[int], None] | None = None,
 ) -> None:
-    """One backward per score (batched in chunks when there is no fallback)."""
+    """One backward per score (batched in chunks when there is no fallback).
+
+    ``tick(n)`` is told of every ``n`` passes run (the cost notice's clock).
+    """
     if cots is None and scores.size > 1 and records:
-        _batched(out, records, scores, accs, rows, stat)
+        _batched(out, records, scores, accs, rows, stat, tick=tick)
         return
     outs = [r.output for r in records]
     for k, cot in enumerate(cots if cots is not None else scores):
@@ -188,6 +194,8 @@ def _per_score(
         func = {n: g[k].to(stat) for n, g in func_all.items()}
         for acc in accs:
             acc.add(pairs, func, rows)
+        if tick is not None:
+            tick(1)
 
 
 def _fallback(
@@ -329,8 +337,11 @@ def _batched(
     rows: int,
     stat: torch.dtype,
     layout: tuple[int, int, int] | None = None,
+    tick: Callable[[int], None] | None = None,
 ) -> None:
     """Many cotangents (exact kind, several MC samples) in chunks of batched backwards.
+
+    ``tick(k)`` is told after each chunk of ``k`` passes (the cost notice's clock).
 
     ``autograd.grad(..., is_grads_batched=True)`` runs one vmapped backward per chunk of
     ``k`` cotangents; records then carry ``(k·rows, …)`` output gradients (cotangent
@@ -382,5 +393,10 @@ def _batched(
         chunk.append(c)
         if len(chunk) == k_max:
             flush()
+            if tick is not None:
+                tick(k_max)
     if chunk:
+        k = len(chunk)
         flush()
+        if tick is not None:
+            tick(k)

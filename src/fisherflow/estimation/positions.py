@@ -31,7 +31,6 @@ structures keep the (position, class) passes for every layer.
 from __future__ import annotations
 
 import time
-import warnings
 import weakref
 from collections.abc import Hashable, Sequence
 from dataclasses import replace
@@ -39,6 +38,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from fisherflow.estimation.data import warn_user
 from fisherflow.estimation.layers import Record
 
 __all__ = [
@@ -55,7 +55,8 @@ __all__ = [
 
 
 #: An estimate whose first batch needs more backward passes than this, and takes more
-#: than :data:`LONG_SECONDS`, gets a one-time :class:`CostNotice` after that batch.
+#: than :data:`LONG_SECONDS`, gets a one-time :class:`CostNotice` once its first
+#: chunk of passes has run (an estimate of the batch's seconds, before the rest).
 LONG_PASSES = 200
 #: Seconds of a first batch past which a long exact run is announced (see
 #: :data:`LONG_PASSES`).
@@ -173,6 +174,10 @@ def delta_rows(d: Tensor, positions: int) -> Tensor:
 class CostTimer:
     """Times the first batch of an exact estimate and announces a long run once.
 
+    The announcement comes as soon as the first chunk of passes has run (its time,
+    scaled to every pass the batch needs, estimates the batch), so a user sees the cost
+    before waiting for it; :meth:`done` announces what the batch took if no chunk did.
+
     Args:
         passes: Backward passes the batch needs.
         detail: What paid which price (layers by the passes they needed).
@@ -184,21 +189,46 @@ class CostTimer:
         self.passes, self.detail, self.device = passes, detail, device
         self.pending = announce and passes > LONG_PASSES
         self.start = time.perf_counter() if self.pending else 0.0
+        self.ran = 0
+
+    def _seconds(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - self.start
+
+    def tick(self, passes: int) -> None:
+        """``passes`` more backward passes have run: announce the estimated batch time.
+
+        The first call that leaves passes to run estimates the batch as the seconds so
+        far × all passes ÷ passes run, and announces it (once) if that exceeds
+        :data:`LONG_SECONDS`.
+        """
+        if not self.pending:
+            return
+        self.ran += passes
+        if self.ran >= self.passes:
+            return  # nothing left to announce ahead of; done() reports the batch
+        self.pending = False
+        seconds = self._seconds() * self.passes / max(self.ran, 1)
+        if seconds > LONG_SECONDS:
+            warn_user(
+                f"fisherflow.estimation: kind='exact' needs {self.passes} backward passes on "
+                f"the first batch (about {seconds:.1f} s from its first {self.ran}; each "
+                f"batch of its shape costs about as much): {self.detail}",
+                CostNotice,
+            )
 
     def done(self) -> None:
         """The batch's passes are done: announce them and their seconds if long (once)."""
         if not self.pending:
             return
         self.pending = False
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - self.start
+        seconds = self._seconds()
         if seconds <= LONG_SECONDS:
             return
-        warnings.warn(
+        warn_user(
             f"fisherflow.estimation: kind='exact' ran {self.passes} backward passes on the "
             f"first batch ({seconds:.1f} s; each batch of its shape costs about as much): "
             f"{self.detail}",
             CostNotice,
-            stacklevel=4,
         )
