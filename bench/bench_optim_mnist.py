@@ -82,7 +82,7 @@ OPTIMIZERS: dict[str, tuple[Callable[[nn.Module, float], object], tuple[float, .
         lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9),
         (0.1, 0.3, 1.0),
     ),
-    "Adam": (lambda m, lr: torch.optim.Adam(m.parameters(), lr=lr), (3e-3, 1e-2, 3e-2)),
+    "Adam": (lambda m, lr: torch.optim.Adam(m.parameters(), lr=lr), (1e-2, 3e-2, 1e-1)),
     "NG block": (
         lambda m, lr: ff.optim.NaturalGradient(m, lr=lr, structure="block", **NG),
         (0.003, 0.01, 0.03),
@@ -93,11 +93,11 @@ OPTIMIZERS: dict[str, tuple[Callable[[nn.Module, float], object], tuple[float, .
         lambda m, lr: ff.optim.Shampoo(
             m.parameters(), lr=lr, exponent=-0.5, model=m, precondition_frequency=10
         ),
-        (3e-3, 1e-2, 3e-2),
+        (1e-2, 3e-2, 1e-1),
     ),
     "SOAP": (
         lambda m, lr: ff.optim.SOAP(m.parameters(), lr=lr, weight_decay=0.0, model=m),
-        (3e-3, 1e-2, 3e-2),
+        (1e-2, 3e-2, 1e-1),
     ),
 }
 

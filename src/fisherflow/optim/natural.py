@@ -95,8 +95,9 @@ class NaturalGradient(torch.optim.Optimizer):
     ``u = −lr ν Δ`` keeps ``½ uᵀ(F + λI)u ≤ κ``, Martens & Grosse's trust region with
     the damped curvature), ``b ← momentum · b + ν Δ`` (``b = ν Δ`` at first),
     ``θ ← (1 − lr · weight_decay) θ − lr · b`` (decoupled weight decay). The
-    eigendecomposition of the preconditioner is recomputed after each curvature
-    update, or every ``inverse_freq`` steps when given.
+    eigendecomposition of the preconditioner (dense and block structures: its damped
+    inverse, formed once and applied by a product on the steps between) is recomputed
+    after each curvature update, or every ``inverse_freq`` steps when given.
 
     **Robustness.** A non-finite gradient, curvature or step is never applied: the
     step is skipped (nothing changes, the step count included) with a
