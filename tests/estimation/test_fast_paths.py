@@ -82,7 +82,7 @@ def test_batched_mc_matches_looped(monkeypatch):
     args = (model, data, "categorical", "mc", "diagonal")
     F = estimate(*args, mc_samples=3, seed=1, progress=False)
 
-    def looped(out, records, scores, accs, rows, stat):
+    def looped(out, records, scores, accs, rows, stat, tick=None):
         for c in scores:
             grads = torch.autograd.grad(
                 out, [r.output for r in records], c.to(out.dtype), retain_graph=True
