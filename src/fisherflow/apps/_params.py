@@ -8,7 +8,7 @@ dict and say precisely what does not match.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from fisherflow.matrices import FisherMatrix, ParamLayout
 
-__all__ = ["check_same_layout", "flat_params", "named_tensors"]
+__all__ = ["check_alike", "check_same_layout", "flat_params", "named_tensors"]
 
 
 def named_tensors(source: Any, name: str) -> dict[str, Tensor]:
@@ -103,6 +103,19 @@ def check_same_layout(fishers: list[FisherMatrix], name: str = "fishers") -> Non
     for i, F in enumerate(fishers):
         if not isinstance(F, FisherMatrix):
             raise TypeError(f"{name}[{i}] must be a FisherMatrix, got {type(F).__name__}")
+    check_alike(fishers, name)
+
+
+def check_alike(fishers: Sequence[Any], name: str = "fishers") -> None:
+    """Check that Fishers share one structure, layout and group partition.
+
+    Duck-typed: anything with ``structure``, ``layout`` and ``groups()`` (such as the
+    merge command's file readers) is compared the same way.
+
+    Raises:
+        ValueError: If structures, layouts or groups differ (the message names the
+            first difference).
+    """
     first = fishers[0]
     for i, F in enumerate(fishers[1:], start=1):
         if F.structure != first.structure:

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from fisherflow.apps._params import _first_difference as first_difference
+from fisherflow.apps._params import check_alike
 from fisherflow.apps.merging import check_layout_fits, merge_units, unit_fisher
 from fisherflow.matrices import Diagonal, FisherMatrix, ParamLayout, load
 from fisherflow.matrices.io import FORMAT_VERSION
@@ -153,16 +153,5 @@ def check_fisher_sources(first: dict[str, Any], fishers: list[FisherSource]) -> 
         ValueError: If the structures, layouts or groups differ, or the layout names a
             tensor the checkpoints lack or gives it another shape.
     """
-    head = fishers[0]
-    for i, F in enumerate(fishers[1:], start=1):
-        if F.structure != head.structure:
-            raise ValueError(
-                f"fishers must share one structure: fishers[0] is {head.structure!r}, "
-                f"fishers[{i}] is {F.structure!r}"
-            )
-        if F.layout != head.layout:
-            diff = first_difference(head.layout, F.layout)
-            raise ValueError(f"fishers[{i}]'s layout differs from fishers[0]'s: {diff}")
-        if F.groups() != head.groups():
-            raise ValueError(f"fishers[{i}] groups its parameters differently from fishers[0]")
-    check_layout_fits(first, head.layout, "checkpoints")
+    check_alike(fishers, "fishers")
+    check_layout_fits(first, fishers[0].layout, "checkpoints")
