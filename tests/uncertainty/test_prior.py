@@ -135,3 +135,17 @@ def test_predictive_samples_average_to_the_predictive():
     )
     with pytest.raises(ValueError, match="method must be one of"):
         la.predictive_samples(X[:4], method="probit")
+
+
+def test_setting_the_temperature_after_fit_keeps_the_evidence_consistent():
+    la, X, y = _fitted("kfac")
+    la.temperature = 0.25
+    fresh = ff.Laplace(la.model, likelihood="categorical", temperature=0.25)
+    fresh.fit([(X, y)], progress=False)
+    assert fresh.loglik == pytest.approx(la.loglik, rel=1e-12)
+    for tau in (0.1, 3.0):
+        torch.testing.assert_close(
+            la.log_marginal_likelihood(tau), fresh.log_marginal_likelihood(tau)
+        )
+    with pytest.raises(ValueError, match="temperature"):
+        la.temperature = -1.0

@@ -28,6 +28,7 @@ use of it only (the embedding lookup is held at θ*).
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -131,17 +132,43 @@ def _last_layer(la: Laplace, input_ids: Any) -> tuple[Tensor, _LastLayer | None]
     names = [ids[id(p)] for p in last[0].parameters(recurse=False) if id(p) in ids]
     if sorted(names) != sorted(la.names):
         return logits, None
-    found = _basis(la.fisher, names)
+    found = _variances(la, names, tau)
     if found is None:
         return logits, None
-    QA, QG, S = found
+    QA, QG, M = found
     x = last[1].detach()
-    phi = x.reshape(-1, x.shape[-1]).to(S.dtype)
+    phi = x.reshape(-1, x.shape[-1]).to(M.dtype)
     if len(names) > 1:
         phi = torch.cat([phi, torch.ones_like(phi[:, :1])], 1)
-    t = la.temperature
-    M = t / (S.clamp_min(0) + t * tau)
     return logits, _LastLayer(phi, QA, QG, M)
+
+
+#: Per posterior, the output layer's ``(key, (Q_A, Q_G, M))``: building ``M`` reads the
+#: whole layer's Fisher (28M entries for a 49k-token vocabulary), which would otherwise
+#: cost more than the forward on a short prompt at every call (and every decoding step).
+_CACHE: weakref.WeakKeyDictionary[Laplace, tuple[tuple[Any, ...], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _variances(la: Laplace, names: list[str], tau: float) -> tuple[Any, Any, Tensor] | None:
+    """``(Q_A, Q_G, M)`` with ``M = T / (S + Tτ)``, cached per (Fisher object, names, τ, T).
+
+    A Fisher modified in place keeps the cached ``M``: attach a new one instead.
+    """
+    assert la.fisher is not None
+    t = la.temperature
+    key = (la.fisher, tuple(names), tau, t)
+    hit = _CACHE.get(la)
+    if hit is not None and hit[0][0] is la.fisher and hit[0][1:] == key[1:]:
+        return hit[1]  # type: ignore[no-any-return]
+    found = _basis(la.fisher, names)
+    if found is None:
+        return None
+    QA, QG, S = found
+    value = (QA, QG, t / (S.clamp_min(0) + t * tau))
+    _CACHE[la] = (key, value)
+    return value
 
 
 def _logit_variances(view: _LastLayer) -> Tensor:

@@ -127,7 +127,7 @@ class Laplace:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.sigma_noise = check_positive(sigma_noise, "sigma_noise")
-        self.temperature = check_positive(temperature, "temperature")
+        self._temperature = check_positive(temperature, "temperature")
         options = {"variance": self.sigma_noise**2} if likelihood == "gaussian" else {}
         self.likelihood = get_likelihood(likelihood, **options)
         if structure not in STRUCTURES:
@@ -161,6 +161,22 @@ class Laplace:
                 self._attach(fisher)
 
     # ------------------------------------------------------------------ state
+    @property
+    def temperature(self) -> float:
+        """``T > 0``, which divides the curvature and the log-likelihood.
+
+        Setting it after :meth:`fit` rescales the recorded tempered log-likelihood, so
+        the evidence stays that of the new temperature (no refit needed).
+        """
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        new = check_positive(value, "temperature")
+        if self.loglik is not None:
+            self.loglik = self.loglik * self._temperature / new
+        self._temperature = new
+
     @property
     def prior_precision(self) -> Tensor:
         """τ: a 0-dim tensor, or ``(L,)`` with one value per layer of :attr:`prior_groups`."""
