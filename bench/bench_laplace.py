@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import fisherflow as ff
+from _laplace_peer import laplace_cell
 
 STRUCTURES = {"kron": "kfac", "diag": "diagonal"}
 
@@ -33,7 +31,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="less data, fewer repetitions")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    from laplace import Laplace as TorchLaplace
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -48,32 +45,13 @@ def main() -> None:
     X = torch.randn(n, 32)
     y = torch.randint(0, 10, (n,))
     loader = DataLoader(TensorDataset(X, y), batch_size=256)
-    batches = list(loader)
     x_test = torch.randn(128, 32)
     rows = []
     for theirs, ours in STRUCTURES.items():
-        times: dict[str, list[float]] = {"laplace-torch": [], "fisherflow": []}
-        diff = 0.0
-        for _ in range(reps):
-            start = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                lt = TorchLaplace(
-                    model,
-                    "classification",
-                    subset_of_weights="all",
-                    hessian_structure=theirs,
-                    prior_precision=1.0,
-                )
-                lt.fit(loader)
-                p_lt = lt(x_test, pred_type="glm", link_approx="probit")
-            times["laplace-torch"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            la = ff.Laplace(model, likelihood="categorical", structure=ours, prior_precision=1.0)
-            la.fit(batches, progress=False)
-            p_ff = la.predict(x_test, method="probit")
-            times["fisherflow"].append(time.perf_counter() - start)
-            diff = max(diff, float((p_ff - p_lt).abs().max()))
+        ff_times, lt_times, diff = laplace_cell(
+            model, loader, x_test, theirs=theirs, ours=ours, reps=reps
+        )
+        times = {"laplace-torch": lt_times, "fisherflow": ff_times}
         ratio = [a / b for a, b in zip(times["laplace-torch"], times["fisherflow"], strict=True)]
         rows.append(
             f"| {ours} | {statistics.median(times['fisherflow']):.2f} s | "

@@ -33,7 +33,6 @@ import importlib.util
 import os
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 import fisherflow as ff
+from _laplace_peer import laplace_cell
 from fisherflow.uncertainty import calibration, ood_auroc
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -225,53 +225,29 @@ def part_a(args: argparse.Namespace, mnist: tuple[Tensor, ...], lines: list[str]
 def part_b(
     args: argparse.Namespace, model: nn.Module, mnist: tuple[Tensor, ...], lines: list[str]
 ) -> None:
-    from laplace import Laplace as TorchLaplace
     from torch.utils.data import DataLoader, TensorDataset
 
     xtr, ytr, xte, _ = mnist
     n_fit, n_pred, reps = (2000, 100, 2) if args.quick else (10000, 1000, 3)
     x, y, xp = xtr[:n_fit], ytr[:n_fit], xte[:n_pred]
     loader = DataLoader(TensorDataset(x, y), batch_size=500)
-    batches = list(loader)
     hidden = model[0].out_features
     out = []
     for subset in ("last_layer", "all"):
         for theirs, ours in (("diag", "diagonal"), ("kron", "kfac")):
             if args.cells and f"{subset}:{ours}" not in args.cells.split(","):
                 continue
-            times: dict[str, list[float]] = {"lt": [], "ff": []}
-            diff = 0.0
-            for _ in range(reps):
-                start = time.perf_counter()
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    lt = TorchLaplace(
-                        model,
-                        "classification",
-                        subset_of_weights=subset,
-                        hessian_structure=theirs,
-                        prior_precision=1.0,
-                    )
-                    lt.fit(loader)
-                    p_lt = torch.cat(
-                        [
-                            lt(xc, pred_type="glm", link_approx="probit")
-                            for xc in xp.split(args.chunk)
-                        ]
-                    )
-                times["lt"].append(time.perf_counter() - start)
-                start = time.perf_counter()
-                la = ff.Laplace(
-                    model,
-                    likelihood="categorical",
-                    structure=ours,
-                    params="last_layer" if subset == "last_layer" else None,
-                    prior_precision=1.0,
-                )
-                la.fit(batches, progress=False)
-                p_ff = laplace_predict(la, xp, args.chunk)
-                times["ff"].append(time.perf_counter() - start)
-                diff = max(diff, float((p_ff - p_lt.float()).abs().max()))
+            ff_times, lt_times, diff = laplace_cell(
+                model,
+                loader,
+                xp,
+                theirs=theirs,
+                ours=ours,
+                subset=subset,
+                reps=reps,
+                chunk=args.chunk,
+            )
+            times = {"lt": lt_times, "ff": ff_times}
             ratio = [a / b for a, b in zip(times["lt"], times["ff"], strict=True)]
             out.append(
                 f"| {subset.replace('_', ' ')} | {ours} | {statistics.median(times['ff']):.2f} | "
