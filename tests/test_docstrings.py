@@ -12,6 +12,7 @@ MODULES = [
     "fisherflow.matrices.layout",
     "fisherflow.matrices.linalg",
     "fisherflow.matrices.validate",
+    "fisherflow.matrices.core",
     "fisherflow.matrices.dense",
     "fisherflow.matrices.diagonal",
     "fisherflow.matrices.block",

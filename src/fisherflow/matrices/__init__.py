@@ -4,7 +4,8 @@ Layer 1 of fisherflow: imports only :mod:`fisherflow.distributed` (layer 0) besi
 torch, numpy, scipy and safetensors. Inside the package the imports go one way, with
 no cycle: ``registry`` and ``layout`` at the bottom; ``validate``, ``linalg``; ``io``
 (the file format) and ``distributed`` (all-reduce), which resolve structures through
-the registry; ``base``; then the structures (``dense``, ``diagonal``, ``block``,
+the registry; ``core`` (the abstract core and its defaults), ``base`` (the public
+operations); then the structures (``dense``, ``diagonal``, ``block``,
 ``kron``/``kron_base``, ``kfac``, ``ekfac``, ``lowrank``), each of which registers
 itself in :data:`STRUCTURES` when its module is imported.
 """

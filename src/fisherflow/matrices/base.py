@@ -1,44 +1,33 @@
-"""The abstract Fisher matrix: a structured PSD matrix over a parameter layout.
+"""The Fisher matrix users hold: every public operation, derived from the abstract core.
 
 A structure implements a small abstract core of **3 members** — ``_matmat``
 (``F @ V``), ``_state`` and ``_from_state`` (its tensors, for files, ``to`` and
 ``all_reduce``) — and sets the class attribute ``structure``, which registers it in
-:data:`fisherflow.matrices.registry.STRUCTURES`. Everything else has a correct
-default here, derived from the core through the dense matrix (O(P²) memory, O(P³)
-time: fine for small layouts); a structure overrides the defaults it can do better
-(``_diagonal``, ``_eigvals``, ``_power_matmat``, ``_pinv_matmat``, ``_rank``,
-``_power``, ``_add``, ``_scale``, ``_restrict``, ``dtype``, ``device``, ``groups``).
-Every public operation is derived here, with one name and one meaning across all
-structures.
+:data:`fisherflow.matrices.registry.STRUCTURES`. The core, the metadata and the
+overridable defaults derived from it are in :mod:`fisherflow.matrices.core`; this
+module derives every public operation from them, with one name and one meaning
+across all structures (argument checks, vector forms, arithmetic, files).
 """
 
 from __future__ import annotations
 
-import abc
 import math
 import numbers
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from fisherflow.matrices import distributed, io
+from fisherflow.matrices.core import FisherCore
 from fisherflow.matrices.layout import ParamLayout, Vector
-from fisherflow.matrices.linalg import (
-    check_nonsingular,
-    default_rcond,
-    eigh,
-    linear_operator,
-    spectral_pinv,
-    spectral_power,
-)
+from fisherflow.matrices.linalg import check_nonsingular, linear_operator
 from fisherflow.matrices.registry import STRUCTURES
 from fisherflow.matrices.registry import register as register_structure
 from fisherflow.matrices.validate import (
     KINDS,
     check_columns,
     check_damping,
-    check_meta,
     check_power,
     check_rcond,
 )
@@ -46,11 +35,7 @@ from fisherflow.matrices.validate import (
 __all__ = ["KINDS", "STRUCTURES", "FisherMatrix"]
 
 
-#: Columns per product when a default builds the dense matrix or its diagonal.
-_CHUNK = 256
-
-
-class FisherMatrix(abc.ABC):
+class FisherMatrix(FisherCore):
     """Summed Fisher information over ``num_samples`` observations, in some structure.
 
     The matrix holds the **sum** of per-observation information (information is
@@ -70,169 +55,16 @@ class FisherMatrix(abc.ABC):
         ValueError: If ``num_samples`` is negative or not finite, or ``kind`` is unknown.
 
     A new structure implements 3 abstract members (``_matmat``, ``_state``,
-    ``_from_state``) and names itself with ``structure = "..."``; subclassing with
-    ``register=False`` keeps it out of :data:`STRUCTURES` (e.g. in tests).
+    ``_from_state``; see :class:`~fisherflow.matrices.core.FisherCore` for the
+    defaults it may override) and names itself with ``structure = "..."``;
+    subclassing with ``register=False`` keeps it out of :data:`STRUCTURES` (e.g. in
+    tests).
     """
-
-    #: The structure name used in files and by ``fisherflow.estimation``.
-    structure: ClassVar[str]
 
     def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if register and "structure" in cls.__dict__:
             register_structure(cls)
-
-    layout: ParamLayout
-    num_samples: float
-    kind: str | None
-    likelihood: str | None
-
-    def __init__(
-        self,
-        layout: ParamLayout,
-        *,
-        num_samples: float = 0.0,
-        kind: str | None = None,
-        likelihood: str | None = None,
-    ) -> None:
-        self.layout = layout
-        self.num_samples = check_meta(layout, num_samples, kind, likelihood)
-        self.kind = kind
-        self.likelihood = likelihood
-
-    # ------------------------------------------------- abstract core (3 members)
-    @abc.abstractmethod
-    def _matmat(self, v: Tensor) -> Tensor:
-        """``F @ v`` for a flat ``(P, k)`` matrix ``v``."""
-
-    @abc.abstractmethod
-    def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """Tensors and JSON-ready extras that :meth:`_from_state` rebuilds F from."""
-
-    @classmethod
-    @abc.abstractmethod
-    def _from_state(
-        cls, layout: ParamLayout, tensors: dict[str, Tensor], extra: dict[str, Any], **meta: Any
-    ) -> FisherMatrix:
-        """Rebuild a matrix from :meth:`_state` output (validating shapes)."""
-
-    # ------------------------------------------------ defaults (override to be fast)
-    @property
-    def dtype(self) -> torch.dtype:
-        """Floating dtype of the stored statistics (default: of the first state tensor)."""
-        return next(iter(self._state()[0].values())).dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the stored statistics (default: of the first state tensor)."""
-        return next(iter(self._state()[0].values())).device
-
-    def _identity_columns(self, start: int, stop: int) -> Tensor:
-        cols = torch.zeros(self.size, stop - start, dtype=self.dtype, device=self.device)
-        cols[start:stop] = torch.eye(stop - start, dtype=self.dtype, device=self.device)
-        return cols
-
-    def _diagonal(self) -> Tensor:
-        """The ``(P,)`` diagonal of F (default: ``_matmat`` on identity columns, chunked)."""
-        parts = []
-        for start in range(0, self.size, _CHUNK):
-            stop = min(start + _CHUNK, self.size)
-            block = self._matmat(self._identity_columns(start, stop))
-            parts.append(block[start:stop].diagonal())
-        if not parts:
-            return torch.zeros(0, dtype=self.dtype, device=self.device)
-        return torch.cat(parts)
-
-    def _dense_eigh(self) -> tuple[Tensor, Tensor]:
-        """Cached eigendecomposition of the dense matrix (the defaults' fallback)."""
-        cached = self.__dict__.get("_dense_eig")
-        if cached is None:
-            cached = eigh(self.to_dense())
-            self.__dict__["_dense_eig"] = cached
-        return cached
-
-    def _eigvals(self) -> Tensor:
-        """All P eigenvalues of F, any order (default: ``eigh`` of the dense matrix)."""
-        return self._dense_eigh()[0]
-
-    def _power_matmat(self, v: Tensor, p: float, damping: float) -> Tensor:
-        """``(F + damping I)^p @ v`` for a flat ``(P, k)`` ``v`` (default: dense ``eigh``)."""
-        vals, vecs = self._dense_eigh()
-        return vecs @ (spectral_power(vals, p, damping)[:, None] * (vecs.T @ v))
-
-    def _pinv_matmat(self, v: Tensor, damping: float, rcond: float | None) -> Tensor:
-        """``(F + damping I)⁺ @ v`` with a relative cut-off (default: dense ``eigh``)."""
-        vals, vecs = self._dense_eigh()
-        return vecs @ (spectral_pinv(vals, damping, rcond)[:, None] * (vecs.T @ v))
-
-    def _rank(self, rcond: float | None) -> int:
-        """Numerical rank (default: eigenvalues above ``rcond`` times the largest)."""
-        vals = self._eigvals().clamp_min(0)
-        top = float(vals.max()) if vals.numel() else 0.0
-        if top <= 0:
-            return 0
-        return int((vals > default_rcond(rcond, self.size, self.dtype) * top).sum())
-
-    def _power(self, p: float, damping: float) -> FisherMatrix:
-        """``(F + damping I)^p`` as a Fisher structure (default: a dense matrix)."""
-        vals, vecs = self._dense_eigh()
-        mat = (vecs * spectral_power(vals, p, damping)) @ vecs.T
-        dense = {"matrix": 0.5 * (mat + mat.T)}
-        return STRUCTURES["dense"]._from_state(self.layout, dense, {}, **self.meta)
-
-    def _add(self, other: FisherMatrix) -> FisherMatrix:
-        """Sum with a matrix of the same structure and layout (metadata already merged).
-
-        Default: add the state tensors, which is exact for structures whose stored
-        tensors are linear in F (dense, diagonal, block).
-        """
-        mine, extra = self._state()
-        theirs, other_extra = other._state()
-        if other_extra != extra or set(theirs) != set(mine):
-            raise ValueError(
-                f"cannot add {self.structure!r} Fishers of different shapes: "
-                f"{extra} vs {other_extra}"
-            )
-        summed = {k: mine[k] + theirs[k] for k in mine}
-        return type(self)._from_state(self.layout, summed, extra, **self.meta)
-
-    def _scale(self, factor: float) -> FisherMatrix:
-        """``factor * F`` with ``num_samples`` scaled too (default: scale the state tensors)."""
-        tensors, extra = self._state()
-        meta = {**self.meta, "num_samples": self.num_samples * factor}
-        scaled = {k: t * factor for k, t in tensors.items()}
-        return type(self)._from_state(self.layout, scaled, extra, **meta)
-
-    def _restrict(self, names: list[str]) -> FisherMatrix:
-        """The diagonal block of F over ``names`` (default: a dense sub-matrix)."""
-        idx = self.layout.indices(names).to(self.device)
-        cols = torch.zeros(self.size, idx.numel(), dtype=self.dtype, device=self.device)
-        cols[idx, torch.arange(idx.numel(), device=self.device)] = 1.0
-        sub = self._matmat(cols)[idx]
-        dense = {"matrix": 0.5 * (sub + sub.T)}
-        return STRUCTURES["dense"]._from_state(self.layout.subset(names), dense, {}, **self.meta)
-
-    def groups(self) -> dict[str, list[str]]:
-        """Named groups of parameters the structure models jointly (e.g. a layer)."""
-        return {}
-
-    # ------------------------------------------------------------- metadata
-    @property
-    def size(self) -> int:
-        """Number of parameters P."""
-        return self.layout.size
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        """Keyword metadata (num_samples, kind, likelihood) for building a sibling."""
-        return {"num_samples": self.num_samples, "kind": self.kind, "likelihood": self.likelihood}
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(P={self.size}, params={len(self.layout)}, "
-            f"num_samples={self.num_samples:g}, kind={self.kind!r}, "
-            f"likelihood={self.likelihood!r}, dtype={self.dtype})"
-        )
 
     # --------------------------------------------------------------- vectors
     def _as_columns(self, v: Vector, name: str = "v") -> tuple[Tensor, bool, bool]:
@@ -385,15 +217,6 @@ class FisherMatrix(abc.ABC):
         lam = check_damping(damping)
         z = torch.randn(self.size, n, generator=generator, dtype=self.dtype, device=self.device)
         return self._inv_sqrt_matmat(z, lam).T
-
-    def _inv_sqrt_matmat(self, z: Tensor, damping: float) -> Tensor:
-        """``B z`` for some ``B`` with ``B Bᵀ = (F + damping I)^-1`` (sampling)."""
-        return self._power_matmat(z, -0.5, damping)
-
-    def to_dense(self) -> Tensor:
-        """The ``(P, P)`` matrix (O(P²) memory: for small layouts and tests)."""
-        eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
-        return self._matmat(eye)
 
     def to_scipy(self) -> Any:
         """A ``scipy.sparse.linalg.LinearOperator`` applying F (float64 numpy)."""
