@@ -25,6 +25,8 @@ __all__ = [
     "check_flat",
     "check_real",
     "flat_layout",
+    "grouped_layout",
+    "param_layout",
     "pinv_dense",
 ]
 
@@ -98,6 +100,45 @@ def as_float_tensor(data: Any, name: str, dtype: torch.dtype = torch.float64) ->
 def flat_layout(size: int) -> ParamLayout:
     """The layout of a flat parameter vector of ``size`` entries (one block ``"theta"``)."""
     return ParamLayout.from_shapes({"theta": (size,)})
+
+
+def param_layout(params: object, name: str) -> tuple[ParamLayout, tuple[int, ...] | None]:
+    """The layout of parameters given as a tensor or a dict, and the tensor's shape.
+
+    A tensor of any shape is one flat block (:func:`flat_layout`) and keeps its shape
+    (results are given back in it); a dict has one block per entry and shape ``None``.
+
+    Raises:
+        TypeError: If ``params`` is neither a tensor nor a dict of tensors.
+
+    Example:
+        >>> param_layout(torch.zeros(2, 3), "params")[0].size
+        6
+    """
+    if isinstance(params, Mapping):
+        for k, v in params.items():
+            if not isinstance(v, Tensor):
+                raise TypeError(f"{name}[{k!r}] must be a Tensor, got {type(v).__name__}")
+        return ParamLayout.from_shapes({k: tuple(v.shape) for k, v in params.items()}), None
+    if isinstance(params, Tensor):
+        return flat_layout(params.numel()), tuple(params.shape)
+    raise TypeError(f"{name} must be a Tensor or a dict of tensors, got {type(params).__name__}")
+
+
+def grouped_layout(layout: ParamLayout, information: object) -> ParamLayout:
+    """``information``'s layout where its groups name the parameters of a flat ``layout``.
+
+    Block, K-FAC and EKFAC information names its parameters in groups, so a flat
+    tensor of parameters of the same size is read in that layout; otherwise
+    ``layout`` is kept.
+    """
+    if (
+        isinstance(information, FisherMatrix)
+        and information.groups()
+        and information.size == layout.size
+    ):
+        return information.layout
+    return layout
 
 
 def check_flat(v: Vector, layout: ParamLayout, name: str, dtype: torch.dtype) -> Tensor:

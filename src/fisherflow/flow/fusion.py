@@ -25,7 +25,12 @@ import torch
 from scipy import stats as sps
 from torch import Tensor
 
-from fisherflow.flow._common import RankDeficiencyWarning, check_real, flat_layout
+from fisherflow.flow._common import (
+    RankDeficiencyWarning,
+    check_real,
+    grouped_layout,
+    param_layout,
+)
 from fisherflow.flow._information import as_information
 from fisherflow.flow.state import Estimate, FisherFlow
 from fisherflow.flow.weighting import fuse_information
@@ -68,21 +73,12 @@ def parse_estimates(
                 f"estimates[{i}] must be an Estimate, a FisherFlow or a (params, information) "
                 f"pair, got {type(item).__name__}"
             )
-        if isinstance(params, Mapping):
-            lay = ParamLayout.from_shapes({k: tuple(v.shape) for k, v in params.items()})
-            flat = lay.flatten(params)
-        elif isinstance(params, Tensor):
-            lay = flat_layout(params.numel())
-            if layout is None and isinstance(info, FisherMatrix) and info.groups():
-                lay = info.layout if info.size == lay.size else lay  # its groups name them
-            flat = params.reshape(-1)
-        else:
-            raise TypeError(
-                f"estimates[{i}] params must be a Tensor or dict, got {type(params).__name__}"
-            )
+        lay, shape = param_layout(params, f"estimates[{i}] params")
+        flat = params.reshape(-1) if isinstance(params, Tensor) else lay.flatten(params)
+        if layout is None and shape is not None:
+            lay = grouped_layout(lay, info)
         if layout is None:
             layout = lay
-            shape = tuple(params.shape) if isinstance(params, Tensor) else None
             form = (lambda t, s=shape: t.reshape(s)) if shape is not None else lay.unflatten
             if isinstance(info, FisherMatrix):
                 structure = info.structure

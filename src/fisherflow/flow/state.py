@@ -1,17 +1,10 @@
-"""The Fisher Flow state (estimate, information) and its two update rules.
+"""The Fisher Flow state: a streaming estimate with its information.
 
-Fisher Flow propagates a point estimate θ with its information I instead of a
-posterior. Information from new data adds; estimates combine weighted by their
-information; old information can be forgotten (see :mod:`fisherflow.flow.forgetting`).
-
-Update rules (pure functions below, applied by :class:`FisherFlow`):
-
-* information-weighted fusion, ``θ ← (I + I_B)⁻¹ (I θ + I_B θ_B)``, ``I ← I + I_B``
-  (the information filter form of the Kalman update; exact Gaussian posterior
-  for a linear-Gaussian model), by :func:`fisherflow.flow.weighting.information_weighted`;
-* one natural-gradient / Fisher-scoring step, ``I ← I + I_B``,
-  ``θ ← θ + lr (I + λ)⁻¹ g`` (recursive Fisher scoring; with a Gaussian
-  likelihood it is recursive least squares and again exact).
+:class:`FisherFlow` holds θ and its information I, reads each batch's information
+into its structure, applies the forgetting policy (:mod:`fisherflow.flow.forgetting`,
+the held sums in :mod:`fisherflow.flow.memory`) and one of the two update rules of
+:mod:`fisherflow.flow.updates` (information-weighted fusion, Fisher scoring), which
+this module re-exports with :class:`Estimate`.
 
 References:
     Fisher (1925), *Theory of statistical estimation* (scoring); Amari (1998),
@@ -23,76 +16,20 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from fisherflow.flow._common import check_flat, check_real, flat_layout, pinv_dense
+from fisherflow.flow._common import check_flat, check_real, grouped_layout, param_layout
 from fisherflow.flow._information import as_information, check_structure, zeros_information
 from fisherflow.flow.forgetting import Decision, ForgettingPolicy, make_forgetting
-from fisherflow.flow.weighting import fuse_information, information_weighted
-from fisherflow.matrices import Diagonal, FisherMatrix, ParamLayout, Vector
+from fisherflow.flow.memory import Sums, check_totals, forgotten_sums, windowed_sums
+from fisherflow.flow.updates import Estimate, fusion_update, scoring_update
+from fisherflow.flow.weighting import information_weighted
+from fisherflow.matrices import Diagonal, FisherMatrix, Vector
 
 __all__ = ["Estimate", "FisherFlow", "fusion_update", "scoring_update"]
-
-
-def fusion_update(
-    theta: Tensor, info: FisherMatrix, theta_batch: Tensor, info_batch: FisherMatrix
-) -> tuple[Tensor, FisherMatrix]:
-    """Information-weighted fusion of two independent estimates (pure).
-
-    Returns ``θ' = θ + (I + I_B)⁺ (I_B (θ_B - θ))`` and ``I' = I + I_B``, which is
-    ``(I + I_B)⁻¹ (I θ + I_B θ_B)`` when ``I + I_B`` is invertible and leaves θ
-    unchanged in directions neither estimate informs.
-
-    Example:
-        >>> from fisherflow.matrices import Diagonal, ParamLayout
-        >>> lay = ParamLayout.from_shapes({"t": (1,)})
-        >>> th, I = fusion_update(torch.tensor([0.0]), Diagonal(torch.tensor([1.0]), lay),
-        ...                       torch.tensor([3.0]), Diagonal(torch.tensor([2.0]), lay))
-        >>> th.tolist(), I.diagonal().tolist()
-        ([2.0], [3.0])
-    """
-    return fuse_information([theta, theta_batch], [info, info_batch], anchor=theta)
-
-
-def scoring_update(
-    theta: Tensor, info: FisherMatrix, score: Tensor, lr: float = 1.0, damping: float = 0.0
-) -> Tensor:
-    """One Fisher-scoring / natural-gradient step ``θ + lr (I + λ)⁺ g`` (pure).
-
-    Example:
-        >>> from fisherflow.matrices import Diagonal, ParamLayout
-        >>> lay = ParamLayout.from_shapes({"t": (1,)})
-        >>> scoring_update(torch.tensor([1.0]), Diagonal(torch.tensor([4.0]), lay),
-        ...                torch.tensor([2.0])).tolist()
-        [1.5]
-    """
-    return theta + lr * cast(Tensor, info.pinv_solve(score, damping=damping))
-
-
-@dataclass
-class Estimate:
-    """An estimate with its information: the unit that Fisher Flow fuses.
-
-    Attributes:
-        params: Parameters (flat tensor in layout order, shaped tensor or dict).
-        information: Its information (summed over ``information.num_samples``).
-    """
-
-    params: Vector
-    information: FisherMatrix
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    def covariance(self, damping: float = 0.0) -> Tensor:
-        """The dense ``(P, P)`` covariance ``(I + λ)⁺`` (pseudo-inverse if singular)."""
-        return pinv_dense(self.information, check_real(damping, "damping", low=0.0))
-
-    def bse(self, damping: float = 0.0) -> Tensor:
-        """Standard errors ``sqrt(diag((I + λ)⁺))`` as a flat ``(P,)`` tensor."""
-        return self.covariance(damping).diagonal().clamp_min(0).sqrt()
 
 
 class FisherFlow:
@@ -142,22 +79,8 @@ class FisherFlow:
         forgetting: object = None,
     ) -> None:
         self.structure = check_structure(structure)
-        if isinstance(params, Mapping):
-            for k, v in params.items():
-                if not isinstance(v, Tensor):
-                    raise TypeError(f"params[{k!r}] must be a Tensor, got {type(v).__name__}")
-            self.layout = ParamLayout.from_shapes({k: tuple(v.shape) for k, v in params.items()})
-            self._shape: tuple[int, ...] | None = None
-            first = next(iter(params.values()), None)
-        elif isinstance(params, Tensor):
-            self.layout = flat_layout(params.numel())
-            self._shape = tuple(params.shape)
-            first = params
-            params = params.reshape(-1)
-        else:
-            raise TypeError(
-                f"params must be a Tensor or a dict of tensors, got {type(params).__name__}"
-            )
+        self.layout, self._shape = param_layout(params, "params")
+        first = params if isinstance(params, Tensor) else next(iter(params.values()), None)
         if self.layout.size == 0:
             raise ValueError("params must have at least one entry")
         self.dtype = (
@@ -166,7 +89,7 @@ class FisherFlow:
             else torch.float64
         )
         self._adopt_layout(information)
-        theta = check_flat(params, self.layout, "params", self.dtype)
+        theta = self._flat(params, "params")
         info = (
             zeros_information(self.layout, self.structure, self.dtype)
             if information is None
@@ -180,13 +103,8 @@ class FisherFlow:
     # ----------------------------------------------------------------- state
     def _adopt_layout(self, information: object) -> None:
         """Read tensor parameters in the layout of information that names parameters."""
-        if (
-            self._shape is not None
-            and isinstance(information, FisherMatrix)
-            and information.groups()
-            and information.size == self.layout.size
-        ):
-            self.layout = information.layout
+        if self._shape is not None:
+            self.layout = grouped_layout(self.layout, information)
 
     def _set_state(self, theta: Tensor, info: FisherMatrix | None) -> None:
         self._theta = theta
@@ -269,53 +187,19 @@ class FisherFlow:
         )
 
     # --------------------------------------------------------------- updates
-    def _check_totals(self, totals: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        for k, v in (totals or {}).items():
-            t = torch.as_tensor(v, dtype=self.dtype)
-            if not torch.isfinite(t).all():
-                raise ValueError(f"totals[{k!r}] contains NaN or Inf")
-            if k in self.totals and self.totals[k].shape != t.shape:
-                raise ValueError(
-                    f"totals[{k!r}] must have shape {tuple(self.totals[k].shape)}, "
-                    f"got {tuple(t.shape)}"
-                )
-            out[k] = t
-        return out
-
     def _combine(
         self,
         decision: Decision,
         info_batch: FisherMatrix,
         h_batch: Tensor | None,
         totals: dict[str, Tensor],
-    ) -> tuple[FisherMatrix, Tensor | None, dict[str, Tensor], deque[Any]]:
+    ) -> Sums:
         """New information, canonical vector ``I θ`` (if tracked) and totals (pure)."""
-        window = self.forgetting.window
-        hist: deque[Any] = deque(self._window)
-        if window is not None:
-            hist.append((info_batch, h_batch, totals))
-            while len(hist) > window:
-                hist.popleft()
-            info = self._base[0]
-            h: Tensor | None = self._base[1] if h_batch is not None else None
-            new_totals: dict[str, Tensor] = {}
-            for i_b, h_b, t_b in hist:
-                info = info + i_b
-                if h is not None:
-                    h = h + h_b
-                for k, v in t_b.items():
-                    new_totals[k] = new_totals.get(k, torch.zeros_like(v)) + v
-            return info, h, new_totals, hist
-        f = decision.factor
-        info = (self.information * f if f != 1.0 else self.information) + info_batch
-        h = None
-        if h_batch is not None:
-            h = f * cast(Tensor, self.information.mv(self._theta)) + h_batch
-        new_totals = {k: f * v for k, v in self.totals.items()}
-        for k, v in totals.items():
-            new_totals[k] = new_totals[k] + v if k in new_totals else v
-        return info, h, new_totals, hist
+        batch = (info_batch, h_batch, totals)
+        if self.forgetting.window is not None:
+            return windowed_sums(self._base, self._window, self.forgetting.window, batch)
+        held = (self.information, self._theta, self.totals)
+        return forgotten_sums(decision.factor, held, self._window, batch)
 
     def _commit(
         self,
@@ -360,7 +244,7 @@ class FisherFlow:
         """
         theta_b = self._flat(theta_batch, "theta_batch")
         info_b = self._batch_information(info_batch)
-        tot = self._check_totals(totals)
+        tot = check_totals(totals, self.totals, self.dtype)
         score = cast(Tensor, info_b.mv(theta_b - self._theta))
         decision = self.forgetting.decide(score, self.information, info_b)
         h_b = cast(Tensor, info_b.mv(theta_b))
@@ -402,7 +286,7 @@ class FisherFlow:
         info_b = self._batch_information(info_batch)
         lr = check_real(lr, "lr", low=0.0, low_open=True)
         damping = check_real(damping, "damping", low=0.0)
-        tot = self._check_totals(totals)
+        tot = check_totals(totals, self.totals, self.dtype)
         decision = self.forgetting.decide(g, self.information, info_b)
         info, _, new_totals, hist = self._combine(decision, info_b, None, tot)
         theta = scoring_update(self._theta, info, g, lr, damping)
@@ -447,7 +331,7 @@ class FisherFlow:
         """
         theta = self._flat(params, "params")
         info_b = self._batch_information(info_batch)
-        tot = self._check_totals(totals)
+        tot = check_totals(totals, self.totals, self.dtype)
         info, _, new_totals, hist = self._combine(decision, info_b, None, tot)
         self._commit(theta, info, new_totals, hist, decision)
         return self
