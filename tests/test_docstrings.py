@@ -46,6 +46,7 @@ MODULES = [
     "fisherflow.uncertainty.calibration",
     "fisherflow.uncertainty.plots",
     "fisherflow.uncertainty.laplace",
+    "fisherflow.uncertainty.laplace_state",
     "fisherflow.uncertainty.fitting",
     "fisherflow.uncertainty.validate",
     "fisherflow.uncertainty.ood",
