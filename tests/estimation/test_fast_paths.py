@@ -161,16 +161,16 @@ def test_closed_form_output_grad_matches_autograd(name, target):
 
 def test_syrk_factors_match_full_products(monkeypatch):
     """K-FAC factors accumulated with BLAS syrk (one triangle) equal full products."""
-    from fisherflow.estimation import layers
+    from fisherflow.estimation import grams
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 48), nn.Tanh(), nn.Linear(48, 33)).double()
     x = torch.randn(50, 40, dtype=torch.float64)
     y = torch.randint(0, 33, (50,))
     data = [(x, y), (x[:20] * 0.5, y[:20])]
-    monkeypatch.setattr(layers, "SYRK_MAX", 1024)
+    monkeypatch.setattr(grams, "SYRK_MAX", 1024)
     F = estimate(model, data, "categorical", "empirical", "kfac", progress=False)
-    monkeypatch.setattr(layers, "SYRK_MAX", 0)
+    monkeypatch.setattr(grams, "SYRK_MAX", 0)
     G = estimate(model, data, "categorical", "empirical", "kfac", progress=False)
     for g in F.A:  # type: ignore[attr-defined]
         torch.testing.assert_close(F.A[g], G.A[g])  # type: ignore[attr-defined]

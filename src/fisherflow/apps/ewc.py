@@ -27,7 +27,6 @@ mini-batch mean gradient, which underestimates the Fisher by about the batch siz
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable
 from typing import Any, cast
@@ -39,6 +38,7 @@ from torch.autograd.function import once_differentiable
 from fisherflow.apps._params import flat_params
 from fisherflow.flow import FisherFlow, make_forgetting
 from fisherflow.matrices import FisherMatrix, ParamLayout
+from fisherflow.matrices.validate import check_nonnegative
 
 __all__ = ["ANCHOR_RULES", "EWC", "ewc_penalty"]
 
@@ -89,15 +89,6 @@ def ewc_penalty(fisher: FisherMatrix, delta: Tensor, strength: float = 1.0) -> T
     """
     work = delta.to(fisher.dtype)
     return (strength * cast(Tensor, _HalfQuadratic.apply(work, fisher))).to(delta.dtype)
-
-
-def _check_strength(strength: object) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
-        raise TypeError(f"strength must be a real number, got {type(strength).__name__}")
-    value = float(strength)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"strength must be finite and >= 0, got {value}")
-    return value
 
 
 def _check_decay(decay: object) -> float:
@@ -169,7 +160,7 @@ class EWC:
             raise ValueError(
                 f"anchor_rule must be one of {sorted(ANCHOR_RULES)}, got {anchor_rule!r}"
             )
-        self.strength = _check_strength(strength)
+        self.strength = check_nonnegative(strength, "strength", tensor=False)
         self.anchor_rule = anchor_rule
         self.layout: ParamLayout = fisher.layout
         theta = self._read(anchor, "anchor").to(fisher.dtype)

@@ -28,24 +28,10 @@ import torch.nn.functional as Fn
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from fisherflow.estimation.grams import (
-    FACTOR_BLOCK,
-    FACTOR_BLOCK_SIZE,
-    GRAM_BLOCK,
-    GRAM_BLOCK_SIZE,
-    SYRK_MAX,
-    augment,
-    gram_into,
-    symmetrize,
-)
+from fisherflow.estimation.grams import augment, gram_into, symmetrize
 from fisherflow.estimation.patches import patches, unfold
 
 __all__ = [
-    "FACTOR_BLOCK",
-    "FACTOR_BLOCK_SIZE",
-    "GRAM_BLOCK",
-    "GRAM_BLOCK_SIZE",
-    "SYRK_MAX",
     "ConvHandler",
     "EmbeddingHandler",
     "GroupedConvHandler",

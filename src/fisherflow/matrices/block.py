@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,8 +18,8 @@ from fisherflow.matrices.linalg import (
     eigh,
     equilibrated_eigh,
     equilibrated_pinv_solve,
-    equilibrated_solve,
-    spectral_power,
+    power_matmat,
+    power_matrix,
 )
 from fisherflow.matrices.validate import check_matrix, check_partition
 
@@ -73,10 +74,8 @@ class Block(FisherMatrix):
         for g, names in self._groups.items():
             size = layout.subset(names).size
             self.blocks[g] = check_matrix(blocks[g], size, f"blocks[{g!r}]")
-        first = next(iter(self.blocks.values()))
-        self._dtype, self._device = first.dtype, first.device
         self._index = {
-            g: layout.indices(names).to(self._device) for g, names in self._groups.items()
+            g: layout.indices(names).to(self.device) for g, names in self._groups.items()
         }
         self._eig: dict[str, tuple[Tensor, Tensor]] = {}
         self._scaled: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
@@ -85,15 +84,9 @@ class Block(FisherMatrix):
     def groups(self) -> dict[str, list[str]]:
         return {g: list(n) for g, n in self._groups.items()}
 
-    @property
     @override
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    @override
-    def device(self) -> torch.device:
-        return self._device
+    def _reference_tensor(self) -> Tensor:
+        return next(iter(self.blocks.values()))
 
     def eigh(self, group: str) -> tuple[Tensor, Tensor]:
         """Cached eigendecomposition of one block."""
@@ -139,25 +132,14 @@ class Block(FisherMatrix):
         return torch.cat([self.eigh(g)[0] for g in self._groups])
 
     def _power_matmat(self, v: Tensor, p: float, damping: float) -> Tensor:
-        def apply(g: str, x: Tensor) -> Tensor:
-            if p == -1:
-                return equilibrated_solve(self.blocks[g], x, damping)
-            vals, vecs = self.eigh(g)
-            return vecs @ (spectral_power(vals, p, damping)[:, None] * (vecs.T @ x))
-
-        return self._map(v, apply)
+        return self._map(
+            v, lambda g, x: power_matmat(self.blocks[g], partial(self.eigh, g), x, p, damping)
+        )
 
     def _power(self, p: float, damping: float) -> Block:
-        blocks = {}
-        for g in self._groups:
-            if p == -1:
-                eye = torch.eye(self.blocks[g].shape[0], dtype=self.dtype, device=self.device)
-                mat = equilibrated_solve(self.blocks[g], eye, damping)
-                blocks[g] = 0.5 * (mat + mat.T)
-                continue
-            vals, vecs = self.eigh(g)
-            mat = (vecs * spectral_power(vals, p, damping)) @ vecs.T
-            blocks[g] = 0.5 * (mat + mat.T)
+        blocks = {
+            g: power_matrix(self.blocks[g], partial(self.eigh, g), p, damping) for g in self._groups
+        }
         return Block(blocks, self._groups, self.layout, **self.meta)
 
     @override

@@ -8,7 +8,8 @@ private operation, derived from the core through the dense matrix (O(P²) memory
 O(P³) time: fine for small layouts). A structure overrides the defaults it can do
 better (``_diagonal``, ``_eigvals``, ``_power_matmat``, ``_pinv_matmat``, ``_rank``,
 ``_power``, ``_add``, ``_scale``, ``_restrict``, ``_inv_sqrt_matmat``, ``to_dense``,
-``dtype``, ``device``, ``groups``). The public operations built on these live in
+``groups``, and ``_reference_tensor``, the stored tensor ``dtype`` and ``device``
+are read from). The public operations built on these live in
 :mod:`fisherflow.matrices.base`.
 """
 
@@ -96,15 +97,19 @@ class FisherCore(abc.ABC):
         """Rebuild a matrix from :meth:`_state` output (validating shapes)."""
 
     # ------------------------------------------------ defaults (override to be fast)
+    def _reference_tensor(self) -> Tensor:
+        """A stored tensor whose dtype and device are F's (default: the first state tensor)."""
+        return next(iter(self._state()[0].values()))
+
     @property
     def dtype(self) -> torch.dtype:
-        """Floating dtype of the stored statistics (default: of the first state tensor)."""
-        return next(iter(self._state()[0].values())).dtype
+        """Floating dtype of the stored statistics (of :meth:`_reference_tensor`)."""
+        return self._reference_tensor().dtype
 
     @property
     def device(self) -> torch.device:
-        """Device of the stored statistics (default: of the first state tensor)."""
-        return next(iter(self._state()[0].values())).device
+        """Device of the stored statistics (of :meth:`_reference_tensor`)."""
+        return self._reference_tensor().device
 
     def _identity_columns(self, start: int, stop: int) -> Tensor:
         cols = torch.zeros(self.size, stop - start, dtype=self.dtype, device=self.device)

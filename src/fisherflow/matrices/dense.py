@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 from typing_extensions import override
 
@@ -15,8 +14,8 @@ from fisherflow.matrices.linalg import (
     eigh,
     equilibrated_eigh,
     equilibrated_pinv_solve,
-    equilibrated_solve,
-    spectral_power,
+    power_matmat,
+    power_matrix,
 )
 from fisherflow.matrices.validate import check_matrix
 
@@ -68,15 +67,9 @@ class Dense(FisherMatrix):
         """Materialise any structure as a dense matrix (O(P²) memory)."""
         return cls(fisher.to_dense(), fisher.layout, **fisher.meta)
 
-    @property
     @override
-    def dtype(self) -> torch.dtype:
-        return self.matrix.dtype
-
-    @property
-    @override
-    def device(self) -> torch.device:
-        return self.matrix.device
+    def _reference_tensor(self) -> Tensor:
+        return self.matrix
 
     def eigh(self) -> tuple[Tensor, Tensor]:
         """Cached ``(eigenvalues, eigenvectors)`` of the matrix."""
@@ -110,19 +103,10 @@ class Dense(FisherMatrix):
         return self.eigh()[0]
 
     def _power_matmat(self, v: Tensor, p: float, damping: float) -> Tensor:
-        if p == -1:
-            return equilibrated_solve(self.matrix, v, damping)
-        vals, vecs = self.eigh()
-        return vecs @ (spectral_power(vals, p, damping)[:, None] * (vecs.T @ v))
+        return power_matmat(self.matrix, self.eigh, v, p, damping)
 
     def _power(self, p: float, damping: float) -> Dense:
-        if p == -1:
-            eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
-            inv = equilibrated_solve(self.matrix, eye, damping)
-            return Dense(0.5 * (inv + inv.T), self.layout, **self.meta)
-        vals, vecs = self.eigh()
-        mat = (vecs * spectral_power(vals, p, damping)) @ vecs.T
-        return Dense(0.5 * (mat + mat.T), self.layout, **self.meta)
+        return Dense(power_matrix(self.matrix, self.eigh, p, damping), self.layout, **self.meta)
 
     @override
     def to_dense(self) -> Tensor:

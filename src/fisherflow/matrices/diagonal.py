@@ -38,15 +38,9 @@ class Diagonal(FisherMatrix):
         super().__init__(layout, **meta)
         self.values = check_vector(values, layout.size, "values")
 
-    @property
     @override
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    @override
-    def device(self) -> torch.device:
-        return self.values.device
+    def _reference_tensor(self) -> Tensor:
+        return self.values
 
     def _matmat(self, v: Tensor) -> Tensor:
         return self.values[:, None] * v

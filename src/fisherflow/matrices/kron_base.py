@@ -95,15 +95,9 @@ class KronStructure(FisherMatrix):
     def groups(self) -> dict[str, list[str]]:
         return {g: s.names for g, s in self.kron_groups.items()}
 
-    @property
     @override
-    def dtype(self) -> torch.dtype:
-        return self.rest.dtype
-
-    @property
-    @override
-    def device(self) -> torch.device:
-        return self.rest.device
+    def _reference_tensor(self) -> Tensor:
+        return self.rest
 
     def _map(self, v: Tensor, fn: Any, rest_fn: Any) -> Tensor:
         out = torch.empty_like(v)

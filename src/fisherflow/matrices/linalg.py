@@ -21,6 +21,8 @@ __all__ = [
     "equilibrated_solve",
     "gram_eigh",
     "linear_operator",
+    "power_matmat",
+    "power_matrix",
     "spectral_pinv",
     "spectral_power",
 ]
@@ -203,6 +205,50 @@ def equilibrated_solve(matrix: Tensor, rhs: Tensor, damping: float) -> Tensor:
             f"F + damping*I is singular (damping={damping}) to working precision; pass damping > 0"
         )
     return scale[:, None] * torch.cholesky_solve(scale[:, None] * rhs, factor)
+
+
+def power_matmat(
+    matrix: Tensor,
+    decomposition: Callable[[], tuple[Tensor, Tensor]],
+    v: Tensor,
+    p: float,
+    damping: float,
+) -> Tensor:
+    """``(M + damping I)^p v`` for a PSD ``M`` (Higham 2008, *Functions of Matrices*, §1.2).
+
+    ``p = -1`` is an :func:`equilibrated_solve` (accurate on badly scaled parameters);
+    any other power goes through the eigendecomposition, which ``decomposition()``
+    returns (called only then, so a structure can cache it).
+
+    Example:
+        >>> M = torch.tensor([[4.0, 0.0], [0.0, 9.0]], dtype=torch.float64)
+        >>> power_matmat(M, lambda: eigh(M), torch.ones(2, 1, dtype=torch.float64), -0.5, 0.0)
+        tensor([[0.5000],
+                [0.3333]], dtype=torch.float64)
+    """
+    if p == -1:
+        return equilibrated_solve(matrix, v, damping)
+    vals, vecs = decomposition()
+    return vecs @ (spectral_power(vals, p, damping)[:, None] * (vecs.T @ v))
+
+
+def power_matrix(
+    matrix: Tensor, decomposition: Callable[[], tuple[Tensor, Tensor]], p: float, damping: float
+) -> Tensor:
+    """``(M + damping I)^p`` as a symmetric matrix, by the rules of :func:`power_matmat`.
+
+    Example:
+        >>> M = torch.tensor([[4.0, 0.0], [0.0, 0.25]], dtype=torch.float64)
+        >>> power_matrix(M, lambda: eigh(M), -1.0, 0.0).diagonal().tolist()
+        [0.25, 4.0]
+    """
+    if p == -1:
+        eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+        mat = equilibrated_solve(matrix, eye, damping)
+    else:
+        vals, vecs = decomposition()
+        mat = (vecs * spectral_power(vals, p, damping)) @ vecs.T
+    return 0.5 * (mat + mat.T)
 
 
 def default_rcond(rcond: float | None, size: int, dtype: torch.dtype) -> float:

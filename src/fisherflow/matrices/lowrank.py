@@ -122,15 +122,9 @@ class LowRank(FisherMatrix):
         """Number of low-rank components r (the numerical rank is :meth:`rank`)."""
         return self.s.shape[0]
 
-    @property
     @override
-    def dtype(self) -> torch.dtype:
-        return self.U.dtype
-
-    @property
-    @override
-    def device(self) -> torch.device:
-        return self.U.device
+    def _reference_tensor(self) -> Tensor:
+        return self.U
 
     def _c(self) -> Tensor:
         return self.diag[0] if self.size else self.diag.new_zeros(())

@@ -26,6 +26,7 @@ __all__ = [
     "check_factor",
     "check_matrix",
     "check_meta",
+    "check_nonnegative",
     "check_partition",
     "check_power",
     "check_rcond",
@@ -48,15 +49,12 @@ def check_meta(layout: object, num_samples: object, kind: object, likelihood: ob
     """
     if not isinstance(layout, ParamLayout):
         raise TypeError(f"layout must be a ParamLayout, got {type(layout).__name__}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Real):
-        raise TypeError(f"num_samples must be a real number, got {type(num_samples).__name__}")
-    if not math.isfinite(float(num_samples)) or num_samples < 0:
-        raise ValueError(f"num_samples must be finite and >= 0, got {num_samples}")
+    count = check_nonnegative(num_samples, "num_samples", tensor=False)
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
     if likelihood is not None and not isinstance(likelihood, str):
         raise TypeError(f"likelihood must be a string or None, got {type(likelihood).__name__}")
-    return float(num_samples)
+    return count
 
 
 def all_finite(*tensors: Tensor) -> bool:
@@ -78,8 +76,43 @@ def all_finite(*tensors: Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+def check_nonnegative(
+    value: object, name: str, *, strict: bool = False, tensor: bool = True
+) -> float:
+    """Validate a finite real number ``>= 0`` (``> 0`` if ``strict``); return it as a float.
+
+    The one validator of damping, prior precisions, temperatures, penalty strengths
+    and the like, so they all accept the same inputs and say the same things.
+
+    Args:
+        value: The value received.
+        name: The argument's name (in the error).
+        strict: Require ``> 0`` instead of ``>= 0``.
+        tensor: Accept a one-element tensor (read as its value).
+
+    Returns:
+        ``float(value)``.
+
+    Raises:
+        TypeError: If ``value`` is not a real number (a bool is not one).
+        ValueError: If it is NaN, infinite or below the bound.
+
+    Example:
+        >>> check_nonnegative(0, "strength"), check_nonnegative(torch.tensor(2.0), "T", strict=True)
+        (0.0, 2.0)
+    """
+    if tensor and isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    out = float(value)
+    if not math.isfinite(out) or (out <= 0 if strict else out < 0):
+        raise ValueError(f"{name} must be finite and {'>' if strict else '>='} 0, got {out}")
+    return out
+
+
 def check_damping(damping: object, name: str = "damping") -> float:
-    """Validate a damping value: a finite real number >= 0.
+    """Validate a damping value: a finite real number >= 0 (a one-element tensor too).
 
     Raises:
         TypeError: If ``damping`` is not a real number.
@@ -89,14 +122,7 @@ def check_damping(damping: object, name: str = "damping") -> float:
         >>> check_damping(0.5)
         0.5
     """
-    if isinstance(damping, Tensor) and damping.numel() == 1:
-        damping = damping.item()
-    if isinstance(damping, bool) or not isinstance(damping, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(damping).__name__}")
-    value = float(damping)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    return value
+    return check_nonnegative(damping, name)
 
 
 def check_real(value: object, name: str) -> float:

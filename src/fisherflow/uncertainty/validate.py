@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
 from torch import Tensor
+
+from fisherflow.matrices.validate import check_nonnegative
 
 __all__ = ["check_batch_size", "check_positive", "check_prior_precision"]
 
@@ -22,14 +23,7 @@ def check_positive(value: object, name: str) -> float:
         >>> check_positive(2, "temperature")
         2.0
     """
-    if isinstance(value, Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    out = float(value)
-    if not math.isfinite(out) or out <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    return out
+    return check_nonnegative(value, name, strict=True)
 
 
 def check_prior_precision(value: object) -> Tensor:
