@@ -7,8 +7,10 @@ builds and holds the posterior ``N(θ*, (F / T + τI)⁻¹)``: it chooses the pa
 draws parameters. What the posterior is used for (predictives, evidence, prior
 tuning) is in :mod:`fisherflow.uncertainty.laplace`.
 
-Reference: Daxberger et al. (2021), "Laplace Redux — effortless Bayesian deep
-learning", NeurIPS; MacKay (1992).
+References:
+    MacKay (1992), "A practical Bayesian framework for backpropagation networks"
+    (the Gaussian at a mode with the curvature as precision); Daxberger et al.
+    (2021), "Laplace Redux" (subsets of weights such as the last layer).
 """
 
 from __future__ import annotations
