@@ -9,9 +9,10 @@ probit, Laplace bridge, logit sampling), ``prediction`` (the predictive per like
 and method), ``fitting`` (the Fisher ``fit`` estimates, large output layers kept
 diagonal), ``tuning`` (prior precision by evidence or validation), ``laplace_state``
 (the posterior's parameters, θ*, Fisher, τ and T; ``fit``), ``laplace``
-(:class:`Laplace`: predictives, evidence, tuning), ``calibration`` (ECE, MCE, NLL, Brier, temperature scaling) and
-``plots`` (reliability diagrams; matplotlib is imported only when drawing), ``ood``
-(OOD scores and AUROC/FPR@95) and ``active`` (``select``: BAIT, BALD, entropy, Fisher).
+(:class:`Laplace`: predictives, evidence, tuning), ``calibration`` (ECE, MCE, NLL,
+Brier, temperature scaling) and ``plots`` (reliability diagrams; matplotlib is
+imported only when drawing), ``ood`` (OOD scores and AUROC/FPR@95) and ``active``
+(``select``: BAIT, BALD, entropy, Fisher).
 """
 
 from fisherflow.uncertainty.active import select
