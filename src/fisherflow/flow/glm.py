@@ -5,7 +5,10 @@ propagation, :mod:`fisherflow.flow.glm_newton`): it maximises the batch
 log-likelihood plus the quadratic ``-½ (θ - θ_prev)ᵀ I_prev (θ - θ_prev)`` of the
 information held so far, by Fisher scoring with step-halving, then adds the batch
 information at the new estimate. One pass lands near the full-data MLE with standard
-errors near the full-data ones; ``update="one_step"`` keeps the older rule (a single
+errors near the full-data ones. By default the rows of the last few batches are kept
+and re-fitted exactly at each batch, and a batch's quadratic is taken only when it
+leaves that fixed-lag window (:mod:`fisherflow.flow.glm_lag`), at an estimate that has
+seen the batches after it. ``update="one_step"`` keeps the older rule (a single
 scoring step per batch from the current estimate, cheaper, farther from the MLE).
 ``refine`` then runs full-batch Fisher scoring (IRLS) by streaming passes, so the data
 are never held in memory, and at convergence the coefficients and standard errors
@@ -14,6 +17,8 @@ are the maximum-likelihood ones (McCullagh & Nelder 1989, §2.5; Green 1984).
 
 from __future__ import annotations
 
+import itertools
+import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -31,9 +36,10 @@ from fisherflow.flow._common import (
 from fisherflow.flow.distributed import fuse_across_ranks
 from fisherflow.flow.families import Family, glm_score_information
 from fisherflow.flow.families import family as family_of
-from fisherflow.flow.forgetting import make_forgetting
+from fisherflow.flow.forgetting import NoForgetting, make_forgetting
 from fisherflow.flow.glm_input import DTYPE, GLMBatch, output_kind, read_batch
 from fisherflow.flow.glm_irls import irls
+from fisherflow.flow.glm_lag import DEFAULT_LAG, FixedLagWindow, relinearised_center
 from fisherflow.flow.glm_newton import maximise_batch
 from fisherflow.flow.glm_results import GLMResults
 from fisherflow.flow.state import FisherFlow
@@ -81,12 +87,20 @@ class OnlineGLM(GLMResults):
             and may fail on overflowing linear predictors).
         cov_type: ``"expected"`` (R's ``glm`` and statsmodels' ``GLM``) or
             ``"observed"`` (Stata's ``glm`` and ``statsmodels.discrete``) information.
+        lag: Batches whose rows ``partial_fit`` keeps and re-fits exactly with each
+            new batch (a fixed-lag window, :mod:`fisherflow.flow.glm_lag`); a batch's
+            quadratic joins the information when it leaves, at the estimate of the
+            window then. ``0`` is plain assumed-density filtering. ``None`` (default):
+            :data:`~fisherflow.flow.glm_lag.DEFAULT_LAG` (3) with the ``"newton"``
+            update and no forgetting, else 0. Memory ``O(lag · batch rows · p)``;
+            the pass costs about ``lag + 1`` times the window-free one.
         scale: A fixed dispersion ``φ > 0``, or ``None`` for R's rule (Pearson
             ``χ²/(n - p)`` for gaussian, gamma, inverse gaussian and negative
             binomial; 1 for the others).
 
     Raises:
-        ValueError: If an option is invalid (the message lists valid values).
+        ValueError: If an option is invalid (the message lists valid values), or
+            ``lag > 0`` with forgetting or with ``update="one_step"``.
 
     Notes:
         The first batches are held back (their rows kept) while the information they
@@ -118,6 +132,7 @@ class OnlineGLM(GLMResults):
         update: str = "newton",
         cov_type: str = "expected",
         scale: float | None = None,
+        lag: int | None = None,
     ) -> None:
         if not isinstance(fit_intercept, bool):
             raise TypeError(f"fit_intercept must be a bool, got {type(fit_intercept).__name__}")
@@ -134,8 +149,9 @@ class OnlineGLM(GLMResults):
         self._fixed_scale = (
             None if scale is None else check_real(scale, "scale", low=0.0, low_open=True)
         )
-        make_forgetting(forgetting)  # validate now; a fresh policy is built per model
+        forgetful = not isinstance(make_forgetting(forgetting), NoForgetting)  # validate now
         self._forgetting_spec = forgetting
+        self.lag = _check_lag(lag, update, forgetful, forgetting)
         self._clear()
 
     def _clear(self) -> None:
@@ -150,6 +166,7 @@ class OnlineGLM(GLMResults):
         self._n_batches = 0
         self._held: list[GLMBatch] = []
         self._buffered = 0
+        self._window: FixedLagWindow | None = None
 
     # ---------------------------------------------------------------- input
     def _read(self, X: Any, y: Any, rows: dict[str, Any], names: list[str] | None) -> GLMBatch:
@@ -228,7 +245,8 @@ class OnlineGLM(GLMResults):
                 self._n_batches += 1
                 return self
         flow = self._require()
-        if _UPDATE_RULES[self.update](self, flow, b):
+        rule = OnlineGLM._lagged if self.lag > 0 else _UPDATE_RULES[self.update]
+        if rule(self, flow, b):
             self.nobs += float(b.freq.sum())
         self._n_batches += 1
         self.llf, self._fitted_by = None, "one pass"
@@ -275,6 +293,57 @@ class OnlineGLM(GLMResults):
         flow.assimilate(m.theta, self._batch_info(Jn, b), decision, totals=self._totals(b, m.theta))
         return True
 
+    def _curvature(self, b: GLMBatch, theta: Tensor) -> tuple[Tensor, Dense]:
+        """The batch's score and information (of :attr:`cov_type`) at ``θ``."""
+        U, J, _, _ = glm_score_information(self.family, b.X, b.y, b.w, theta, b.offset)
+        if self.cov_type == "observed":
+            J = glm_score_information(self.family, b.X, b.y, b.w, theta, b.offset, True)[1]
+        return U, self._batch_info(J, b)
+
+    def _lagged(self, flow: FisherFlow, b: GLMBatch) -> bool:
+        """Fixed-lag window update (:mod:`fisherflow.flow.glm_lag`)."""
+        win = self._window
+        if win is None:  # the summary starts from the state so far (prior or refined fit)
+            summary = FisherFlow(flow.flat_params, flow.information, self.structure)
+            summary.totals = dict(flow.totals)
+            win = self._window = FixedLagWindow(self.lag, summary)
+        c = win.summary
+        prior = c.information.to_dense()
+        held = c.num_samples > 0 or self.prior_precision > 0
+        m = maximise_batch(
+            self.family, _concat([*win.batches, b]), c.flat_params, prior if held else None,
+            start=flow.flat_params,
+        )  # fmt: skip
+        if not m.valid:
+            warnings.warn(
+                f"no coefficients give a valid {self.family.name} mean on the last "
+                f"{len(win.batches) + 1} batches ({win.rows + b.X.shape[0]} rows); the newest "
+                "is left out of the one-pass estimate (refine uses it)",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+            return False
+        theta = m.theta
+        win.batches.append(b)
+        while len(win.batches) > win.lag:  # the oldest leaves: its quadratic at θ*
+            old = win.batches.popleft()
+            U, info_old = self._curvature(old, theta)
+            decision, before = c.prior_for(U, info_old)
+            c.assimilate(c.flat_params, info_old, decision, totals=self._totals(old, theta))
+            center = relinearised_center(
+                theta, c.flat_params, before.to_dense(), U, c.information.to_dense()
+            )
+            totals = c.totals
+            c.reset(center, c.information)
+            c.totals = totals
+        rest = _concat(list(win.batches))
+        U, info_rest = self._curvature(rest, theta)
+        flow.reset(theta, c.information)
+        flow.totals = dict(c.totals)
+        decision, _ = flow.prior_for(U, info_rest)
+        flow.assimilate(theta, info_rest, decision, totals=self._totals(rest, theta))
+        return True
+
     def _one_step(self, flow: FisherFlow, b: GLMBatch) -> bool:
         U, J, _, _ = glm_score_information(self.family, b.X, b.y, b.w, flow.flat_params, b.offset)
         flow.step(U, self._batch_info(J, b), totals=self._totals(b, flow.flat_params))
@@ -288,6 +357,7 @@ class OnlineGLM(GLMResults):
         n_iter: int = 100,
         tol: float = 1e-10,
         group: Any = None,
+        progress: bool = True,
         **rows: Any,
     ) -> OnlineGLM:
         """Full-batch Fisher scoring (IRLS) by streaming passes, from the current estimate.
@@ -310,6 +380,7 @@ class OnlineGLM(GLMResults):
             group: A ``torch.distributed`` process group: each rank passes its shard,
                 starts from the fusion of the per-rank estimates, and the score and
                 information are all-reduced per pass.
+            progress: Show a tqdm progress bar over the batches of each pass.
             **rows: With arrays: ``sample_weight``, ``freq_weights``, ``var_weights``,
                 ``offset``, ``exposure``.
 
@@ -323,7 +394,7 @@ class OnlineGLM(GLMResults):
             RankDeficiencyWarning: If the information is singular.
 
         Raises:
-            TypeError: If ``data`` is a one-shot iterator.
+            TypeError: If ``data`` is a one-shot iterator or ``progress`` is not a bool.
             ValueError: On invalid batches (the model is left unchanged).
         """
         if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
@@ -340,7 +411,9 @@ class OnlineGLM(GLMResults):
                 "data must be re-iterable (a list, Batches, DataLoader) or a callable "
                 "returning an iterable; a one-shot iterator cannot be passed over twice"
             )
-        passes = data if callable(data) else (lambda: data)
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
+        passes = _with_progress(data if callable(data) else (lambda: data), progress)
         beta = self.flow.flat_params if self.flow is not None else None
         if group is not None and self.flow is not None:
             beta = fuse_across_ranks(self.flow, group).params.reshape(-1)  # type: ignore[union-attr]
@@ -356,6 +429,7 @@ class OnlineGLM(GLMResults):
             likelihood=self.family.name,
         )  # fmt: skip
         flow.reset(beta, info)
+        self._window = None  # a later pass starts its summary from this fit
         if self.family.has_scale:
             flow.totals = {"yy": acc["yy"], "xy": acc["xy"]}
             flow.totals["pearson"] = torch.tensor(acc["pearson"], dtype=DTYPE)
@@ -378,7 +452,7 @@ class OnlineGLM(GLMResults):
             X: Design.
             y: Response.
             **rows: ``sample_weight``, ``freq_weights``, ``var_weights``, ``offset``,
-                ``exposure``, and :meth:`refine`'s ``n_iter``/``tol``.
+                ``exposure``, and :meth:`refine`'s ``n_iter``/``tol``/``progress``.
 
         Returns:
             ``self``.
@@ -424,8 +498,41 @@ class OnlineGLM(GLMResults):
             f"OnlineGLM(family={self.family.name!r}, link={self.family.link.name!r}, "
             f"fit_intercept={self.fit_intercept}, prior_precision={self.prior_precision}, "
             f"structure={self.structure!r}, update={self.update!r}, "
-            f"cov_type={self.cov_type!r}, nobs={self.nobs:g})"
+            f"cov_type={self.cov_type!r}, lag={self.lag}, nobs={self.nobs:g})"
         )
+
+
+def _check_lag(lag: object, update: str, forgetful: bool, forgetting: object) -> int:
+    """The fixed-lag window's length (``None``: the default where it applies)."""
+    if lag is None:
+        return DEFAULT_LAG if update == "newton" and not forgetful else 0
+    if isinstance(lag, bool) or not isinstance(lag, numbers.Integral) or int(lag) < 0:
+        raise ValueError(f"lag must be a non-negative integer or None, got {lag!r}")
+    lag = int(lag)
+    if lag > 0 and update != "newton":
+        raise ValueError(
+            f"lag > 0 needs update='newton' (the window is re-maximised), got lag={lag} "
+            f"with update={update!r}; pass lag=0"
+        )
+    if lag > 0 and forgetful:
+        raise ValueError(
+            f"lag > 0 needs forgetting=None (forgetting discounts a batch when it arrives; "
+            f"the window would hold it undiscounted), got lag={lag} with "
+            f"forgetting={forgetting!r}; pass lag=0"
+        )
+    return lag
+
+
+def _with_progress(
+    passes: Callable[[], Iterable[Any]], enabled: bool
+) -> Callable[[], Iterable[Any]]:
+    """``passes`` with a tqdm bar over each pass's batches (numbered) when ``enabled``."""
+    if not enabled:
+        return passes
+    from tqdm.auto import tqdm
+
+    count = itertools.count(1)
+    return lambda: tqdm(passes(), desc=f"refine pass {next(count)}", unit="batch", leave=False)
 
 
 def _concat(batches: list[GLMBatch]) -> GLMBatch:
