@@ -308,16 +308,17 @@ class OnlineGLM(GLMResults):
             summary.totals = dict(flow.totals)
             win = self._window = FixedLagWindow(self.lag, summary)
         c = win.summary
-        prior = c.information.to_dense()
+        base, base_totals = c.information, dict(c.totals)
         held = c.num_samples > 0 or self.prior_precision > 0
+        pooled = _concat([*win.batches, b])
         m = maximise_batch(
-            self.family, _concat([*win.batches, b]), c.flat_params, prior if held else None,
+            self.family, pooled, c.flat_params, base.to_dense() if held else None,
             start=flow.flat_params,
         )  # fmt: skip
-        if not m.valid:
+        if not m.valid or m.information is None:
             warnings.warn(
                 f"no coefficients give a valid {self.family.name} mean on the last "
-                f"{len(win.batches) + 1} batches ({win.rows + b.X.shape[0]} rows); the newest "
+                f"{len(win.batches) + 1} batches ({pooled.X.shape[0]} rows); the newest "
                 "is left out of the one-pass estimate (refine uses it)",
                 ConvergenceWarning,
                 stacklevel=3,
@@ -336,12 +337,18 @@ class OnlineGLM(GLMResults):
             totals = c.totals
             c.reset(center, c.information)
             c.totals = totals
-        rest = _concat(list(win.batches))
-        U, info_rest = self._curvature(rest, theta)
-        flow.reset(theta, c.information)
-        flow.totals = dict(c.totals)
-        decision, _ = flow.prior_for(U, info_rest)
-        flow.assimilate(theta, info_rest, decision, totals=self._totals(rest, theta))
+        # reported: the summary before this batch plus every window row's information
+        # at θ* (the batches that just left were folded in at θ* too)
+        J = m.information
+        if self.cov_type == "observed":
+            J = glm_score_information(
+                self.family, pooled.X, pooled.y, pooled.w, theta, pooled.offset, observed=True
+            )[1]
+        flow.reset(theta, base)
+        flow.totals = base_totals
+        info_all = self._batch_info(J, pooled)
+        decision, _ = flow.prior_for(torch.zeros_like(theta), info_all)
+        flow.assimilate(theta, info_all, decision, totals=self._totals(pooled, theta))
         return True
 
     def _one_step(self, flow: FisherFlow, b: GLMBatch) -> bool:
