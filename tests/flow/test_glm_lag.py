@@ -115,3 +115,18 @@ def test_relinearised_center_matches_the_dense_second_order_expansion():
     c_new = relinearised_center(theta, c, P, U, P + J)
     # -½(θ-c')ᵀ(P+J)(θ-c') has gradient (P+J)(c'-θ) at θ*; the terms replaced: U + P(c-θ*)
     torch.testing.assert_close((P + J) @ (c_new - theta), U + P @ (c - theta))
+
+
+def test_the_window_keeps_its_own_rows_when_the_caller_reuses_a_buffer():
+    rng = np.random.default_rng(4)
+    X = torch.tensor(rng.normal(size=(200, 2)))
+    y = torch.rand(200, generator=torch.Generator().manual_seed(4), dtype=torch.float64) < 0.5
+    y = y.to(torch.float64)
+    fresh = _one_pass(X, y, "logistic", 40)
+    bx, by = torch.empty(40, 2, dtype=torch.float64), torch.empty(40, dtype=torch.float64)
+    reused = OnlineGLM("logistic")
+    for i in range(0, 200, 40):
+        bx.copy_(X[i : i + 40])
+        by.copy_(y[i : i + 40])
+        reused.partial_fit(bx, by)  # the same buffers, overwritten each batch
+    torch.testing.assert_close(reused.params, fresh.params)

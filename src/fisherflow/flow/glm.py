@@ -325,7 +325,7 @@ class OnlineGLM(GLMResults):
             )
             return False
         theta = m.theta
-        win.batches.append(b)
+        win.batches.append(_concat([b]))  # its own rows: a caller may reuse tensor buffers
         while len(win.batches) > win.lag:  # the oldest leaves: its quadratic at θ*
             old = win.batches.popleft()
             U, info_old = self._curvature(old, theta)
