@@ -140,7 +140,7 @@ def test_coverage_500_logistic_datasets():
     true = np.array([-0.5, 1.0, -1.0])
     rng = np.random.default_rng(12345)
     hits = np.zeros(3)
-    reps, n, batch = 500, 200, 100
+    reps, n, batch = 500, 200, 40  # 5 batches: two leave the default 3-batch window
     X = rng.normal(size=(reps, n, 2))
     p = 1 / (1 + np.exp(-(true[0] + X @ true[1:])))
     Y = (rng.random((reps, n)) < p).astype(float)
