@@ -18,7 +18,6 @@ are the maximum-likelihood ones (McCullagh & Nelder 1989, §2.5; Green 1984).
 from __future__ import annotations
 
 import itertools
-import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -37,9 +36,9 @@ from fisherflow.flow.distributed import fuse_across_ranks
 from fisherflow.flow.families import Family, glm_score_information
 from fisherflow.flow.families import family as family_of
 from fisherflow.flow.forgetting import NoForgetting, make_forgetting
-from fisherflow.flow.glm_input import DTYPE, GLMBatch, output_kind, read_batch
+from fisherflow.flow.glm_input import DTYPE, GLMBatch, concat_batches, output_kind, read_batch
 from fisherflow.flow.glm_irls import irls
-from fisherflow.flow.glm_lag import DEFAULT_LAG, FixedLagWindow, relinearised_center
+from fisherflow.flow.glm_lag import FixedLagWindow, check_lag
 from fisherflow.flow.glm_newton import maximise_batch
 from fisherflow.flow.glm_results import GLMResults
 from fisherflow.flow.state import FisherFlow
@@ -151,7 +150,7 @@ class OnlineGLM(GLMResults):
         )
         forgetful = not isinstance(make_forgetting(forgetting), NoForgetting)  # validate now
         self._forgetting_spec = forgetting
-        self.lag = _check_lag(lag, update, forgetful, forgetting)
+        self.lag = check_lag(lag, update, forgetful, forgetting)
         self._clear()
 
     def _clear(self) -> None:
@@ -255,7 +254,7 @@ class OnlineGLM(GLMResults):
     def _hold_or_release(self, b: GLMBatch) -> GLMBatch:
         """Hold rows until the information is full rank; then a flow and the pooled batch."""
         held = [*self._held, b]
-        pooled = _concat(held) if len(held) > 1 else b
+        pooled = concat_batches(held) if len(held) > 1 else b
         p = pooled.X.shape[1]
         mu0 = self.family.start_mean(pooled.y, pooled.w)
         dmu = self.family.link.deriv(self.family.link.link(mu0))
@@ -293,63 +292,24 @@ class OnlineGLM(GLMResults):
         flow.assimilate(m.theta, self._batch_info(Jn, b), decision, totals=self._totals(b, m.theta))
         return True
 
-    def _curvature(self, b: GLMBatch, theta: Tensor) -> tuple[Tensor, Dense]:
-        """The batch's score and information (of :attr:`cov_type`) at ``θ``."""
-        U, J, _, _ = glm_score_information(self.family, b.X, b.y, b.w, theta, b.offset)
-        if self.cov_type == "observed":
-            J = glm_score_information(self.family, b.X, b.y, b.w, theta, b.offset, True)[1]
-        return U, self._batch_info(J, b)
-
     def _lagged(self, flow: FisherFlow, b: GLMBatch) -> bool:
         """Fixed-lag window update (:mod:`fisherflow.flow.glm_lag`)."""
+        if self._window is None:  # its summary starts from the state so far
+            self._window = FixedLagWindow.from_flow(self.lag, flow)
         win = self._window
-        if win is None:  # the summary starts from the state so far (prior or refined fit)
-            summary = FisherFlow(flow.flat_params, flow.information, self.structure)
-            summary.totals = dict(flow.totals)
-            win = self._window = FixedLagWindow(self.lag, summary)
-        c = win.summary
-        base, base_totals = c.information, dict(c.totals)
-        held = c.num_samples > 0 or self.prior_precision > 0
-        pooled = _concat([*win.batches, b])
-        m = maximise_batch(
-            self.family, pooled, c.flat_params, base.to_dense() if held else None,
-            start=flow.flat_params,
+        ok = win.update(
+            self.family, flow, b, prior=self.prior_precision > 0,
+            observed=self.cov_type == "observed", info_of=self._batch_info, totals_of=self._totals,
         )  # fmt: skip
-        if not m.valid or m.information is None:
+        if not ok:
             warnings.warn(
                 f"no coefficients give a valid {self.family.name} mean on the last "
-                f"{len(win.batches) + 1} batches ({pooled.X.shape[0]} rows); the newest "
+                f"{len(win.batches) + 1} batches ({win.rows + b.X.shape[0]} rows); the newest "
                 "is left out of the one-pass estimate (refine uses it)",
                 ConvergenceWarning,
                 stacklevel=3,
             )
-            return False
-        theta = m.theta
-        win.batches.append(_concat([b]))  # its own rows: a caller may reuse tensor buffers
-        while len(win.batches) > win.lag:  # the oldest leaves: its quadratic at θ*
-            old = win.batches.popleft()
-            U, info_old = self._curvature(old, theta)
-            decision, before = c.prior_for(U, info_old)
-            c.assimilate(c.flat_params, info_old, decision, totals=self._totals(old, theta))
-            center = relinearised_center(
-                theta, c.flat_params, before.to_dense(), U, c.information.to_dense()
-            )
-            totals = c.totals
-            c.reset(center, c.information)
-            c.totals = totals
-        # reported: the summary before this batch plus every window row's information
-        # at θ* (the batches that just left were folded in at θ* too)
-        J = m.information
-        if self.cov_type == "observed":
-            J = glm_score_information(
-                self.family, pooled.X, pooled.y, pooled.w, theta, pooled.offset, observed=True
-            )[1]
-        flow.reset(theta, base)
-        flow.totals = base_totals
-        info_all = self._batch_info(J, pooled)
-        decision, _ = flow.prior_for(torch.zeros_like(theta), info_all)
-        flow.assimilate(theta, info_all, decision, totals=self._totals(pooled, theta))
-        return True
+        return ok
 
     def _one_step(self, flow: FisherFlow, b: GLMBatch) -> bool:
         U, J, _, _ = glm_score_information(self.family, b.X, b.y, b.w, flow.flat_params, b.offset)
@@ -509,27 +469,6 @@ class OnlineGLM(GLMResults):
         )
 
 
-def _check_lag(lag: object, update: str, forgetful: bool, forgetting: object) -> int:
-    """The fixed-lag window's length (``None``: the default where it applies)."""
-    if lag is None:
-        return DEFAULT_LAG if update == "newton" and not forgetful else 0
-    if isinstance(lag, bool) or not isinstance(lag, numbers.Integral) or int(lag) < 0:
-        raise ValueError(f"lag must be a non-negative integer or None, got {lag!r}")
-    lag = int(lag)
-    if lag > 0 and update != "newton":
-        raise ValueError(
-            f"lag > 0 needs update='newton' (the window is re-maximised), got lag={lag} "
-            f"with update={update!r}; pass lag=0"
-        )
-    if lag > 0 and forgetful:
-        raise ValueError(
-            f"lag > 0 needs forgetting=None (forgetting discounts a batch when it arrives; "
-            f"the window would hold it undiscounted), got lag={lag} with "
-            f"forgetting={forgetting!r}; pass lag=0"
-        )
-    return lag
-
-
 def _with_progress(
     passes: Callable[[], Iterable[Any]], enabled: bool
 ) -> Callable[[], Iterable[Any]]:
@@ -540,22 +479,6 @@ def _with_progress(
 
     count = itertools.count(1)
     return lambda: tqdm(passes(), desc=f"refine pass {next(count)}", unit="batch", leave=False)
-
-
-def _concat(batches: list[GLMBatch]) -> GLMBatch:
-    """Rows of several batches as one batch."""
-    cat = torch.cat
-    offs = [b.offset if b.offset is not None else torch.zeros_like(b.y) for b in batches]
-    has_off = any(b.offset is not None for b in batches)
-    return GLMBatch(
-        cat([b.X for b in batches]),
-        cat([b.y for b in batches]),
-        cat([b.w for b in batches]),
-        cat([b.freq for b in batches]),
-        batches[0].names,
-        cat([b.var_weights for b in batches]),
-        cat(offs) if has_off else None,
-    )
 
 
 #: Update rules by name (:attr:`OnlineGLM.update`).
