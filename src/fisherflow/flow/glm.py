@@ -79,9 +79,10 @@ class OnlineGLM(GLMResults):
         link: A link the family accepts (``None``: the canonical one; e.g. gamma:
             ``"inverse_power"``, ``"log"``, ``"identity"``).
         alpha: Negative binomial ``α`` (variance ``μ + αμ²``), fixed; default 1.
-        update: ``"newton"`` (default): each batch maximises its log-likelihood plus
-            the quadratic of the information so far (a few Fisher-scoring iterations
-            with step-halving); ``"one_step"``: one scoring step per batch from the
+        update: ``"newton"`` (default): each batch maximises its log-likelihood (with
+            that of the ``lag`` batches before it) plus the quadratic of the
+            information before them (a few Fisher-scoring iterations with
+            step-halving); ``"one_step"``: one scoring step per batch from the
             current estimate (exact for gaussian identity, otherwise it lags the MLE
             and may fail on overflowing linear predictors).
         cov_type: ``"expected"`` (R's ``glm`` and statsmodels' ``GLM``) or
