@@ -17,7 +17,7 @@ has already seen ``L`` more batches — and folded into the summary,
 
 the Gaussian whose log-density has, at ``θ*``, the gradient and curvature of the
 terms it replaces. This is fixed-lag smoothing (Anderson & Moore 1979, *Optimal
-Filtering*, §7.3) in the form of the sliding-window filter, which marginalises the
+Filtering*, ch. 7) in the form of the sliding-window filter, which marginalises the
 oldest states at the current linearisation point (Sibley, Matthies & Sukhatme 2010,
 *Sliding window filter with application to planetary landing*, J. Field Robotics
 27(5)). It is still one pass over the data, with memory ``O(L · batch · p)`` and work
@@ -101,7 +101,7 @@ def relinearised_center(
     at ``θ*``, in the model's structure), returns ``c' = θ* + P'⁺ [U + P (c - θ*)]``:
     the quadratic ``-½ (θ - c')ᵀ P' (θ - c')`` has, at ``θ*``, the gradient
     ``U + P (c - θ*)`` of the terms it replaces and their curvature ``P'`` (exactly,
-    for a dense ``P'``). Sibley, Matthies & Sukhatme (2010), §3 (marginalisation at the
+    for a dense ``P'``). Sibley, Matthies & Sukhatme (2010) (marginalisation at the
     current linearisation point).
 
     Args:
