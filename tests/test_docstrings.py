@@ -36,6 +36,8 @@ MODULES = [
     "fisherflow.flow.forgetting",
     "fisherflow.flow.autograd",
     "fisherflow.flow.glm",
+    "fisherflow.flow.glm_densities",
+    "fisherflow.flow.glm_lag",
     "fisherflow.flow.glm_links",
     "fisherflow.flow.glm_newton",
     "fisherflow.flow.summary",

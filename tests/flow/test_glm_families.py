@@ -241,6 +241,25 @@ def test_poisson_llf_with_weights_matches_statsmodels():
     assert glm.llf == pytest.approx(ref.llf, rel=1e-9)
 
 
+def test_binomial_llf_counts_the_binomial_coefficient_as_r_does():
+    """Star98 (successes, failures out of up to ~700 trials): R's logLik -2998.6126."""
+    d = sm.datasets.star98.load_pandas()
+    res = R.Star98()
+    glm = OnlineGLM("binomial").fit(d.exog, d.endog, progress=False)
+    np.testing.assert_allclose(glm.params.iloc[1:], res.params[:-1], rtol=1e-6)
+    np.testing.assert_allclose(glm.bse.iloc[1:], res.bse[:-1], rtol=1e-6)
+    assert glm.llf == pytest.approx(res.llf, rel=1e-10)  # -2998.61255899391, from R
+    # proportions with the trials as var_weights: the same model and log-likelihood
+    trials = d.endog.sum(axis=1).to_numpy()
+    prop = d.endog.iloc[:, 0].to_numpy() / trials
+    same = OnlineGLM("binomial").fit(d.exog, prop, var_weights=trials, progress=False)
+    assert same.llf == pytest.approx(res.llf, rel=1e-10)
+    # with one trial per row the coefficient is 0: the bernoulli log-likelihood
+    X, y = sm.datasets.spector.load_pandas().exog, sm.datasets.spector.load_pandas().endog
+    one = OnlineGLM("binomial").fit(X, y, progress=False)
+    assert one.llf == pytest.approx(OnlineGLM("bernoulli").fit(X, y, progress=False).llf)
+
+
 def test_family_link_and_alpha_errors():
     with pytest.raises(
         ValueError, match=r"link for family 'gamma' must be one of \['inverse_power'"

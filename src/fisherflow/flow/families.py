@@ -52,6 +52,7 @@ from fisherflow.flow.glm_densities import (
     deviance_negative_binomial,
     deviance_poisson,
     loglik_bernoulli,
+    loglik_binomial,
     loglik_gamma,
     loglik_gaussian,
     loglik_inverse_gaussian,
@@ -89,8 +90,8 @@ class Family:
         link: The :class:`~fisherflow.flow.glm_links.Link`.
         variance_fn: ``V(μ, α)``.
         variance_deriv: ``V'(μ, α)``.
-        loglik_fn: ``ℓ(y, μ, φ, v, α)`` per observation (binomial: per trial, the
-            binomial coefficient left out).
+        loglik_fn: ``ℓ(y, μ, φ, v, α)`` per observation (binomial: with the log
+            binomial coefficient of ``v`` trials, as R's ``logLik``).
         deviance_fn: Unit deviance ``d(y, μ, α)``.
         check_y: Returns an error message for an invalid response, else ``None``.
         valid_mean: Mask of means inside the family's range.
@@ -200,7 +201,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "bernoulli": _make("bernoulli", ("logit", "probit"), *_BINARY, binary=True),
     "probit": _make("probit", ("probit",), *_BINARY, binary=True),
-    "binomial": _make("binomial", ("logit", "probit"), *_BINARY),
+    "binomial": _make("binomial", ("logit", "probit"), _BINARY[0], loglik_binomial, *_BINARY[2:]),
     "poisson": _make(
         "poisson",
         ("log", "identity"),

@@ -5,7 +5,10 @@ propagation, :mod:`fisherflow.flow.glm_newton`): it maximises the batch
 log-likelihood plus the quadratic ``-½ (θ - θ_prev)ᵀ I_prev (θ - θ_prev)`` of the
 information held so far, by Fisher scoring with step-halving, then adds the batch
 information at the new estimate. One pass lands near the full-data MLE with standard
-errors near the full-data ones; ``update="one_step"`` keeps the older rule (a single
+errors near the full-data ones. By default the rows of the last few batches are kept
+and re-fitted exactly at each batch, and a batch's quadratic is taken only when it
+leaves that fixed-lag window (:mod:`fisherflow.flow.glm_lag`), at an estimate that has
+seen the batches after it. ``update="one_step"`` keeps the older rule (a single
 scoring step per batch from the current estimate, cheaper, farther from the MLE).
 ``refine`` then runs full-batch Fisher scoring (IRLS) by streaming passes, so the data
 are never held in memory, and at convergence the coefficients and standard errors
@@ -14,6 +17,7 @@ are the maximum-likelihood ones (McCullagh & Nelder 1989, §2.5; Green 1984).
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -31,9 +35,10 @@ from fisherflow.flow._common import (
 from fisherflow.flow.distributed import fuse_across_ranks
 from fisherflow.flow.families import Family, glm_score_information
 from fisherflow.flow.families import family as family_of
-from fisherflow.flow.forgetting import make_forgetting
-from fisherflow.flow.glm_input import DTYPE, GLMBatch, output_kind, read_batch
+from fisherflow.flow.forgetting import NoForgetting, make_forgetting
+from fisherflow.flow.glm_input import DTYPE, GLMBatch, concat_batches, output_kind, read_batch
 from fisherflow.flow.glm_irls import irls
+from fisherflow.flow.glm_lag import FixedLagWindow, check_lag
 from fisherflow.flow.glm_newton import maximise_batch
 from fisherflow.flow.glm_results import GLMResults
 from fisherflow.flow.state import FisherFlow
@@ -74,19 +79,28 @@ class OnlineGLM(GLMResults):
         link: A link the family accepts (``None``: the canonical one; e.g. gamma:
             ``"inverse_power"``, ``"log"``, ``"identity"``).
         alpha: Negative binomial ``α`` (variance ``μ + αμ²``), fixed; default 1.
-        update: ``"newton"`` (default): each batch maximises its log-likelihood plus
-            the quadratic of the information so far (a few Fisher-scoring iterations
-            with step-halving); ``"one_step"``: one scoring step per batch from the
+        update: ``"newton"`` (default): each batch maximises its log-likelihood (with
+            that of the ``lag`` batches before it) plus the quadratic of the
+            information before them (a few Fisher-scoring iterations with
+            step-halving); ``"one_step"``: one scoring step per batch from the
             current estimate (exact for gaussian identity, otherwise it lags the MLE
             and may fail on overflowing linear predictors).
         cov_type: ``"expected"`` (R's ``glm`` and statsmodels' ``GLM``) or
             ``"observed"`` (Stata's ``glm`` and ``statsmodels.discrete``) information.
+        lag: Batches whose rows ``partial_fit`` keeps and re-fits exactly with each
+            new batch (a fixed-lag window, :mod:`fisherflow.flow.glm_lag`); a batch's
+            quadratic joins the information when it leaves, at the estimate of the
+            window then. ``0`` is plain assumed-density filtering. ``None`` (default):
+            :data:`~fisherflow.flow.glm_lag.DEFAULT_LAG` (3) with the ``"newton"``
+            update and no forgetting, else 0. Memory ``O(lag · batch rows · p)``;
+            the pass costs about ``lag + 1`` times the window-free one.
         scale: A fixed dispersion ``φ > 0``, or ``None`` for R's rule (Pearson
             ``χ²/(n - p)`` for gaussian, gamma, inverse gaussian and negative
             binomial; 1 for the others).
 
     Raises:
-        ValueError: If an option is invalid (the message lists valid values).
+        ValueError: If an option is invalid (the message lists valid values), or
+            ``lag > 0`` with forgetting or with ``update="one_step"``.
 
     Notes:
         The first batches are held back (their rows kept) while the information they
@@ -118,6 +132,7 @@ class OnlineGLM(GLMResults):
         update: str = "newton",
         cov_type: str = "expected",
         scale: float | None = None,
+        lag: int | None = None,
     ) -> None:
         if not isinstance(fit_intercept, bool):
             raise TypeError(f"fit_intercept must be a bool, got {type(fit_intercept).__name__}")
@@ -134,8 +149,9 @@ class OnlineGLM(GLMResults):
         self._fixed_scale = (
             None if scale is None else check_real(scale, "scale", low=0.0, low_open=True)
         )
-        make_forgetting(forgetting)  # validate now; a fresh policy is built per model
+        forgetful = not isinstance(make_forgetting(forgetting), NoForgetting)  # validate now
         self._forgetting_spec = forgetting
+        self.lag = check_lag(lag, update, forgetful, forgetting)
         self._clear()
 
     def _clear(self) -> None:
@@ -150,6 +166,7 @@ class OnlineGLM(GLMResults):
         self._n_batches = 0
         self._held: list[GLMBatch] = []
         self._buffered = 0
+        self._window: FixedLagWindow | None = None
 
     # ---------------------------------------------------------------- input
     def _read(self, X: Any, y: Any, rows: dict[str, Any], names: list[str] | None) -> GLMBatch:
@@ -228,7 +245,8 @@ class OnlineGLM(GLMResults):
                 self._n_batches += 1
                 return self
         flow = self._require()
-        if _UPDATE_RULES[self.update](self, flow, b):
+        rule = OnlineGLM._lagged if self.lag > 0 else _UPDATE_RULES[self.update]
+        if rule(self, flow, b):
             self.nobs += float(b.freq.sum())
         self._n_batches += 1
         self.llf, self._fitted_by = None, "one pass"
@@ -237,7 +255,7 @@ class OnlineGLM(GLMResults):
     def _hold_or_release(self, b: GLMBatch) -> GLMBatch:
         """Hold rows until the information is full rank; then a flow and the pooled batch."""
         held = [*self._held, b]
-        pooled = _concat(held) if len(held) > 1 else b
+        pooled = concat_batches(held) if len(held) > 1 else b
         p = pooled.X.shape[1]
         mu0 = self.family.start_mean(pooled.y, pooled.w)
         dmu = self.family.link.deriv(self.family.link.link(mu0))
@@ -275,6 +293,25 @@ class OnlineGLM(GLMResults):
         flow.assimilate(m.theta, self._batch_info(Jn, b), decision, totals=self._totals(b, m.theta))
         return True
 
+    def _lagged(self, flow: FisherFlow, b: GLMBatch) -> bool:
+        """Fixed-lag window update (:mod:`fisherflow.flow.glm_lag`)."""
+        if self._window is None:  # its summary starts from the state so far
+            self._window = FixedLagWindow.from_flow(self.lag, flow)
+        win = self._window
+        ok = win.update(
+            self.family, flow, b, prior=self.prior_precision > 0,
+            observed=self.cov_type == "observed", info_of=self._batch_info, totals_of=self._totals,
+        )  # fmt: skip
+        if not ok:
+            warnings.warn(
+                f"no coefficients give a valid {self.family.name} mean on the last "
+                f"{len(win.batches) + 1} batches ({win.rows + b.X.shape[0]} rows); the newest "
+                "is left out of the one-pass estimate (refine uses it)",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        return ok
+
     def _one_step(self, flow: FisherFlow, b: GLMBatch) -> bool:
         U, J, _, _ = glm_score_information(self.family, b.X, b.y, b.w, flow.flat_params, b.offset)
         flow.step(U, self._batch_info(J, b), totals=self._totals(b, flow.flat_params))
@@ -288,6 +325,7 @@ class OnlineGLM(GLMResults):
         n_iter: int = 100,
         tol: float = 1e-10,
         group: Any = None,
+        progress: bool = True,
         **rows: Any,
     ) -> OnlineGLM:
         """Full-batch Fisher scoring (IRLS) by streaming passes, from the current estimate.
@@ -310,6 +348,7 @@ class OnlineGLM(GLMResults):
             group: A ``torch.distributed`` process group: each rank passes its shard,
                 starts from the fusion of the per-rank estimates, and the score and
                 information are all-reduced per pass.
+            progress: Show a tqdm progress bar over the batches of each pass.
             **rows: With arrays: ``sample_weight``, ``freq_weights``, ``var_weights``,
                 ``offset``, ``exposure``.
 
@@ -323,7 +362,7 @@ class OnlineGLM(GLMResults):
             RankDeficiencyWarning: If the information is singular.
 
         Raises:
-            TypeError: If ``data`` is a one-shot iterator.
+            TypeError: If ``data`` is a one-shot iterator or ``progress`` is not a bool.
             ValueError: On invalid batches (the model is left unchanged).
         """
         if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
@@ -340,7 +379,9 @@ class OnlineGLM(GLMResults):
                 "data must be re-iterable (a list, Batches, DataLoader) or a callable "
                 "returning an iterable; a one-shot iterator cannot be passed over twice"
             )
-        passes = data if callable(data) else (lambda: data)
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
+        passes = _with_progress(data if callable(data) else (lambda: data), progress)
         beta = self.flow.flat_params if self.flow is not None else None
         if group is not None and self.flow is not None:
             beta = fuse_across_ranks(self.flow, group).params.reshape(-1)  # type: ignore[union-attr]
@@ -356,6 +397,7 @@ class OnlineGLM(GLMResults):
             likelihood=self.family.name,
         )  # fmt: skip
         flow.reset(beta, info)
+        self._window = None  # a later pass starts its summary from this fit
         if self.family.has_scale:
             flow.totals = {"yy": acc["yy"], "xy": acc["xy"]}
             flow.totals["pearson"] = torch.tensor(acc["pearson"], dtype=DTYPE)
@@ -378,7 +420,7 @@ class OnlineGLM(GLMResults):
             X: Design.
             y: Response.
             **rows: ``sample_weight``, ``freq_weights``, ``var_weights``, ``offset``,
-                ``exposure``, and :meth:`refine`'s ``n_iter``/``tol``.
+                ``exposure``, and :meth:`refine`'s ``n_iter``/``tol``/``progress``.
 
         Returns:
             ``self``.
@@ -424,24 +466,20 @@ class OnlineGLM(GLMResults):
             f"OnlineGLM(family={self.family.name!r}, link={self.family.link.name!r}, "
             f"fit_intercept={self.fit_intercept}, prior_precision={self.prior_precision}, "
             f"structure={self.structure!r}, update={self.update!r}, "
-            f"cov_type={self.cov_type!r}, nobs={self.nobs:g})"
+            f"cov_type={self.cov_type!r}, lag={self.lag}, nobs={self.nobs:g})"
         )
 
 
-def _concat(batches: list[GLMBatch]) -> GLMBatch:
-    """Rows of several batches as one batch."""
-    cat = torch.cat
-    offs = [b.offset if b.offset is not None else torch.zeros_like(b.y) for b in batches]
-    has_off = any(b.offset is not None for b in batches)
-    return GLMBatch(
-        cat([b.X for b in batches]),
-        cat([b.y for b in batches]),
-        cat([b.w for b in batches]),
-        cat([b.freq for b in batches]),
-        batches[0].names,
-        cat([b.var_weights for b in batches]),
-        cat(offs) if has_off else None,
-    )
+def _with_progress(
+    passes: Callable[[], Iterable[Any]], enabled: bool
+) -> Callable[[], Iterable[Any]]:
+    """``passes`` with a tqdm bar over each pass's batches (numbered) when ``enabled``."""
+    if not enabled:
+        return passes
+    from tqdm.auto import tqdm
+
+    count = itertools.count(1)
+    return lambda: tqdm(passes(), desc=f"refine pass {next(count)}", unit="batch", leave=False)
 
 
 #: Update rules by name (:attr:`OnlineGLM.update`).

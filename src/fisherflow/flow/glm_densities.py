@@ -27,6 +27,7 @@ __all__ = [
     "deviance_negative_binomial",
     "deviance_poisson",
     "loglik_bernoulli",
+    "loglik_binomial",
     "loglik_gamma",
     "loglik_gaussian",
     "loglik_inverse_gaussian",
@@ -132,6 +133,27 @@ def loglik_bernoulli(y: Tensor, mu: Tensor, phi: float, v: Tensor, alpha: float)
     """``v [y log μ + (1 - y) log(1 - μ)]`` (per trial, no binomial coefficient)."""
     m = clamp_prob(mu)
     return v * (torch.xlogy(y, m) + torch.xlogy(1 - y, 1 - m))
+
+
+def loglik_binomial(y: Tensor, mu: Tensor, phi: float, v: Tensor, alpha: float) -> Tensor:
+    """``log C(m, m y) + m [y log μ + (1 - y) log(1 - μ)]`` with ``m = v`` trials.
+
+    The binomial log-probability of ``m y`` successes in ``m`` trials, as R's
+    ``binomial()$aic`` and statsmodels' ``Binomial.loglike_obs`` count it: the log
+    binomial coefficient (``lgamma``, so non-integer counts are allowed as in
+    statsmodels; R rounds them) is included. ``v`` is the trials times any variance
+    weights: with variance weights on top of counts, statsmodels instead multiplies
+    ``log C(trials, successes)`` by the weight.
+
+    Example:
+        >>> y, mu, m = torch.tensor([0.3]), torch.tensor([0.4]), torch.tensor([10.0])
+        >>> exact = math.log(math.comb(10, 3) * 0.4**3 * 0.6**7)  # P(3 of 10), p = 0.4
+        >>> round(loglik_binomial(y, mu, 1.0, m, 0.0).item(), 5) == round(exact, 5)
+        True
+    """
+    k = v * y
+    coef = torch.lgamma(v + 1) - torch.lgamma(k + 1) - torch.lgamma(v - k + 1)
+    return coef + loglik_bernoulli(y, mu, phi, v, alpha)
 
 
 def loglik_poisson(y: Tensor, mu: Tensor, phi: float, v: Tensor, alpha: float) -> Tensor:

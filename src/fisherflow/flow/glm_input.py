@@ -22,6 +22,7 @@ __all__ = [
     "ROW_OPTIONS",
     "Batches",
     "GLMBatch",
+    "concat_batches",
     "design_matrix",
     "output",
     "output_kind",
@@ -186,6 +187,22 @@ class GLMBatch:
     def var_weights(self) -> Tensor:
         """The variance weights (ones when none were given)."""
         return self.var if self.var is not None else torch.ones_like(self.y)
+
+
+def concat_batches(batches: Sequence[GLMBatch]) -> GLMBatch:
+    """Rows of several batches as one batch (new tensors, even for a single batch)."""
+    cat = torch.cat
+    offs = [b.offset if b.offset is not None else torch.zeros_like(b.y) for b in batches]
+    has_off = any(b.offset is not None for b in batches)
+    return GLMBatch(
+        cat([b.X for b in batches]),
+        cat([b.y for b in batches]),
+        cat([b.w for b in batches]),
+        cat([b.freq for b in batches]),
+        batches[0].names,
+        cat([b.var_weights for b in batches]),
+        cat(offs) if has_off else None,
+    )
 
 
 def _row_weights(values: Any, name: str, n: int, positive: bool = False) -> Tensor:

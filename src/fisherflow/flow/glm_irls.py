@@ -208,6 +208,39 @@ def _ml_phi(family: Family, acc: dict[str, Any]) -> float:
     return acc["dev"] / acc["n"]
 
 
+#: Passes the unpenalised probe of :func:`irls` may take in all (R's ``glm.control``
+#: ``maxit``) before separation is ruled out.
+PROBE_PASSES = 25
+
+
+def _probe_separates(
+    family: Family, passes: Callable[[], Iterable[Any]], probe: Tensor, names: list[str],
+    read: Reader, group: Any, max_passes: int,
+) -> bool:  # fmt: skip
+    """Whether unpenalised Fisher scoring from ``probe`` comes to classify every row.
+
+    Run when the penalised fit converged before its probe settled (a start near the
+    penalised estimate, e.g. a one-pass estimate, converges in a pass or two): on
+    completely separated data the unpenalised iterates diverge along a separating
+    direction and soon classify every outcome correctly (Albert & Anderson 1984,
+    *On the existence of maximum likelihood estimates in logistic regression models*);
+    otherwise they converge to the unpenalised MLE, and the probe stops there.
+    """
+    for _ in range(max(max_passes, 0)):
+        acc = _pass(family, passes, probe, names, read, None, group, False, 1.0)
+        if acc["invalid"] or not acc["binary"]:
+            return False
+        if acc["rows"] > 0 and acc["correct"] == acc["rows"]:
+            return True
+        step = pinv_solve_dense(acc["J"], acc["U"])
+        if not bool(torch.isfinite(step).all()):
+            return False
+        probe = probe + step
+        if bool((step.abs() <= 1e-8 * (1 + probe.abs())).all()):
+            return False
+    return False
+
+
 def irls(
     family: Family,
     passes: Callable[[], Iterable[Any]],
@@ -284,6 +317,8 @@ def irls(
                 break
         it += 1
         acc = _pass(family, passes, beta, names, read, probe, group, observed, 1.0)
+    if probe is not None and not separated:
+        separated = _probe_separates(family, passes, probe, names, read, group, PROBE_PASSES - it)
     final = _pass(family, passes, beta, names, read, None, group, observed, _ml_phi(family, acc))
     if final["invalid"]:  # pragma: no cover - a converged step keeps the mean valid
         beta, final = prev_beta, prev_acc

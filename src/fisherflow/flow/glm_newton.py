@@ -165,22 +165,26 @@ def _intercept_start(family: Family, b: GLMBatch) -> Tensor | None:
 
 
 def _start(
-    family: Family, b: GLMBatch, center: Tensor, info: Tensor | None
+    family: Family, b: GLMBatch, center: Tensor, info: Tensor | None, start: Tensor | None
 ) -> tuple[Tensor, float]:
     """A valid start on the batch, the best of several.
 
-    The prior mean when it is valid and there is a prior; otherwise the best valid one
-    of: the prior mean, the data start with and without the prior, a constant mean
-    (``g(ȳ)`` on the intercept), and the prior mean shrunk towards 0. The valid region
-    of the inverse and identity links (``η > 0`` on every row) is convex, so Fisher
-    scoring with step-halving stays in it from any valid start.
+    ``start`` (default: the prior mean) when it is valid and there is a prior;
+    otherwise the best valid one of: ``start``, the prior mean, the data start with
+    and without the prior, a constant mean (``g(ȳ)`` on the intercept), and the prior
+    mean shrunk towards 0. The valid region of the inverse and identity links
+    (``η > 0`` on every row) is convex, so Fisher scoring with step-halving stays in it
+    from any valid start.
     """
-    f = batch_objective(family, b, center, center, info)
+    first = center if start is None else start
+    f = batch_objective(family, b, first, center, info)
     fresh = info is None or not bool(info.abs().sum() > 0)
     if math.isfinite(f) and not fresh:
-        return center, f
-    best, fb = center, f
+        return first, f
+    best, fb = first, f
     candidates = [data_start(family, b, center, info), _intercept_start(family, b)]
+    if start is not None:
+        candidates.append(center)
     if info is not None:
         candidates.append(data_start(family, b, center, None))
     for cand in candidates:
@@ -207,6 +211,7 @@ def maximise_batch(
     max_iter: int = 25,
     tol: float = 1e-8,
     decrement: float = 1e-8,
+    start: Tensor | None = None,
 ) -> Maximised:
     """Maximise ``ℓ_B(θ) - ½ (θ - c)ᵀ I (θ - c)`` by Fisher scoring with step-halving.
 
@@ -222,6 +227,8 @@ def maximise_batch(
         decrement: Also stop, before stepping, when the Newton decrement ``gᵀH⁻¹g``
             (the squared step length in standard errors of the updated estimate) is
             at most this.
+        start: Where Fisher scoring starts when it gives a valid mean (default: the
+            prior mean ``c``; a fixed-lag window starts from its last estimate).
 
     Returns:
         A :class:`Maximised`.
@@ -236,7 +243,7 @@ def maximise_batch(
         >>> round(m.theta.item(), 4), round(math.log(3), 4), m.converged  # logit(3/4)
         (1.0986, 1.0986, True)
     """
-    theta, f = _start(family, b, center, info)
+    theta, f = _start(family, b, center, info, start)
     if not math.isfinite(f):
         return Maximised(center, f, 0, False, False)
     _, eta, mu = _evaluate(family, b, theta, center, info)

@@ -44,6 +44,7 @@ class GLMResults:
     _fitted_by: str
     _n_batches: int
     update: str
+    lag: int
     n_iter: int
 
     def _require(self) -> FisherFlow:
@@ -66,11 +67,13 @@ class GLMResults:
     def provenance(self) -> str:
         """Where the estimate comes from: one pass or a full-batch fit, and the rows behind it.
 
-        Example: ``"one pass (newton update, 10 batches); information from 5000 rows"``.
+        Example: ``"one pass (newton update, lag 3, 10 batches); information from 5000
+        rows"`` (``lag``: batches re-fitted exactly, see :mod:`fisherflow.flow.glm_lag`).
         """
         n = self._require().num_samples
         if self._fitted_by == "one pass":
-            how = f"one pass ({self.update} update, {self._n_batches} batches)"
+            lag = f", lag {self.lag}" if self.lag else ""
+            how = f"one pass ({self.update} update{lag}, {self._n_batches} batches)"
         else:
             state = "converged" if self.converged else "NOT converged"
             how = f"{self._fitted_by}: full-batch IRLS, {self.n_iter} passes, {state}"
