@@ -13,8 +13,11 @@ from fisherflow.matrices import FisherMatrix, KronGroup
 from fisherflow.matrices.validate import check_real
 from fisherflow.optim.checks import check_choice, check_nonnegative
 from fisherflow.optim.eigenbasis import (
+    EIGEN_REFRESHES,
+    eigenpairs,
     matrix_root,
     matrix_view,
+    power_from_pairs,
     side_exponent,
     statistics_dtype,
 )
@@ -67,7 +70,11 @@ class Shampoo(FactoredOptimizer):
     (−1/4: Gupta et al.; −1/2: closer to inverting the Fisher); a side longer than
     ``max_precond_dim`` is not preconditioned and the other side's root doubles
     (:func:`~fisherflow.optim.eigenbasis.side_exponent`). Roots are eigendecompositions
-    that retry in float64 when float32 fails.
+    that retry in float64 when float32 fails; with ``eigen_refresh="power"`` only the
+    first one is: later refreshes take one power iteration and a QR decomposition from
+    the previous eigenbasis, with the Rayleigh quotients as eigenvalues (as SOAP
+    refreshes its basis, Vyas et al. 2024; exact when the basis still diagonalises the
+    factor, and cheaper — :data:`~fisherflow.optim.eigenbasis.EIGEN_REFRESHES`).
 
     **Per parameter type** (as Distributed Shampoo and the reference SOAP do):
     ``nn.Linear`` / HF ``Conv1D`` weights are matrices as stored; convolution kernels
@@ -98,9 +105,12 @@ class Shampoo(FactoredOptimizer):
         weight_decay: Decoupled weight decay (>= 0).
         model: Names the parameters for :meth:`fisher` (optional).
         nonfinite: ``"warn"`` (skip the step) or ``"raise"`` on a non-finite gradient.
+        eigen_refresh: ``"eigh"`` (an eigendecomposition at every refresh) or
+            ``"power"`` (power iteration + QR after the first).
 
     Raises:
-        ValueError: For a bad hyperparameter (named) or an unknown ``graft``.
+        ValueError: For a bad hyperparameter (named), an unknown ``graft`` or
+            ``eigen_refresh``.
 
     Example:
         >>> w = torch.nn.Parameter(torch.ones(2, 2))
@@ -126,7 +136,10 @@ class Shampoo(FactoredOptimizer):
         weight_decay: float = 0.0,
         model: nn.Module | None = None,
         nonfinite: str = "warn",
+        eigen_refresh: str = "eigh",
     ) -> None:
+        check_choice(eigen_refresh, "eigen_refresh", EIGEN_REFRESHES)
+        self.eigen_refresh = eigen_refresh
         exponent = check_real(exponent, "exponent")
         if not -1.0 <= exponent < 0.0:
             raise ValueError(f"exponent must be in [-1, 0), got {exponent!r}")
@@ -194,7 +207,13 @@ class Shampoo(FactoredOptimizer):
             if (t - 1) % self.precondition_frequency == 0:
                 e = side_exponent(self.exponent, len(sides))
                 for k in sides:
-                    state[f"root_{k}"] = matrix_root(state[k] / (1 - beta2**t), e, eps)
+                    factor = state[k] / (1 - beta2**t)
+                    if self.eigen_refresh == "eigh":
+                        state[f"root_{k}"] = matrix_root(factor, e, eps)
+                        continue
+                    vals, basis = eigenpairs(factor, state.get(f"basis_{k}"), "power")
+                    state[f"basis_{k}"] = basis
+                    state[f"root_{k}"] = power_from_pairs(vals, basis, e, eps)
             direction = m_hat
             if "root_L" in state:
                 direction = state["root_L"] @ direction
