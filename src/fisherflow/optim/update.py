@@ -65,7 +65,7 @@ def apply_direction(
             continue
         d = [delta[names[id(p)]].to(dtype=p.dtype, device=p.device) for p in params]
         if scale != 1.0:
-            d = torch._foreach_mul(d, scale)
+            d = list(torch._foreach_mul(d, scale))
         if mu != 0:
             fresh = [
                 (p, x) for p, x in zip(params, d, strict=True) if "momentum_buffer" not in state[p]
