@@ -28,7 +28,7 @@ from fisherflow.optim.curvature import (
 )
 from fisherflow.optim.eigenbasis import EIGEN_REFRESHES
 from fisherflow.optim.inputs import InputRecorder
-from fisherflow.optim.modes import DAMPING_MODES, NONFINITE, REDUCTIONS
+from fisherflow.optim.modes import DAMPING_MODES, REDUCTIONS, StepCounts
 from fisherflow.optim.params import param_groups
 from fisherflow.optim.spread import Pair, install_eigenbasis, refresh_pairs, spread_eigenbasis
 from fisherflow.optim.update import apply_direction, kl_clip_scale
@@ -53,7 +53,7 @@ def _solver(matrix: FisherMatrix, damping: float) -> Callable[[Any], Any]:
     return lambda v: matrix.solve(v, damping)
 
 
-class NaturalGradient(torch.optim.Optimizer):
+class NaturalGradient(StepCounts, torch.optim.Optimizer):
     """Natural gradient descent: ``θ ← θ − lr · (F + λI)⁻¹ g`` with a running Fisher F.
 
     A ``torch.optim.Optimizer`` for the plain loop, with nothing else to call::
@@ -211,8 +211,8 @@ class NaturalGradient(torch.optim.Optimizer):
             raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip!r}")
         self.kl_clip = kl_clip
         self._reduce = check_choice(loss_reduction, "loss_reduction", REDUCTIONS)
-        self._on_nonfinite = check_choice(nonfinite, "nonfinite", NONFINITE)
-        self.loss_reduction, self.nonfinite = loss_reduction, nonfinite
+        self._init_counts(nonfinite)
+        self.loss_reduction = loss_reduction
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.structure, self.kind, self.likelihood = structure, kind, likelihood
@@ -228,7 +228,6 @@ class NaturalGradient(torch.optim.Optimizer):
         self._curvature = self._new_curvature()
         self._preconditioner: FisherMatrix | None = None
         self._prepared: tuple[FisherMatrix, float, Callable[[Any], Any]] | None = None
-        self._step, self._skipped = 0, 0
         self._inputs = InputRecorder(model, self._update_due)
 
     # ----------------------------------------------------------- groups and hooks
@@ -291,16 +290,6 @@ class NaturalGradient(torch.optim.Optimizer):
             raise RuntimeError("fisher() needs at least one step() first")
         return self._curvature.fisher
 
-    @property
-    def steps(self) -> int:
-        """Steps taken (skipped ones not counted)."""
-        return self._step
-
-    @property
-    def skipped(self) -> int:
-        """Steps skipped for a non-finite gradient, curvature or step."""
-        return self._skipped
-
     # --------------------------------------------------------------------- step
     def _batch(self, batch: Any) -> list[Any]:
         if batch is not None:
@@ -325,9 +314,8 @@ class NaturalGradient(torch.optim.Optimizer):
         return grads
 
     def _skip(self, what: str) -> None:
-        self._skipped += 1
         self._inputs.clear()
-        self._on_nonfinite(what)
+        super()._skip(what)
 
     def _damping(self, step: int) -> float:
         value = self.damping(step) if callable(self.damping) else self.damping
@@ -416,8 +404,7 @@ class NaturalGradient(torch.optim.Optimizer):
         out = super().state_dict()
         kept = self._preconditioner if self.inverse_freq is not None else None
         out[_STATE_KEY] = {
-            "step": self._step,
-            "skipped": self._skipped,
+            **self._counts(),
             "curvature": self._curvature.state_dict(),
             "preconditioner": None if kept is None else fisher_state(kept),
             "eigenpairs": None
@@ -439,7 +426,7 @@ class NaturalGradient(torch.optim.Optimizer):
                 f"state_dict has no {_STATE_KEY!r} entry: it is not a NaturalGradient state"
             )
         super().load_state_dict(state_dict)
-        self._step, self._skipped = int(mine["step"]), int(mine["skipped"])
+        self._load_counts(mine)
         self._curvature.load_state_dict(mine["curvature"])
         saved = mine["preconditioner"]
         fisher = self._curvature.fisher

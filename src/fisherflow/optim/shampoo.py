@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from fisherflow.matrices import KFAC as KFACMatrix
 from fisherflow.matrices import FisherMatrix, KronGroup
 from fisherflow.matrices.validate import check_real
-from fisherflow.optim.checks import check_choice, check_nonnegative
+from fisherflow.optim.checks import check_choice
 from fisherflow.optim.eigenbasis import (
     EIGEN_REFRESHES,
     eigenpairs,
@@ -21,7 +21,7 @@ from fisherflow.optim.eigenbasis import (
     side_exponent,
     statistics_dtype,
 )
-from fisherflow.optim.factored import FactoredOptimizer, check_batch_meta, check_betas
+from fisherflow.optim.factored import FactoredOptimizer, check_batch_meta
 
 __all__ = ["GRAFTS", "Shampoo", "grafted"]
 
@@ -145,17 +145,12 @@ class Shampoo(FactoredOptimizer):
             raise ValueError(f"exponent must be in [-1, 0), got {exponent!r}")
         self._graft = check_choice(graft, "graft", GRAFTS)
         self.exponent, self.graft = exponent, graft
-        defaults = {
-            "lr": check_nonnegative(lr, "lr"),
-            "betas": check_betas(betas),
-            "eps": check_nonnegative(eps, "eps"),
-            "weight_decay": check_nonnegative(weight_decay, "weight_decay"),
-        }
-        if defaults["eps"] == 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
         super().__init__(
             params,
-            defaults,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
             model=model,
             nonfinite=nonfinite,
             precondition_frequency=precondition_frequency,
@@ -225,11 +220,6 @@ class Shampoo(FactoredOptimizer):
             p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(update.reshape(p.shape).to(p.dtype), alpha=-group["lr"])
 
-    def _check_group(self, group: dict[str, Any]) -> None:
-        super()._check_group(group)
-        if "eps" in group and group["eps"] == 0:
-            raise ValueError("eps must be > 0, got 0")
-
     def fisher(self, *, batch_size: float = 1.0, num_samples: float | None = None) -> FisherMatrix:
         """The empirical Kronecker Fisher the statistics hold (scaling in the class docstring).
 
@@ -253,7 +243,7 @@ class Shampoo(FactoredOptimizer):
             state = self.state.get(self._param(name))
             if not state:
                 raise RuntimeError(f"fisher() needs a step with a gradient on {name!r} first")
-            beta2 = self._group_of(name)["betas"][1]
+            beta2 = self._group_of(self._param(name))["betas"][1]
             correction = 1 - beta2 ** state["step"]
             if "L" in state and "R" in state:
                 left, right = state["L"] / correction, state["R"] / correction
@@ -262,10 +252,5 @@ class Shampoo(FactoredOptimizer):
                 G[name] = left * (n * b / trace)
             else:
                 rest.append(state["exp_avg_sq"].reshape(-1) * (n * b / correction))
-        dtype = next(iter(self.state.values()))["exp_avg"].dtype
-        rest_vec = torch.cat(rest) if rest else torch.zeros(0, dtype=dtype)
+        rest_vec = self._rest_vector(rest)
         return KFACMatrix(groups, A, G, layout, rest_vec, num_samples=n, kind="empirical")
-
-    def _group_of(self, name: str) -> dict[str, Any]:
-        p = self._param(name)
-        return next(g for g in self.param_groups if any(q is p for q in g["params"]))

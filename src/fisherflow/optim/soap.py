@@ -12,7 +12,7 @@ from fisherflow.estimation import Likelihood
 from fisherflow.matrices import EKFAC as EKFACMatrix
 from fisherflow.matrices import KFAC as KFACMatrix
 from fisherflow.matrices import FisherMatrix, KronGroup
-from fisherflow.optim.checks import check_choice, check_fraction, check_nonnegative
+from fisherflow.optim.checks import check_choice, check_fraction
 from fisherflow.optim.curvature import RunningCurvature
 from fisherflow.optim.eigenbasis import (
     eigenbasis,
@@ -22,7 +22,7 @@ from fisherflow.optim.eigenbasis import (
     rotate_back,
     statistics_dtype,
 )
-from fisherflow.optim.factored import FactoredOptimizer, check_batch_meta, check_betas
+from fisherflow.optim.factored import FactoredOptimizer, check_batch_meta
 from fisherflow.optim.inputs import InputRecorder
 from fisherflow.optim.soap_kfac import kfac_factors
 
@@ -165,19 +165,14 @@ class SOAP(FactoredOptimizer):
         self.shampoo_beta = (
             None if shampoo_beta is None else check_fraction(shampoo_beta, "shampoo_beta")
         )
-        defaults: dict[str, Any] = {
-            "lr": check_nonnegative(lr, "lr"),
-            "betas": check_betas(betas),
-            "eps": check_nonnegative(eps, "eps"),
-            "weight_decay": check_nonnegative(weight_decay, "weight_decay"),
-        }
-        if defaults["eps"] == 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         super().__init__(
             params,
-            defaults,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
             model=model,
             nonfinite=nonfinite,
             precondition_frequency=precondition_frequency,
@@ -195,7 +190,7 @@ class SOAP(FactoredOptimizer):
                 likelihood,
                 kind,
                 "kfac",
-                ema=self.shampoo_beta if self.shampoo_beta is not None else defaults["betas"][1],
+                ema=self._factor_beta(self.defaults),
                 seed=seed,
             )
             self._inputs = InputRecorder(model, self._basis_due)
@@ -203,11 +198,6 @@ class SOAP(FactoredOptimizer):
     def _basis_due(self) -> bool:
         """Whether the next step re-estimates the K-FAC basis (``"kfac"``)."""
         return self._step % self.precondition_frequency == 0
-
-    def _check_group(self, group: dict[str, Any]) -> None:
-        super()._check_group(group)
-        if "eps" in group and group["eps"] == 0:
-            raise ValueError("eps must be > 0, got 0")
 
     # ------------------------------------------------------------- the basis
     def _factor_beta(self, group: dict[str, Any]) -> float:
@@ -334,15 +324,12 @@ class SOAP(FactoredOptimizer):
             state = self.state.get(p)
             if not state or state["step"] == 0:
                 raise RuntimeError(f"fisher() needs an Adam step on {name!r} first")
-            beta2 = next(g for g in self.param_groups if any(q is p for q in g["params"]))["betas"][
-                1
-            ]
+            beta2 = self._group_of(p)["betas"][1]
             values = state["exp_avg_sq"] * (n * b / (1 - beta2 ** state["step"]))
             if "QL" in state or "QR" in state:
                 groups[name] = KronGroup(name)
                 QG[name], QA[name], S[name] = state.get("QL"), state.get("QR"), values
             else:
                 rest.append(values.reshape(-1))
-        dtype = next(iter(self.state.values()))["exp_avg"].dtype
-        rest_vec = torch.cat(rest) if rest else torch.zeros(0, dtype=dtype)
+        rest_vec = self._rest_vector(rest)
         return EKFACMatrix(groups, QA, QG, S, layout, rest_vec, num_samples=n, kind="empirical")
