@@ -32,14 +32,18 @@ def kl_clip_scale(
     """
     if kl_clip is None:
         return 1.0
-    terms = []
+    terms, weights = [], []
     for group in groups:
         for p in group["params"]:
             n = names[id(p)]
             if n in grads:
-                d = delta[n].reshape(-1)
-                terms.append(group["lr"] ** 2 * torch.dot(d, grads[n].reshape(-1).to(d.dtype)))
-    q = float(torch.stack(terms).sum()) if terms else 0.0  # one synchronisation
+                terms.append((delta[n] * grads[n].to(delta[n].dtype)).sum())
+                weights.append(group["lr"] ** 2)
+    # one synchronisation for all of them, then summed in double precision
+    values = torch.stack(terms).tolist() if terms else []
+    q = 0.0
+    for w, v in zip(weights, values, strict=True):
+        q += w * v
     return min(1.0, math.sqrt(2.0 * kl_clip / q)) if q > 0 else 1.0
 
 
