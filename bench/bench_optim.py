@@ -225,6 +225,9 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated optimizer names")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--out", default=None, help="results file (default bench/RESULTS_optim[_sweep].md)"
+    )
+    parser.add_argument(
         "--sweep",
         action="store_true",
         help="3-point lr (and damping) sweep of AdamW, K-FAC, EKFAC, SOAP "
@@ -289,6 +292,7 @@ def plot(curves: dict[str, list[tuple[int, float]]], out: Path) -> Path:
 
 def write(args, steps, size, names, times, curves, failed, total) -> None:  # type: ignore[no-untyped-def]
     out = OUT.with_name("RESULTS_optim_sweep.md") if args.sweep else OUT
+    out = Path(args.out) if args.out else out
     adamw = "AdamW lr=0.003" if args.sweep else "AdamW"
     base = times[adamw] if adamw in times else None
     checkpoints = [s for s, _ in curves[names[0]]]
