@@ -2,7 +2,8 @@
 
 ``REDUCTIONS`` (which Fisher preconditions a loss reduction), ``DAMPING_MODES`` (how
 damping enters a solve) and ``NONFINITE`` (what a non-finite gradient, curvature or
-step does: the step is never taken).
+step does: the step is never taken), and :class:`StepCounts`, the step and skip counts
+every optimizer keeps with it.
 """
 
 from __future__ import annotations
