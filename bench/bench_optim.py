@@ -11,7 +11,9 @@ cross-entropy, nats per character, on fixed held-out batches) at fixed steps.
 Optimizers: AdamW; SGD with Nesterov momentum; ``torch.optim.Muon`` on the 2-D hidden
 weights (attention and MLP matrices) with AdamW for embeddings, head, norms and
 biases; fisherflow's K-FAC and EKFAC (sampled labels, update_freq 10), Shampoo
-(exponent −1/2, Adam graft), SOAP and SOAP with the K-FAC basis; heavyball's SOAP
+(exponent −1/2, Adam graft), SOAP and SOAP with the K-FAC basis; K-FAC and Shampoo
+again with ``eigen_refresh="power"`` (power iteration + QR instead of an
+eigendecomposition after the first refresh); heavyball's SOAP
 when ``heavyball`` imports (``pip install --no-deps heavyball``; its ``compile_step``
 is off: no compiler on the bench machine).
 
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import re
 import statistics
 import sys
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 import fisherflow as ff
+from _steps import ratio_cells, timed_round
 
 OUT = Path(__file__).with_name("RESULTS_optim.md")
 
@@ -158,9 +160,18 @@ def optimizers() -> dict[str, Callable[[nn.Module], object]]:
         ),
         "Muon+AdamW": lambda m: muon(m, 0.02),
         "K-FAC": lambda m: ff.optim.KFAC(m, lr=0.3, **kfac),
+        "K-FAC power": lambda m: ff.optim.KFAC(m, lr=0.3, eigen_refresh="power", **kfac),
         "EKFAC": lambda m: ff.optim.EKFAC(m, lr=0.3, **kfac),
         "Shampoo": lambda m: ff.optim.Shampoo(
             m.parameters(), lr=3e-3, exponent=-0.5, model=m, precondition_frequency=10
+        ),
+        "Shampoo power": lambda m: ff.optim.Shampoo(
+            m.parameters(),
+            lr=3e-3,
+            exponent=-0.5,
+            model=m,
+            precondition_frequency=10,
+            eigen_refresh="power",
         ),
         "SOAP": lambda m: ff.optim.SOAP(m.parameters(), lr=3e-3, weight_decay=0.0, model=m),
         "SOAP-kfac": lambda m: ff.optim.SOAP(
@@ -214,6 +225,9 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated optimizer names")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--out", default=None, help="results file (default bench/RESULTS_optim[_sweep].md)"
+    )
+    parser.add_argument(
         "--sweep",
         action="store_true",
         help="3-point lr (and damping) sweep of AdamW, K-FAC, EKFAC, SOAP "
@@ -244,22 +258,9 @@ def main() -> None:
     failed: dict[str, str] = {}
     start = time.perf_counter()
     for s, chunk in enumerate(data, 1):
-        for name in names:
-            if name in failed:
-                continue
-            model, opt = runs[name]
-            t0 = time.perf_counter()
-            try:
-                opt.zero_grad()  # type: ignore[attr-defined]
-                loss = loss_of(model, chunk)
-                loss.backward()
-                opt.step()  # type: ignore[attr-defined]
-            except Exception as err:  # a peer failing is a result to report
-                failed[name] = f"{type(err).__name__}: {str(err)[:120]}"
-                continue
-            times[name].append(time.perf_counter() - t0)
-            if not math.isfinite(loss.item()):
-                failed[name] = f"diverged at step {s}"
+        timed_round(
+            {n: runs[n] for n in names}, lambda m, c=chunk: loss_of(m, c), times, failed, s
+        )  # fmt: skip
         if s % every == 0 or s == steps:
             for name in names:
                 if name not in failed:
@@ -291,6 +292,7 @@ def plot(curves: dict[str, list[tuple[int, float]]], out: Path) -> Path:
 
 def write(args, steps, size, names, times, curves, failed, total) -> None:  # type: ignore[no-untyped-def]
     out = OUT.with_name("RESULTS_optim_sweep.md") if args.sweep else OUT
+    out = Path(args.out) if args.out else out
     adamw = "AdamW lr=0.003" if args.sweep else "AdamW"
     base = times[adamw] if adamw in times else None
     checkpoints = [s for s, _ in curves[names[0]]]
@@ -315,13 +317,7 @@ def write(args, steps, size, names, times, curves, failed, total) -> None:  # ty
         "|---|---|---|---|" + "---|" * len(checkpoints),
     ]
     for name in names:
-        t = times[name]
-        if base and t:
-            ratios = [a / b for a, b in zip(t, base, strict=False)]
-            med, low = f"{statistics.median(ratios):.2f}×", f"{min(ratios):.2f}×"
-            amortized = f"{sum(t) / sum(base[: len(t)]):.2f}×"
-        else:
-            med = low = amortized = "–"
+        amortized, med, low = ratio_cells(times[name], base)
         by_step = dict(curves[name])
         vals = [f"{by_step[s]:.3f}" if s in by_step else "–" for s in checkpoints]
         note = f" ({failed[name]})" if name in failed else ""

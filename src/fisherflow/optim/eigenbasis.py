@@ -24,9 +24,12 @@ from torch import Tensor
 from fisherflow.matrices import eigh
 
 __all__ = [
+    "EIGEN_REFRESHES",
     "eigenbasis",
+    "eigenpairs",
     "matrix_root",
     "matrix_view",
+    "power_from_pairs",
     "refresh_eigenbasis",
     "rotate",
     "rotate_back",
@@ -91,6 +94,16 @@ def matrix_root(factor: Tensor, exponent: float, eps: float) -> Tensor:
         [0.5, 1.0]
     """
     vals, vecs = eigh(factor)
+    return power_from_pairs(vals, vecs, exponent, eps)
+
+
+def power_from_pairs(vals: Tensor, vecs: Tensor, exponent: float, eps: float) -> Tensor:
+    """``Q diag((λ⁺ + eps)^exponent) Qᵀ`` from eigenpairs ``(λ, Q)`` (``λ⁺``: clamped at 0).
+
+    Example:
+        >>> power_from_pairs(torch.tensor([4.0, 1.0]), torch.eye(2), -0.5, 0.0).diagonal().tolist()
+        [0.5, 1.0]
+    """
     powered = (vals.clamp_min(0) + eps) ** exponent
     return (vecs * powered) @ vecs.T
 
@@ -128,14 +141,56 @@ def refresh_eigenbasis(factor: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
         >>> order.tolist(), Q.abs().tolist()
         ([1, 0], [[0.0, 1.0], [1.0, 0.0]])
     """
-    estimates = ((factor @ basis) * basis).sum(0)
+    product = factor @ basis  # P Q once: the estimates and the power iteration share it
+    estimates = (product * basis).sum(0)
     order = torch.argsort(estimates, descending=True)
-    ordered = basis[:, order]
-    q, r = torch.linalg.qr(factor @ ordered)
+    q, r = torch.linalg.qr(product[:, order])
     # QR's sign convention is arbitrary: keep each column pointing as the old one did
     signs = torch.sign(torch.diagonal(r))
     signs[signs == 0] = 1
     return q * signs, order
+
+
+def _eigh_pairs(factor: Tensor, basis: Tensor | None) -> tuple[Tensor, Tensor]:
+    vals, vecs = eigh(factor)
+    return vals.flip(-1), vecs.flip(-1)
+
+
+def _power_pairs(factor: Tensor, basis: Tensor | None) -> tuple[Tensor, Tensor]:
+    if basis is None:
+        return _eigh_pairs(factor, None)
+    q, _ = refresh_eigenbasis(factor, basis)
+    return ((factor @ q) * q).sum(0), q  # Rayleigh quotients diag(Qᵀ P Q)
+
+
+#: How a factor's eigenpairs are refreshed, as ``(factor, previous basis or None) ->
+#: (eigenvalues, orthonormal basis)``, eigenvalues (about) descending: ``"eigh"``, a full
+#: eigendecomposition every time; ``"power"``, after a first eigendecomposition, one
+#: power iteration and a QR decomposition from the previous basis
+#: (:func:`refresh_eigenbasis`, Vyas et al. 2024) with the Rayleigh quotients
+#: ``diag(Qᵀ P Q)`` as eigenvalues — exact when ``Q`` diagonalises ``P``, and a few
+#: times cheaper than ``eigh`` (``bench/bench_optim.py``'s factors, side ≤ 513).
+EIGEN_REFRESHES = {"eigh": _eigh_pairs, "power": _power_pairs}
+
+
+def eigenpairs(factor: Tensor, basis: Tensor | None, refresh: str) -> tuple[Tensor, Tensor]:
+    """A factor's eigenpairs by the ``refresh`` method of :data:`EIGEN_REFRESHES`.
+
+    Args:
+        factor: Symmetric PSD ``(n, n)``.
+        basis: The previous basis (``None`` at first: an eigendecomposition).
+        refresh: ``"eigh"`` or ``"power"``.
+
+    Returns:
+        ``(eigenvalues (n,), eigenvectors as columns (n, n))``.
+
+    Example:
+        >>> P = torch.diag(torch.tensor([1.0, 4.0]))
+        >>> vals, Q = eigenpairs(P, torch.eye(2), "power")
+        >>> vals.tolist(), Q.abs().tolist()
+        ([4.0, 1.0], [[0.0, 1.0], [1.0, 0.0]])
+    """
+    return EIGEN_REFRESHES[refresh](factor, basis)
 
 
 def rotate(x: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:

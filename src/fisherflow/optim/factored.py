@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from fisherflow.matrices import ParamLayout
-from fisherflow.optim.checks import check_choice, check_count, check_fraction, check_nonnegative
+from fisherflow.optim.checks import check_count, check_fraction, check_nonnegative
 from fisherflow.optim.curvature import tensors_finite
-from fisherflow.optim.modes import NONFINITE
+from fisherflow.optim.modes import StepCounts
 
 __all__ = ["FactoredOptimizer", "check_batch_meta", "check_betas", "named_groups"]
 
@@ -99,7 +99,7 @@ def named_groups(
     return groups, names
 
 
-class FactoredOptimizer(torch.optim.Optimizer):
+class FactoredOptimizer(StepCounts, torch.optim.Optimizer):
     """Base of :class:`~fisherflow.optim.Shampoo` and :class:`~fisherflow.optim.SOAP`.
 
     Subclasses implement :meth:`_update` (one parameter's step) and ``fisher``.
@@ -111,8 +111,11 @@ class FactoredOptimizer(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        defaults: dict[str, Any],
         *,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
         model: nn.Module | None,
         nonfinite: str,
         precondition_frequency: int,
@@ -120,13 +123,13 @@ class FactoredOptimizer(torch.optim.Optimizer):
     ) -> None:
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
-        self._on_nonfinite = check_choice(nonfinite, "nonfinite", NONFINITE)
-        self.nonfinite = nonfinite
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        self._check_group(defaults)
+        self._init_counts(nonfinite)
         self.precondition_frequency = check_count(precondition_frequency, "precondition_frequency")
         self.max_precond_dim = check_count(max_precond_dim, "max_precond_dim")
         groups, self._names = named_groups(params, model)
         self._model = model
-        self._step, self._skipped = 0, 0
         super().__init__(groups, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -142,24 +145,16 @@ class FactoredOptimizer(torch.optim.Optimizer):
                 self._names.setdefault(id(p), f"param.{len(self._names)}")
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        """Validate the hyperparameters a group sets (subclasses extend)."""
+        """Validate the hyperparameters a group sets (``eps > 0``, the rest ``>= 0``)."""
         for key in ("lr", "weight_decay", "eps"):
             if key in group:
                 group[key] = check_nonnegative(group[key], key)
+        if group.get("eps") == 0:
+            raise ValueError("eps must be > 0, got 0")
         if "betas" in group:
             group["betas"] = check_betas(group["betas"])
 
     # --------------------------------------------------------------- results
-    @property
-    def steps(self) -> int:
-        """Steps taken (skipped ones not counted)."""
-        return self._step
-
-    @property
-    def skipped(self) -> int:
-        """Steps skipped for a non-finite gradient."""
-        return self._skipped
-
     def layout(self) -> ParamLayout:
         """The layout of the optimized parameters (the model's order when ``model=``)."""
         params = [p for g in self.param_groups for p in g["params"]]
@@ -171,6 +166,16 @@ class FactoredOptimizer(torch.optim.Optimizer):
         return ParamLayout.from_shapes(
             [(n, tuple(p.shape)) for n, p in zip(names, params, strict=True)]
         )
+
+    def _group_of(self, p: Tensor) -> dict[str, Any]:
+        """The parameter group holding ``p``."""
+        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
+
+    def _rest_vector(self, rest: list[Tensor]) -> Tensor:
+        """The flat diagonal of the parameters without factors (empty: statistics' dtype)."""
+        if rest:
+            return torch.cat(rest)
+        return torch.zeros(0, dtype=next(iter(self.state.values()))["exp_avg"].dtype)
 
     def _param(self, name: str) -> Tensor:
         for group in self.param_groups:
@@ -210,8 +215,7 @@ class FactoredOptimizer(torch.optim.Optimizer):
                 "step() found no gradient on any parameter: call loss.backward() before opt.step()"
             )
         if not tensors_finite(grads):
-            self._skipped += 1
-            self._on_nonfinite("gradient")
+            self._skip("gradient")
             return loss
         self._before_update()
         for group in self.param_groups:
@@ -238,8 +242,7 @@ class FactoredOptimizer(torch.optim.Optimizer):
         """
         out = super().state_dict()
         out[self.state_key] = {
-            "step": self._step,
-            "skipped": self._skipped,
+            **self._counts(),
             "params": out["state"],
             **self._extra_state(),
         }
@@ -267,5 +270,5 @@ class FactoredOptimizer(torch.optim.Optimizer):
             self.state[p] = {
                 k: v.to(p.device).clone() if isinstance(v, Tensor) else v for k, v in saved.items()
             }
-        self._step, self._skipped = int(mine["step"]), int(mine["skipped"])
+        self._load_counts(mine)
         self._load_extra_state(mine)

@@ -2,7 +2,8 @@
 
 ``REDUCTIONS`` (which Fisher preconditions a loss reduction), ``DAMPING_MODES`` (how
 damping enters a solve) and ``NONFINITE`` (what a non-finite gradient, curvature or
-step does: the step is never taken).
+step does: the step is never taken), and :class:`StepCounts`, the step and skip counts
+every optimizer keeps with it.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from fisherflow.matrices import KFAC as KFACMatrix
 from fisherflow.matrices import FisherMatrix
+from fisherflow.optim.checks import check_choice
 from fisherflow.optim.damping import factored_damping
 
-__all__ = ["DAMPING_MODES", "NONFINITE", "REDUCTIONS", "inside_estimation"]
+__all__ = ["DAMPING_MODES", "NONFINITE", "REDUCTIONS", "StepCounts", "inside_estimation"]
 
 #: The preconditioner of a loss reduction: the per-observation or the summed Fisher.
 REDUCTIONS: dict[str, Callable[[FisherMatrix], FisherMatrix]] = {
@@ -68,6 +71,43 @@ def _raise(what: str) -> None:
 
 #: What a non-finite gradient, curvature or step does (the step is never taken).
 NONFINITE: dict[str, Callable[[str], None]] = {"warn": _warn, "raise": _raise}
+
+
+class StepCounts:
+    """Steps taken and skipped by an optimizer that never applies a non-finite step.
+
+    Shared by :class:`~fisherflow.optim.NaturalGradient` and the Kronecker-factored
+    optimizers: the ``nonfinite`` mode, the two counts, and their place in a state dict.
+    """
+
+    _step: int
+    _skipped: int
+
+    def _init_counts(self, nonfinite: str) -> None:
+        self._on_nonfinite = check_choice(nonfinite, "nonfinite", NONFINITE)
+        self.nonfinite = nonfinite
+        self._step, self._skipped = 0, 0
+
+    @property
+    def steps(self) -> int:
+        """Steps taken (skipped ones not counted)."""
+        return self._step
+
+    @property
+    def skipped(self) -> int:
+        """Steps skipped for a non-finite gradient (or curvature, or step)."""
+        return self._skipped
+
+    def _skip(self, what: str) -> None:
+        """Count a skipped step and warn (or raise) about the non-finite ``what``."""
+        self._skipped += 1
+        self._on_nonfinite(what)
+
+    def _counts(self) -> dict[str, int]:
+        return {"step": self._step, "skipped": self._skipped}
+
+    def _load_counts(self, state: dict[str, Any]) -> None:
+        self._step, self._skipped = int(state["step"]), int(state["skipped"])
 
 
 #: fisherflow's estimation package: a forward called from it is not a training batch.

@@ -9,7 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from fisherflow.estimation import Likelihood
-from fisherflow.matrices import Block, Dense, FisherMatrix
+from fisherflow.matrices import EKFAC as EKFACMatrix
+from fisherflow.matrices import KFAC as KFACMatrix
+from fisherflow.matrices import Block, Dense, Diagonal, FisherMatrix
 from fisherflow.optim.checks import (
     check_choice,
     check_count,
@@ -24,10 +26,11 @@ from fisherflow.optim.curvature import (
     fisher_state,
     tensors_finite,
 )
+from fisherflow.optim.eigenbasis import EIGEN_REFRESHES
 from fisherflow.optim.inputs import InputRecorder
-from fisherflow.optim.modes import DAMPING_MODES, NONFINITE, REDUCTIONS
+from fisherflow.optim.modes import DAMPING_MODES, REDUCTIONS, StepCounts
 from fisherflow.optim.params import param_groups
-from fisherflow.optim.spread import spread_eigenbasis
+from fisherflow.optim.spread import Pair, install_eigenbasis, refresh_pairs, spread_eigenbasis
 from fisherflow.optim.update import apply_direction, kl_clip_scale
 
 __all__ = ["EKFAC", "KFAC", "NaturalGradient"]
@@ -41,14 +44,16 @@ def _solver(matrix: FisherMatrix, damping: float) -> Callable[[Any], Any]:
 
     Dense and block structures solve by a fresh Cholesky on every call (O(P³) each
     step); their damped inverse is formed once instead and applied by ``mv`` (O(P²)).
-    K-FAC/EKFAC/diagonal/low-rank solves already reuse a cached decomposition.
+    K-FAC/EKFAC/diagonal: the damped inverse in the eigenbasis ``Q (S + λ)⁻¹ Qᵀ`` is
+    formed once too, rather than the spectrum's power on every step. Low-rank solves
+    reuse their cached Woodbury factorization.
     """
-    if isinstance(matrix, (Dense, Block)):
+    if isinstance(matrix, (Dense, Block, KFACMatrix, EKFACMatrix, Diagonal)):
         return matrix.inverse(damping).mv
     return lambda v: matrix.solve(v, damping)
 
 
-class NaturalGradient(torch.optim.Optimizer):
+class NaturalGradient(StepCounts, torch.optim.Optimizer):
     """Natural gradient descent: ``θ ← θ − lr · (F + λI)⁻¹ g`` with a running Fisher F.
 
     A ``torch.optim.Optimizer`` for the plain loop, with nothing else to call::
@@ -142,6 +147,14 @@ class NaturalGradient(torch.optim.Optimizer):
         damping_mode: ``"exact"`` (``(F + λI)⁻¹ g``) or ``"factored"`` (K-FAC only:
             π-damped factors ``(G + √λ/π I) ⊗ (A + π√λ I)``, Martens & Grosse 2015
             §6.3; see :mod:`fisherflow.optim.damping`).
+        eigen_refresh: ``"eigh"`` (K-FAC's factors eigendecomposed at every
+            preconditioner refresh) or ``"power"`` (K-FAC with exact damping only:
+            after the first, one power iteration and a QR decomposition from the
+            previous eigenbasis, the Rayleigh quotients ``diag(Qᵀ A Q)``,
+            ``diag(Qᵀ G Q)`` as eigenvalues — SOAP's refresh, Vyas et al. 2024; exact
+            when the basis still diagonalises the factors, cheaper than ``eigh``; see
+            :func:`~fisherflow.optim.spread.refresh_pairs`). Under ``torch.distributed``
+            ``"power"`` refreshes are computed on every rank, not spread.
 
     Raises:
         ValueError: For a bad hyperparameter (named), an unknown structure, kind,
@@ -170,6 +183,7 @@ class NaturalGradient(torch.optim.Optimizer):
         nonfinite: str = "warn",
         seed: int = 0,
         damping_mode: str = "exact",
+        eigen_refresh: str = "eigh",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -179,6 +193,14 @@ class NaturalGradient(torch.optim.Optimizer):
                 f"damping_mode='factored' needs structure='kfac', got structure={structure!r}"
             )
         self.damping_mode = damping_mode
+        check_choice(eigen_refresh, "eigen_refresh", EIGEN_REFRESHES)
+        if eigen_refresh == "power" and (structure != "kfac" or damping_mode != "exact"):
+            raise ValueError(
+                "eigen_refresh='power' needs structure='kfac' and damping_mode='exact', got "
+                f"structure={structure!r}, damping_mode={damping_mode!r}"
+            )
+        self.eigen_refresh = eigen_refresh
+        self._pairs: dict[str, tuple[Pair, Pair]] | None = None
         self.damping = check_damping(damping)
         self.update_freq = check_count(update_freq, "update_freq")
         self.inverse_freq = (
@@ -189,8 +211,8 @@ class NaturalGradient(torch.optim.Optimizer):
             raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip!r}")
         self.kl_clip = kl_clip
         self._reduce = check_choice(loss_reduction, "loss_reduction", REDUCTIONS)
-        self._on_nonfinite = check_choice(nonfinite, "nonfinite", NONFINITE)
-        self.loss_reduction, self.nonfinite = loss_reduction, nonfinite
+        self._init_counts(nonfinite)
+        self.loss_reduction = loss_reduction
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.structure, self.kind, self.likelihood = structure, kind, likelihood
@@ -206,7 +228,6 @@ class NaturalGradient(torch.optim.Optimizer):
         self._curvature = self._new_curvature()
         self._preconditioner: FisherMatrix | None = None
         self._prepared: tuple[FisherMatrix, float, Callable[[Any], Any]] | None = None
-        self._step, self._skipped = 0, 0
         self._inputs = InputRecorder(model, self._update_due)
 
     # ----------------------------------------------------------- groups and hooks
@@ -231,7 +252,7 @@ class NaturalGradient(torch.optim.Optimizer):
         super().add_param_group(param_group)
         if hasattr(self, "_curvature"):  # after construction: a new layout
             self._curvature = self._new_curvature()
-            self._preconditioner = None
+            self._preconditioner, self._pairs = None, None
 
     def _new_curvature(self) -> RunningCurvature:
         names = [self._names[id(p)] for g in self.param_groups for p in g["params"]]
@@ -269,16 +290,6 @@ class NaturalGradient(torch.optim.Optimizer):
             raise RuntimeError("fisher() needs at least one step() first")
         return self._curvature.fisher
 
-    @property
-    def steps(self) -> int:
-        """Steps taken (skipped ones not counted)."""
-        return self._step
-
-    @property
-    def skipped(self) -> int:
-        """Steps skipped for a non-finite gradient, curvature or step."""
-        return self._skipped
-
     # --------------------------------------------------------------------- step
     def _batch(self, batch: Any) -> list[Any]:
         if batch is not None:
@@ -303,9 +314,8 @@ class NaturalGradient(torch.optim.Optimizer):
         return grads
 
     def _skip(self, what: str) -> None:
-        self._skipped += 1
         self._inputs.clear()
-        self._on_nonfinite(what)
+        super()._skip(what)
 
     def _damping(self, step: int) -> float:
         value = self.damping(step) if callable(self.damping) else self.damping
@@ -348,14 +358,19 @@ class NaturalGradient(torch.optim.Optimizer):
                 return loss
             curvature.blend(fisher)
         every = self.inverse_freq
+        pairs = self._pairs
         if preconditioner is None or (update if every is None else (step - 1) % every == 0):
             assert curvature.fisher is not None  # the first step is an update
             preconditioner = self._reduce(curvature.fisher)
+            if self.eigen_refresh == "power":
+                assert isinstance(preconditioner, KFACMatrix)
+                pairs = refresh_pairs(preconditioner, pairs)
+                install_eigenbasis(preconditioner, pairs)
         if not self._apply(preconditioner, grads, step):
             curvature.updates, curvature.fisher = saved
             self._skip("step")
             return loss
-        self._preconditioner, self._step = preconditioner, step
+        self._preconditioner, self._pairs, self._step = preconditioner, pairs, step
         self._inputs.clear()
         return loss
 
@@ -368,7 +383,8 @@ class NaturalGradient(torch.optim.Optimizer):
         prepared = self._prepared
         if prepared is None or prepared[0] is not preconditioner or prepared[1] != lam:
             matrix, solve_damping = self._solve(preconditioner, lam)
-            spread_eigenbasis(matrix)  # round-robin over ranks under torch.distributed
+            if self.eigen_refresh == "eigh":  # round-robin over ranks under torch.distributed
+                spread_eigenbasis(matrix)
             prepared = self._prepared = (preconditioner, lam, _solver(matrix, solve_damping))
         delta = prepared[2](g)
         assert isinstance(delta, dict)
@@ -388,10 +404,12 @@ class NaturalGradient(torch.optim.Optimizer):
         out = super().state_dict()
         kept = self._preconditioner if self.inverse_freq is not None else None
         out[_STATE_KEY] = {
-            "step": self._step,
-            "skipped": self._skipped,
+            **self._counts(),
             "curvature": self._curvature.state_dict(),
             "preconditioner": None if kept is None else fisher_state(kept),
+            "eigenpairs": None
+            if self._pairs is None
+            else {g: [*a, *b] for g, (a, b) in self._pairs.items()},
         }
         return out
 
@@ -408,7 +426,7 @@ class NaturalGradient(torch.optim.Optimizer):
                 f"state_dict has no {_STATE_KEY!r} entry: it is not a NaturalGradient state"
             )
         super().load_state_dict(state_dict)
-        self._step, self._skipped = int(mine["step"]), int(mine["skipped"])
+        self._load_counts(mine)
         self._curvature.load_state_dict(mine["curvature"])
         saved = mine["preconditioner"]
         fisher = self._curvature.fisher
@@ -416,6 +434,12 @@ class NaturalGradient(torch.optim.Optimizer):
             self._preconditioner = fisher_from_state(saved, self._curvature.layout)
         else:
             self._preconditioner = None if fisher is None else self._reduce(fisher)
+        pairs = mine.get("eigenpairs")
+        self._pairs = (
+            None if pairs is None else {g: ((v[0], v[1]), (v[2], v[3])) for g, v in pairs.items()}
+        )
+        if self._pairs is not None and isinstance(self._preconditioner, KFACMatrix):
+            install_eigenbasis(self._preconditioner, self._pairs)
 
 
 class KFAC(NaturalGradient):

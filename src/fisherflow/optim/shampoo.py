@@ -11,14 +11,17 @@ from torch import Tensor, nn
 from fisherflow.matrices import KFAC as KFACMatrix
 from fisherflow.matrices import FisherMatrix, KronGroup
 from fisherflow.matrices.validate import check_real
-from fisherflow.optim.checks import check_choice, check_nonnegative
+from fisherflow.optim.checks import check_choice
 from fisherflow.optim.eigenbasis import (
+    EIGEN_REFRESHES,
+    eigenpairs,
     matrix_root,
     matrix_view,
+    power_from_pairs,
     side_exponent,
     statistics_dtype,
 )
-from fisherflow.optim.factored import FactoredOptimizer, check_batch_meta, check_betas
+from fisherflow.optim.factored import FactoredOptimizer, check_batch_meta
 
 __all__ = ["GRAFTS", "Shampoo", "grafted"]
 
@@ -67,7 +70,11 @@ class Shampoo(FactoredOptimizer):
     (−1/4: Gupta et al.; −1/2: closer to inverting the Fisher); a side longer than
     ``max_precond_dim`` is not preconditioned and the other side's root doubles
     (:func:`~fisherflow.optim.eigenbasis.side_exponent`). Roots are eigendecompositions
-    that retry in float64 when float32 fails.
+    that retry in float64 when float32 fails; with ``eigen_refresh="power"`` only the
+    first one is: later refreshes take one power iteration and a QR decomposition from
+    the previous eigenbasis, with the Rayleigh quotients as eigenvalues (as SOAP
+    refreshes its basis, Vyas et al. 2024; exact when the basis still diagonalises the
+    factor, and cheaper — :data:`~fisherflow.optim.eigenbasis.EIGEN_REFRESHES`).
 
     **Per parameter type** (as Distributed Shampoo and the reference SOAP do):
     ``nn.Linear`` / HF ``Conv1D`` weights are matrices as stored; convolution kernels
@@ -98,9 +105,12 @@ class Shampoo(FactoredOptimizer):
         weight_decay: Decoupled weight decay (>= 0).
         model: Names the parameters for :meth:`fisher` (optional).
         nonfinite: ``"warn"`` (skip the step) or ``"raise"`` on a non-finite gradient.
+        eigen_refresh: ``"eigh"`` (an eigendecomposition at every refresh) or
+            ``"power"`` (power iteration + QR after the first).
 
     Raises:
-        ValueError: For a bad hyperparameter (named) or an unknown ``graft``.
+        ValueError: For a bad hyperparameter (named), an unknown ``graft`` or
+            ``eigen_refresh``.
 
     Example:
         >>> w = torch.nn.Parameter(torch.ones(2, 2))
@@ -126,23 +136,21 @@ class Shampoo(FactoredOptimizer):
         weight_decay: float = 0.0,
         model: nn.Module | None = None,
         nonfinite: str = "warn",
+        eigen_refresh: str = "eigh",
     ) -> None:
+        check_choice(eigen_refresh, "eigen_refresh", EIGEN_REFRESHES)
+        self.eigen_refresh = eigen_refresh
         exponent = check_real(exponent, "exponent")
         if not -1.0 <= exponent < 0.0:
             raise ValueError(f"exponent must be in [-1, 0), got {exponent!r}")
         self._graft = check_choice(graft, "graft", GRAFTS)
         self.exponent, self.graft = exponent, graft
-        defaults = {
-            "lr": check_nonnegative(lr, "lr"),
-            "betas": check_betas(betas),
-            "eps": check_nonnegative(eps, "eps"),
-            "weight_decay": check_nonnegative(weight_decay, "weight_decay"),
-        }
-        if defaults["eps"] == 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
         super().__init__(
             params,
-            defaults,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
             model=model,
             nonfinite=nonfinite,
             precondition_frequency=precondition_frequency,
@@ -194,7 +202,13 @@ class Shampoo(FactoredOptimizer):
             if (t - 1) % self.precondition_frequency == 0:
                 e = side_exponent(self.exponent, len(sides))
                 for k in sides:
-                    state[f"root_{k}"] = matrix_root(state[k] / (1 - beta2**t), e, eps)
+                    factor = state[k] / (1 - beta2**t)
+                    if self.eigen_refresh == "eigh":
+                        state[f"root_{k}"] = matrix_root(factor, e, eps)
+                        continue
+                    vals, basis = eigenpairs(factor, state.get(f"basis_{k}"), "power")
+                    state[f"basis_{k}"] = basis
+                    state[f"root_{k}"] = power_from_pairs(vals, basis, e, eps)
             direction = m_hat
             if "root_L" in state:
                 direction = state["root_L"] @ direction
@@ -205,11 +219,6 @@ class Shampoo(FactoredOptimizer):
         if group["weight_decay"] != 0:
             p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(update.reshape(p.shape).to(p.dtype), alpha=-group["lr"])
-
-    def _check_group(self, group: dict[str, Any]) -> None:
-        super()._check_group(group)
-        if "eps" in group and group["eps"] == 0:
-            raise ValueError("eps must be > 0, got 0")
 
     def fisher(self, *, batch_size: float = 1.0, num_samples: float | None = None) -> FisherMatrix:
         """The empirical Kronecker Fisher the statistics hold (scaling in the class docstring).
@@ -234,7 +243,7 @@ class Shampoo(FactoredOptimizer):
             state = self.state.get(self._param(name))
             if not state:
                 raise RuntimeError(f"fisher() needs a step with a gradient on {name!r} first")
-            beta2 = self._group_of(name)["betas"][1]
+            beta2 = self._group_of(self._param(name))["betas"][1]
             correction = 1 - beta2 ** state["step"]
             if "L" in state and "R" in state:
                 left, right = state["L"] / correction, state["R"] / correction
@@ -243,10 +252,5 @@ class Shampoo(FactoredOptimizer):
                 G[name] = left * (n * b / trace)
             else:
                 rest.append(state["exp_avg_sq"].reshape(-1) * (n * b / correction))
-        dtype = next(iter(self.state.values()))["exp_avg"].dtype
-        rest_vec = torch.cat(rest) if rest else torch.zeros(0, dtype=dtype)
+        rest_vec = self._rest_vector(rest)
         return KFACMatrix(groups, A, G, layout, rest_vec, num_samples=n, kind="empirical")
-
-    def _group_of(self, name: str) -> dict[str, Any]:
-        p = self._param(name)
-        return next(g for g in self.param_groups if any(q is p for q in g["params"]))

@@ -12,7 +12,7 @@ from fisherflow.estimation import Likelihood
 from fisherflow.matrices import EKFAC as EKFACMatrix
 from fisherflow.matrices import KFAC as KFACMatrix
 from fisherflow.matrices import FisherMatrix, KronGroup
-from fisherflow.optim.checks import check_choice, check_fraction, check_nonnegative
+from fisherflow.optim.checks import check_choice, check_fraction
 from fisherflow.optim.curvature import RunningCurvature
 from fisherflow.optim.eigenbasis import (
     eigenbasis,
@@ -22,7 +22,7 @@ from fisherflow.optim.eigenbasis import (
     rotate_back,
     statistics_dtype,
 )
-from fisherflow.optim.factored import FactoredOptimizer, check_batch_meta, check_betas
+from fisherflow.optim.factored import FactoredOptimizer, check_batch_meta
 from fisherflow.optim.inputs import InputRecorder
 from fisherflow.optim.soap_kfac import kfac_factors
 
@@ -42,6 +42,20 @@ def _new_basis(factor: Tensor, basis: Tensor | None, avg_sq: Tensor, dim: int) -
     return new
 
 
+def _move_bases(state: dict[str, Any], factors: dict[str, tuple[Tensor, int]]) -> None:
+    """Replace the bases ``state["Q<key>"]`` from ``{key: (factor, dim)}``.
+
+    The momentum ``M`` is kept in the current basis (``Q_Lᵀ M Q_R``): it is rotated
+    back to the original one and into the new one, so that between refreshes a step
+    rotates the gradient only (the reference keeps ``M`` in the original basis and
+    rotates it on every step: two matrix products more per step, the same ``M``).
+    """
+    before = rotate_back(state["exp_avg"], state.get("QL"), state.get("QR"))
+    for key, (factor, dim) in factors.items():
+        state[f"Q{key}"] = _new_basis(factor, state.get(f"Q{key}"), state["exp_avg_sq"], dim)
+    state["exp_avg"] = rotate(before, state.get("QL"), state.get("QR"))
+
+
 class SOAP(FactoredOptimizer):
     """SOAP (Vyas et al. 2024): Adam run in a slowly refreshed Kronecker eigenbasis.
 
@@ -53,8 +67,10 @@ class SOAP(FactoredOptimizer):
         X ← X − lr √(1 − β₂ᵗ)/(1 − β₁ᵗ) · Q_L (Q_Lᵀ M Q_R / (√V + ε)) Q_Rᵀ
         X ← X − lr · weight_decay · X
 
-    as the reference implementation orders it (``M`` kept in the original basis,
-    decoupled decay after the step).
+    as the reference implementation orders it (decoupled decay after the step). ``M``
+    is stored in the basis, ``Q_Lᵀ M Q_R``, and rotated to the new basis when the basis
+    moves: the same ``M`` as the reference's, which keeps it in the original basis and
+    rotates it on every step (two matrix products per side more per step).
 
     **basis="shampoo"** (the paper): ``L ← β L + (1 − β) Γ Γᵀ``, ``R ← β R + (1 − β) ΓᵀΓ``
     with ``β = shampoo_beta`` (``β₂`` when ``None``). The first step only builds the
@@ -149,19 +165,14 @@ class SOAP(FactoredOptimizer):
         self.shampoo_beta = (
             None if shampoo_beta is None else check_fraction(shampoo_beta, "shampoo_beta")
         )
-        defaults: dict[str, Any] = {
-            "lr": check_nonnegative(lr, "lr"),
-            "betas": check_betas(betas),
-            "eps": check_nonnegative(eps, "eps"),
-            "weight_decay": check_nonnegative(weight_decay, "weight_decay"),
-        }
-        if defaults["eps"] == 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         super().__init__(
             params,
-            defaults,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
             model=model,
             nonfinite=nonfinite,
             precondition_frequency=precondition_frequency,
@@ -179,7 +190,7 @@ class SOAP(FactoredOptimizer):
                 likelihood,
                 kind,
                 "kfac",
-                ema=self.shampoo_beta if self.shampoo_beta is not None else defaults["betas"][1],
+                ema=self._factor_beta(self.defaults),
                 seed=seed,
             )
             self._inputs = InputRecorder(model, self._basis_due)
@@ -187,11 +198,6 @@ class SOAP(FactoredOptimizer):
     def _basis_due(self) -> bool:
         """Whether the next step re-estimates the K-FAC basis (``"kfac"``)."""
         return self._step % self.precondition_frequency == 0
-
-    def _check_group(self, group: dict[str, Any]) -> None:
-        super()._check_group(group)
-        if "eps" in group and group["eps"] == 0:
-            raise ValueError("eps must be > 0, got 0")
 
     # ------------------------------------------------------------- the basis
     def _factor_beta(self, group: dict[str, Any]) -> float:
@@ -229,10 +235,15 @@ class SOAP(FactoredOptimizer):
             state = self.state[p]
             if not state:
                 state.update(self._init_state(p))
-            for key, factor, dim in (("QL", left, 0), ("QR", right, 1)):
-                if factor is not None:
-                    factor = factor.to(state["exp_avg"].dtype)
-                    state[key] = _new_basis(factor, state.get(key), state["exp_avg_sq"], dim)
+            dtype = state["exp_avg"].dtype
+            _move_bases(
+                state,
+                {
+                    key: (factor.to(dtype), dim)
+                    for key, factor, dim in (("L", left, 0), ("R", right, 1))
+                    if factor is not None
+                },
+            )
 
     def _accumulate(self, state: dict[str, Any], g: Tensor, beta: float) -> None:
         if "L" in state:
@@ -258,10 +269,10 @@ class SOAP(FactoredOptimizer):
         state["step"] += 1
         t = state["step"]
         projected = rotate(g, left, right)
-        state["exp_avg"].lerp_(g, 1 - beta1)
+        state["exp_avg"].lerp_(projected, 1 - beta1)  # M in the basis (see _move_bases)
         state["exp_avg_sq"].mul_(beta2).addcmul_(projected, projected, value=1 - beta2)
         denom = state["exp_avg_sq"].sqrt().add_(group["eps"])
-        direction = rotate_back(rotate(state["exp_avg"], left, right) / denom, left, right)
+        direction = rotate_back(state["exp_avg"] / denom, left, right)
         step_size = group["lr"] * (1 - beta2**t) ** 0.5 / (1 - beta1**t)
         p.add_(direction.reshape(p.shape).to(p.dtype), alpha=-step_size)
         if group["weight_decay"] != 0:
@@ -269,11 +280,9 @@ class SOAP(FactoredOptimizer):
         if self.basis == "shampoo":
             self._accumulate(state, g, self._factor_beta(group))
             if t % self.precondition_frequency == 0:
-                for key, dim in (("L", 0), ("R", 1)):
-                    if key in state:
-                        state[f"Q{key}"] = _new_basis(
-                            state[key], state[f"Q{key}"], state["exp_avg_sq"], dim
-                        )
+                _move_bases(
+                    state, {k: (state[k], d) for k, d in (("L", 0), ("R", 1)) if k in state}
+                )
 
     # ----------------------------------------------------------------- state
     def _extra_state(self) -> dict[str, Any]:
@@ -315,15 +324,12 @@ class SOAP(FactoredOptimizer):
             state = self.state.get(p)
             if not state or state["step"] == 0:
                 raise RuntimeError(f"fisher() needs an Adam step on {name!r} first")
-            beta2 = next(g for g in self.param_groups if any(q is p for q in g["params"]))["betas"][
-                1
-            ]
+            beta2 = self._group_of(p)["betas"][1]
             values = state["exp_avg_sq"] * (n * b / (1 - beta2 ** state["step"]))
             if "QL" in state or "QR" in state:
                 groups[name] = KronGroup(name)
                 QG[name], QA[name], S[name] = state.get("QL"), state.get("QR"), values
             else:
                 rest.append(values.reshape(-1))
-        dtype = next(iter(self.state.values()))["exp_avg"].dtype
-        rest_vec = torch.cat(rest) if rest else torch.zeros(0, dtype=dtype)
+        rest_vec = self._rest_vector(rest)
         return EKFACMatrix(groups, QA, QG, S, layout, rest_vec, num_samples=n, kind="empirical")

@@ -32,12 +32,18 @@ def kl_clip_scale(
     """
     if kl_clip is None:
         return 1.0
-    q = 0.0
+    terms, weights = [], []
     for group in groups:
         for p in group["params"]:
             n = names[id(p)]
             if n in grads:
-                q += group["lr"] ** 2 * float((delta[n] * grads[n].to(delta[n].dtype)).sum())
+                terms.append((delta[n] * grads[n].to(delta[n].dtype)).sum())
+                weights.append(group["lr"] ** 2)
+    # one synchronisation for all of them, then summed in double precision
+    values = torch.stack(terms).tolist() if terms else []
+    q = 0.0
+    for w, v in zip(weights, values, strict=True):
+        q += w * v
     return min(1.0, math.sqrt(2.0 * kl_clip / q)) if q > 0 else 1.0
 
 
@@ -52,24 +58,34 @@ def apply_direction(
 ) -> None:
     """``b ← μ b + ν Δ``; ``θ ← (1 − lr·wd) θ − lr b`` per group (decoupled weight decay).
 
-    Parameters without a gradient are left alone; ``b = ν Δ`` at first.
+    Parameters without a gradient are left alone; ``b = ν Δ`` at first. Each group's
+    tensors are updated by ``torch._foreach_*`` calls (the same arithmetic as one
+    tensor at a time, without a Python round trip per parameter).
     """
     for group in groups:
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-        for p in group["params"]:
-            n = names[id(p)]
-            if n not in grads:
-                continue
-            d = delta[n].to(dtype=p.dtype, device=p.device)
-            if scale != 1.0:
-                d = d * scale
-            if mu != 0:
-                buf = state[p].get("momentum_buffer")
-                if buf is None:
-                    buf = state[p]["momentum_buffer"] = d.clone()
-                else:
-                    buf.mul_(mu).add_(d)
-                d = buf
-            if wd != 0:
-                p.mul_(1.0 - lr * wd)
-            p.add_(d, alpha=-lr)
+        params = [p for p in group["params"] if names[id(p)] in grads]
+        if not params:
+            continue
+        d = [delta[names[id(p)]].to(dtype=p.dtype, device=p.device) for p in params]
+        if scale != 1.0:
+            d = list(torch._foreach_mul(d, scale))
+        if mu != 0:
+            fresh = [
+                (p, x) for p, x in zip(params, d, strict=True) if "momentum_buffer" not in state[p]
+            ]
+            kept = [
+                (state[p]["momentum_buffer"], x)
+                for p, x in zip(params, d, strict=True)
+                if "momentum_buffer" in state[p]
+            ]
+            if kept:
+                bufs = [b for b, _ in kept]
+                torch._foreach_mul_(bufs, mu)
+                torch._foreach_add_(bufs, [x for _, x in kept])
+            for p, x in fresh:
+                state[p]["momentum_buffer"] = x.clone()
+            d = [state[p]["momentum_buffer"] for p in params]
+        if wd != 0:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        torch._foreach_add_(params, d, alpha=-lr)
