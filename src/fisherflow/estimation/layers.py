@@ -34,6 +34,7 @@ from fisherflow.estimation.grams import (
     GRAM_BLOCK,
     GRAM_BLOCK_SIZE,
     SYRK_MAX,
+    as_rows,
     augment,
     gram_into,
     symmetrize,
@@ -145,7 +146,7 @@ class Handler:
         """The output-gradient vectors δ as rows ``(m, n_out)``; :meth:`factor_g` is their Gram."""
         if reduce:
             d = d.sum(1, keepdim=True)
-        return d.reshape(-1, d.shape[-1])
+        return as_rows(d)
 
     def factor_g(self, rec: Record, d: Tensor, reduce: bool, acc: Tensor | None = None) -> Tensor:
         """``acc + Σ δ δᵀ`` for the output-side factor (a :func:`gram_into` accumulator)."""
