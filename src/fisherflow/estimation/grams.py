@@ -8,6 +8,7 @@ compute only what a symmetric result needs where that is faster, and
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as Fn
 from torch import Tensor
 
 __all__ = [
@@ -101,12 +102,17 @@ def gram_into(acc: Tensor | None, x: Tensor, ones: bool = False, factor: bool = 
         if out.ctypes.data != acc.data_ptr():  # pragma: no cover - f2py made a copy
             acc.copy_(torch.from_numpy(out.T))
         return acc
+    start, size_ = _blocks(factor)
+    if ones and n < start:
+        # a full product: the column of ones joins the rows (one small copy), which
+        # costs less than the three writes of its sums into the margins
+        x = augment(x)
+        return x.T @ x if acc is None else acc.addmm_(x.T, x)
     fresh = acc is None
     if acc is None:  # no zero fill: every entry read later is written with beta=0
         acc = torch.empty(size, size, dtype=x.dtype, device=x.device)
     beta = 0.0 if fresh else 1.0
     core = acc[:n, :n] if ones else acc
-    start, size_ = _blocks(factor)
     if n >= start:
         b = _bounds(n, size_)
         for i in range(len(b) - 1):
@@ -177,5 +183,10 @@ def symmetrize(acc: Tensor, factor: bool = False) -> Tensor:
 
 
 def augment(a: Tensor) -> Tensor:
-    """``a`` with a trailing column of ones (the bias column of K-FAC's input factor)."""
-    return torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+    """``a`` with a trailing column of ones (the bias column of K-FAC's input factor).
+
+    Example:
+        >>> augment(torch.tensor([[2.0, 3.0]])).tolist()
+        [[2.0, 3.0, 1.0]]
+    """
+    return Fn.pad(a, (0, 1), value=1.0)  # one op (a concatenation with ones takes three)
