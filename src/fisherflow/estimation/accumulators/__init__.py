@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -74,15 +73,21 @@ ACCUMULATORS: dict[str, StructureSpec] = {
 ESTIMATOR_OPTIONS = frozenset(o for s in ACCUMULATORS.values() for o in s.options.values())
 
 
-@functools.cache
+#: ``{class: the keyword options it takes}``, read once per class.
+_OPTIONS: dict[type[Accumulator], list[str]] = {}
+
+
 def _options_of(cls: type[Accumulator]) -> list[str]:
     """The keyword options ``cls`` takes besides ``plan`` (read once per class)."""
-    params = inspect.signature(cls).parameters
-    return sorted(
-        n
-        for n, p in params.items()
-        if n != "plan" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    )
+    takes = _OPTIONS.get(cls)
+    if takes is None:
+        params = inspect.signature(cls).parameters
+        takes = _OPTIONS[cls] = sorted(
+            n
+            for n, p in params.items()
+            if n != "plan" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        )
+    return takes
 
 
 def construct(cls: type[Accumulator], plan: Plan, **options: Any) -> Accumulator:
