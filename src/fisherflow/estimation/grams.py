@@ -12,6 +12,7 @@ import torch.nn.functional as Fn
 from torch import Tensor
 
 __all__ = [
+    "AUGMENT_MAX",
     "FACTOR_BLOCK",
     "FACTOR_BLOCK_SIZE",
     "GRAM_BLOCK",
@@ -54,6 +55,12 @@ GRAM_BLOCK_SIZE = 256
 #: 512 × 256 0.45 ms instead of 0.53 ms.
 FACTOR_BLOCK = 256
 FACTOR_BLOCK_SIZE = 128
+
+
+#: Most entries of contiguous rows that :func:`gram_into` copies to append the column of
+#: ones (then one product gives the margins too); larger or strided rows (convolution
+#: patches) have their column sums written into the margins instead.
+AUGMENT_MAX = 2**18
 
 
 def _blocks(factor: bool) -> tuple[int, int]:
@@ -103,9 +110,9 @@ def gram_into(acc: Tensor | None, x: Tensor, ones: bool = False, factor: bool = 
             acc.copy_(torch.from_numpy(out.T))
         return acc
     start, size_ = _blocks(factor)
-    if ones and n < start:
-        # a full product: the column of ones joins the rows (one small copy), which
-        # costs less than the three writes of its sums into the margins
+    if ones and n < start and x.stride(-1) == 1 and x.numel() <= AUGMENT_MAX:
+        # a small full product: the column of ones joins the rows (one small copy),
+        # which costs less than the three writes of its sums into the margins
         x = augment(x)
         return x.T @ x if acc is None else acc.addmm_(x.T, x)
     fresh = acc is None
