@@ -83,8 +83,11 @@ def all_finite(*tensors: Tensor) -> bool:
     if len(sums) == 1:
         total = sums[0]
     else:
-        dtype = functools.reduce(torch.promote_types, (s.dtype for s in sums))
-        total = torch.stack([s.to(dtype) for s in sums]).sum()
+        dtypes = {s.dtype for s in sums}
+        if len(dtypes) > 1:  # a common dtype (float32 and float64 factors, complex)
+            dtype = functools.reduce(torch.promote_types, dtypes)
+            sums = [s.to(dtype) for s in sums]
+        total = torch.stack(sums).sum()
     if cmath.isfinite(total.item()):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
