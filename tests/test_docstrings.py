@@ -10,6 +10,8 @@ import torch
 
 MODULES = [
     "fisherflow.matrices.layout",
+    "fisherflow.estimation.grams",
+    "fisherflow.estimation.engine",
     "fisherflow.matrices.linalg",
     "fisherflow.matrices.validate",
     "fisherflow.matrices.core",

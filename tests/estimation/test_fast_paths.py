@@ -27,6 +27,7 @@ def test_batched_exact_matches_reference(monkeypatch, budget, structure):
     """Chunks of 1, a few, or all scores give the same (exact) result."""
     monkeypatch.setattr(engine, "BATCH_ELEMENTS", budget[0])
     monkeypatch.setattr(engine, "BATCH_MEMORY", budget[1])
+    monkeypatch.setattr(engine, "BATCH_MIN_BYTES", 0)
     model, data = _mlp()
     F = estimate(model, data, "categorical", "exact", structure, progress=False)
     R = reference_fisher(model, data, "categorical", "exact")
@@ -47,6 +48,7 @@ def test_chunks_follow_the_memory_budget(monkeypatch):
     """``k`` scores per backward: their output gradients within BATCH_MEMORY × the records."""
     from fisherflow.estimation.layers import Record
 
+    monkeypatch.setattr(engine, "BATCH_MIN_BYTES", 0)
     rec = Record(None, torch.zeros(1), None, torch.zeros(8, 30), torch.zeros(8, 10))
     # held: 8·(30 + 10) entries; one score's output gradients: 8·10 entries
     assert engine.chunk_scores([rec], 10) == max(1, int(engine.BATCH_MEMORY * 4))
@@ -58,6 +60,11 @@ def test_chunks_follow_the_memory_budget(monkeypatch):
     monkeypatch.setattr(engine, "BATCH_MEMORY", 1e9)
     monkeypatch.setattr(engine, "BATCH_ELEMENTS", 3 * 80)
     assert engine.chunk_scores([rec], 10) == 3
+    # whatever BATCH_MEMORY allows, BATCH_MIN_BYTES of output gradients are allowed
+    monkeypatch.setattr(engine, "BATCH_MEMORY", 0.0)
+    monkeypatch.setattr(engine, "BATCH_ELEMENTS", 2**25)
+    monkeypatch.setattr(engine, "BATCH_MIN_BYTES", 2 * 8 * 10 * 4)  # two scores' float32
+    assert engine.chunk_scores([rec], 10) == 2
 
 
 def test_chunked_diagonal_equals_one_chunk(monkeypatch):
@@ -66,6 +73,7 @@ def test_chunked_diagonal_equals_one_chunk(monkeypatch):
     model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 7)).double()
     data = [(torch.randn(n, 5, dtype=torch.float64), torch.randint(0, 7, (n,))) for n in (9, 4)]
     got = {}
+    monkeypatch.setattr(engine, "BATCH_MIN_BYTES", 0)
     for memory in (1e9, 0.0, 0.5):
         monkeypatch.setattr(engine, "BATCH_MEMORY", memory)
         F = estimate(model, data, "categorical", "exact", "diagonal", progress=False)

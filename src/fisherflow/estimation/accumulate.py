@@ -149,6 +149,11 @@ class Accumulator:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.state: dict[str, Tensor] = {}
+        #: Set by the owner when the next :meth:`build` is this accumulator's last use
+        #: (a one-shot :func:`~fisherflow.estimation.estimate`, EKFAC's first pass): the
+        #: build may then finish its sums in place and hand them to the result instead
+        #: of copying them (a large K-FAC factor is not allocated twice).
+        self.final = False
 
     def begin(self, records: Sequence[Record]) -> None:
         """Called once per batch with its records (input-side statistics)."""
@@ -191,7 +196,11 @@ class Accumulator:
         return False
 
     def build(self, **meta: Any) -> FisherMatrix:
-        """The Fisher matrix of the sums so far (the sums are left as they are)."""
+        """The Fisher matrix of the sums so far.
+
+        The sums are left as they are, unless :attr:`final` is set: then they may be
+        handed to the result and the accumulator must not be used again.
+        """
         raise NotImplementedError
 
 

@@ -190,7 +190,7 @@ def estimate(
             if not estimator.finish_pass():
                 break
             batches = data  # the structure asks for the data again
-        result = estimator.result()
+        result = estimator._final_result()
     if bar is not None:
         bar.close()
     return result

@@ -98,6 +98,13 @@ class Capture:
                 for p in getattr(module, child).parameters():
                     uses.setdefault(names[id(p)], []).append((id(module), None, None))
         self.uses = uses
+        #: The captured modules (held weakly, like the model) and how each joins a
+        #: capture: a patched ``forward`` or ``None`` for a forward hook.
+        self._joins = [
+            (weakref.ref(m), layer_type(m).patch)  # type: ignore[union-attr]
+            for m in model.modules()
+            if id(m) in self.handlers
+        ]
         self._hooked0 = frozenset(
             n
             for n in layout.names
@@ -185,11 +192,10 @@ class Capture:
 
     # ------------------------------------------------------------------ hooks
     def __enter__(self) -> Capture:
-        for module in self.model.modules():
-            handler = self.handlers.get(id(module))
-            if handler is None:
+        for ref, patch in self._joins:
+            module = ref()
+            if module is None:  # pragma: no cover - only while the model is alive
                 continue
-            patch = layer_type(module).patch  # type: ignore[union-attr]
             if patch is not None:
                 module.forward = types.MethodType(patch(self), module)  # type: ignore[method-assign]
                 self._patched.append(module)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from fisherflow.estimation.data import tensor_leaves
+from fisherflow.matrices.validate import all_finite
 
 __all__ = ["check_inputs", "check_output", "check_total"]
 
@@ -28,7 +28,7 @@ def check_inputs(inputs: Any, index: int) -> None:
         if t.is_floating_point() or t.is_complex():
             # one reduction decides in the common case (a sum of finite values can
             # overflow: then the full check)
-            if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise ValueError(
                     f"inputs must be finite: {path} of batch {index} (shape "
                     f"{tuple(t.shape)}) contains NaN or Inf"

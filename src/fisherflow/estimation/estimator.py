@@ -481,3 +481,17 @@ class FisherEstimator:
         return acc.build(
             num_samples=float(self._count), kind=self.kind, likelihood=self.likelihood.name
         )
+
+    def _final_result(self) -> FisherMatrix:
+        """:meth:`result` when nothing follows (``estimate``): the sums are handed over.
+
+        The accumulator finishes its sums in place instead of copying them
+        (:attr:`~fisherflow.estimation.accumulate.Accumulator.final`); the estimator
+        then needs :meth:`update` before another result.
+        """
+        acc = self._accumulator("result")
+        acc.final = True
+        try:
+            return self.result()
+        finally:
+            self._acc = None  # its sums (if built) belong to the result now

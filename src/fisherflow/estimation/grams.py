@@ -8,14 +8,17 @@ compute only what a symmetric result needs where that is faster, and
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as Fn
 from torch import Tensor
 
 __all__ = [
+    "AUGMENT_MAX",
     "FACTOR_BLOCK",
     "FACTOR_BLOCK_SIZE",
     "GRAM_BLOCK",
     "GRAM_BLOCK_SIZE",
     "SYRK_MAX",
+    "as_rows",
     "augment",
     "gram_into",
     "symmetrize",
@@ -54,6 +57,12 @@ FACTOR_BLOCK = 256
 FACTOR_BLOCK_SIZE = 128
 
 
+#: Most entries of contiguous rows that :func:`gram_into` copies to append the column of
+#: ones (then one product gives the margins too); larger or strided rows (convolution
+#: patches) have their column sums written into the margins instead.
+AUGMENT_MAX = 2**18
+
+
 def _blocks(factor: bool) -> tuple[int, int]:
     return (FACTOR_BLOCK, FACTOR_BLOCK_SIZE) if factor else (GRAM_BLOCK, GRAM_BLOCK_SIZE)
 
@@ -83,7 +92,7 @@ def gram_into(acc: Tensor | None, x: Tensor, ones: bool = False, factor: bool = 
     Returns:
         The accumulator (``acc`` itself when it was given and updated in place).
     """
-    x = x.reshape(-1, x.shape[-1])
+    x = as_rows(x)
     n = x.shape[-1]
     size = n + 1 if ones else n
     if _syrk_ok(size, x) and (acc is None or (acc.dtype == x.dtype and acc.is_contiguous())):
@@ -100,12 +109,17 @@ def gram_into(acc: Tensor | None, x: Tensor, ones: bool = False, factor: bool = 
         if out.ctypes.data != acc.data_ptr():  # pragma: no cover - f2py made a copy
             acc.copy_(torch.from_numpy(out.T))
         return acc
+    start, size_ = _blocks(factor)
+    if ones and n < start and x.stride(-1) == 1 and x.numel() <= AUGMENT_MAX:
+        # a small full product: the column of ones joins the rows (one small copy),
+        # which costs less than the three writes of its sums into the margins
+        x = augment(x)
+        return x.T @ x if acc is None else acc.addmm_(x.T, x)
     fresh = acc is None
     if acc is None:  # no zero fill: every entry read later is written with beta=0
         acc = torch.empty(size, size, dtype=x.dtype, device=x.device)
     beta = 0.0 if fresh else 1.0
     core = acc[:n, :n] if ones else acc
-    start, size_ = _blocks(factor)
     if n >= start:
         b = _bounds(n, size_)
         for i in range(len(b) - 1):
@@ -127,6 +141,27 @@ def gram_into(acc: Tensor | None, x: Tensor, ones: bool = False, factor: bool = 
     return acc
 
 
+def as_rows(x: Tensor) -> Tensor:
+    """``x`` of shape ``(…, n)`` as rows ``(m, n)``: a view where one exists.
+
+    Rows that are not contiguous in memory (a convolution's output gradient
+    ``(B, C, H, W)`` read as ``(B, H·W, C)``) are copied column-major, as a
+    ``(n, m)`` matrix whose transpose is returned: that copy reads contiguous
+    runs, where a row-major copy reads one entry per run (on CPU for 128·64 rows
+    of 32: 0.09 ms instead of 0.36 ms), and a matrix product takes the transposed
+    operand as it is.
+
+    Example:
+        >>> d = torch.arange(12.0).reshape(2, 3, 2).transpose(1, 2)  # (B, S, C)
+        >>> torch.equal(as_rows(d), d.reshape(-1, 3))
+        True
+    """
+    n = x.shape[-1]
+    if x.dim() < 2 or x.stride(-1) == 1 or x.numel() == 0:
+        return x.reshape(-1, n)
+    return x.movedim(-1, 0).reshape(n, -1).T
+
+
 def symmetrize(acc: Tensor, factor: bool = False) -> Tensor:
     """The symmetric matrix of a :func:`gram_into` accumulator (in place; 1-D unchanged).
 
@@ -145,12 +180,20 @@ def symmetrize(acc: Tensor, factor: bool = False) -> Tensor:
     start, size = _blocks(factor)
     if acc.shape[0] >= start:  # upper block triangle valid (also for full products)
         b = _bounds(acc.shape[0], size)
-        for i in range(len(b) - 1):
-            for j in range(i + 1, len(b) - 1):
-                acc[b[j] : b[j + 1], b[i] : b[i + 1]] = acc[b[i] : b[i + 1], b[j] : b[j + 1]].T
+        for i in range(len(b) - 2):
+            # the strip right of diagonal block i, mirrored below it in one copy; read
+            # through a contiguous copy, whose transpose copies faster than the strided
+            # strip's (on CPU 2049 wide: 2.9 ms instead of 4.5 ms for 128 block copies)
+            strip = acc[b[i] : b[i + 1], b[i + 1] :].contiguous()
+            acc[b[i + 1] :, b[i] : b[i + 1]].copy_(strip.T)
     return acc
 
 
 def augment(a: Tensor) -> Tensor:
-    """``a`` with a trailing column of ones (the bias column of K-FAC's input factor)."""
-    return torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+    """``a`` with a trailing column of ones (the bias column of K-FAC's input factor).
+
+    Example:
+        >>> augment(torch.tensor([[2.0, 3.0]])).tolist()
+        [[2.0, 3.0, 1.0]]
+    """
+    return Fn.pad(a, (0, 1), value=1.0)  # one op (a concatenation with ones takes three)

@@ -28,7 +28,7 @@ import torch.nn.functional as Fn
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from fisherflow.estimation.grams import augment, gram_into, symmetrize
+from fisherflow.estimation.grams import as_rows, augment, gram_into, symmetrize
 from fisherflow.estimation.patches import patches, unfold
 
 __all__ = [
@@ -131,7 +131,7 @@ class Handler:
         """The output-gradient vectors δ as rows ``(m, n_out)``; :meth:`factor_g` is their Gram."""
         if reduce:
             d = d.sum(1, keepdim=True)
-        return d.reshape(-1, d.shape[-1])
+        return as_rows(d)
 
     def factor_g(self, rec: Record, d: Tensor, reduce: bool, acc: Tensor | None = None) -> Tensor:
         """``acc + Σ δ δᵀ`` for the output-side factor (a :func:`gram_into` accumulator)."""

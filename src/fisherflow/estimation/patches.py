@@ -16,12 +16,16 @@ def patches(
     dilation: tuple[int, ...],
     padding: tuple[int, ...],
     stride: tuple[int, ...],
+    positions_first: bool = False,
 ) -> Tensor:
     """``(B, C·∏k, L)`` convolution patches of ``(B, C, *spatial)``, as ``F.unfold`` lays them out.
 
     Built from strided views (``Tensor.unfold`` per spatial dimension) and one copy:
     on CPU ~2x faster than ``F.unfold``'s im2col (128×16×8×8, 3×3: 0.55 ms vs 1.06 ms),
-    and it works for any number of spatial dimensions.
+    and it works for any number of spatial dimensions. With ``positions_first`` the
+    same values are returned as ``(B, L, C·∏k)``: a view of one ``(C·∏k, B·L)``
+    copy (copied as fast as the former), whose rows ``(B·L, C·∏k)`` then need no
+    second copy for a Gram matrix (a transposed operand of one matrix product).
     """
     nd = len(kernel)
     if any(padding):
@@ -31,10 +35,15 @@ def patches(
         v = v.unfold(2 + i, dilation[i] * (kernel[i] - 1) + 1, stride[i])
         if dilation[i] > 1:
             v = v[..., :: dilation[i]]
-    # (B, C, L_1..L_nd, k_1..k_nd) -> (B, C, k_1..k_nd, L_1..L_nd)
-    perm = [0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd)]
+    # (B, C, L_1..L_nd, k_1..k_nd) -> (B, C, k_1..k_nd, L_1..L_nd), or with positions
+    # first (C, k_1..k_nd, B, L_1..L_nd): the innermost dimensions stay the positions
+    spatial, kernels = list(range(2, 2 + nd)), list(range(2 + nd, 2 + 2 * nd))
     positions = math.prod(v.shape[2 : 2 + nd])
-    return v.permute(perm).reshape(x.shape[0], x.shape[1] * math.prod(kernel), positions)
+    cols = x.shape[1] * math.prod(kernel)
+    if positions_first:
+        flat = v.permute([1, *kernels, 0, *spatial]).reshape(cols, x.shape[0], positions)
+        return flat.permute(1, 2, 0)
+    return v.permute([0, 1, *kernels, *spatial]).reshape(x.shape[0], cols, positions)
 
 
 def unfold(module: nn.Module, x: Tensor) -> Tensor | None:
@@ -56,11 +65,11 @@ def unfold(module: nn.Module, x: Tensor) -> Tensor | None:
         if pad != "valid":
             return None
         pad = (0,) * nd
-    cols = patches(
+    return patches(
         x,
         tuple(module.kernel_size),
         tuple(module.dilation),
         tuple(pad),
         tuple(module.stride),
+        positions_first=True,
     )
-    return cols.transpose(1, 2)

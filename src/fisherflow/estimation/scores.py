@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from fisherflow.estimation.likelihoods import MASK_OPTIONAL, Likelihood, Prepared
+from fisherflow.matrices.validate import all_finite
 
 __all__ = ["KIND_SCORES", "Scores", "make_scores"]
 
@@ -175,6 +176,6 @@ def make_scores(
     prep = lik.prepare(output.detach().to(stat_dtype), targets)
     # one reduction decides in the common case; the full check only if the sum is not
     # finite (a sum of finite values can overflow)
-    if not bool(torch.isfinite(prep.output.sum())) and not bool(torch.isfinite(prep.output).all()):
+    if not all_finite(prep.output):
         raise ValueError("the model output contains NaN or Inf")
     return KIND_SCORES[kind](lik, prep, rows, mc_samples, generator)

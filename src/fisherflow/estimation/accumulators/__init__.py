@@ -73,6 +73,23 @@ ACCUMULATORS: dict[str, StructureSpec] = {
 ESTIMATOR_OPTIONS = frozenset(o for s in ACCUMULATORS.values() for o in s.options.values())
 
 
+#: ``{class: the keyword options it takes}``, read once per class.
+_OPTIONS: dict[type[Accumulator], list[str]] = {}
+
+
+def _options_of(cls: type[Accumulator]) -> list[str]:
+    """The keyword options ``cls`` takes besides ``plan`` (read once per class)."""
+    takes = _OPTIONS.get(cls)
+    if takes is None:
+        params = inspect.signature(cls).parameters
+        takes = _OPTIONS[cls] = sorted(
+            n
+            for n, p in params.items()
+            if n != "plan" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        )
+    return takes
+
+
 def construct(cls: type[Accumulator], plan: Plan, **options: Any) -> Accumulator:
     """``cls(plan, **options)``, after checking that ``cls`` names every option.
 
@@ -87,12 +104,7 @@ def construct(cls: type[Accumulator], plan: Plan, **options: Any) -> Accumulator
     Raises:
         TypeError: If ``cls`` takes no option of one of the given names.
     """
-    params = inspect.signature(cls).parameters
-    takes = sorted(
-        n
-        for n, p in params.items()
-        if n != "plan" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    )
+    takes = _options_of(cls)
     for name in options:
         if name not in takes:
             raise TypeError(f"{cls.__name__} got an unexpected option {name!r}; it takes {takes}")

@@ -149,6 +149,7 @@ class EKFACAcc(Accumulator):
         if self.corrections is not None:
             return False
         recorder, self.recorder = self.recorder, None
+        self.factors.final = True  # never fed again: its sums become the basis's factors
         self.corrections = CorrectionAcc(self.plan, self.factors.build(), rows=self.factors)
         self._feeding = [self.corrections]
         if recorder is None or recorder.overflow:

@@ -51,7 +51,8 @@ class GroupAcc(Accumulator):
             self.state[g] = gram_into(self.state[g], _row_matrix(self.plan, rowd, names, rows))
 
     def build(self, **meta: Any) -> FisherMatrix:  # noqa: D102
-        blocks = {g: symmetrize(m.clone()) for g, m in self.state.items()}
+        # handed over when final (Accumulator.final), else copied
+        blocks = {g: symmetrize(m if self.final else m.clone()) for g, m in self.state.items()}
         if self.dense:
             return Dense(blocks["all"], self.plan.layout, **meta)
         return Block(blocks, self.groups, self.plan.layout, **meta)

@@ -124,22 +124,23 @@ class KFACAcc(Accumulator):
     def factors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """``(A, G)`` with ``A`` the mean over input vectors and ``G`` the sum.
 
-        New tensors: the accumulated sums are left as they are.
+        New tensors, the accumulated sums left as they are; with :attr:`final`, the
+        sums themselves, normalised and mirrored in place (the same values).
         """
         A, G = {}, {}
         for g, spec in self.plan.kron.items():
             n_out, n_cols = spec.dims(self.plan.layout)
-            # the division makes the new tensor (mirroring copies entries: same result)
-            A[g] = (
-                symmetrize(self.A[g] / max(self.counts.get(g, 0), 1), factor=True)
-                if g in self.A
-                else self.plan.zeros(n_cols, n_cols)
-            )
-            G[g] = (
-                symmetrize(self.G[g].clone(), factor=True)
-                if g in self.G
-                else self.plan.zeros(n_out, n_out)
-            )
+            count = max(self.counts.get(g, 0), 1)
+            if g not in self.A:
+                A[g] = self.plan.zeros(n_cols, n_cols)
+            elif self.final:
+                A[g] = symmetrize(self.A[g].div_(count), factor=True)
+            else:  # the division makes the new tensor (mirroring copies entries)
+                A[g] = symmetrize(self.A[g] / count, factor=True)
+            if g not in self.G:
+                G[g] = self.plan.zeros(n_out, n_out)
+            else:
+                G[g] = symmetrize(self.G[g] if self.final else self.G[g].clone(), factor=True)
         return A, G
 
     def reduce(self, group: Any = None) -> None:
