@@ -4,12 +4,21 @@ Dense, diagonal and block matrices add exactly (their ``+``), so the sum is form
 and solved in its structure. K-FAC, EKFAC and low-rank do not: ``G₁⊗A₁ + G₂⊗A₂`` is
 not a Kronecker product and a sum of low-rank factors outgrows its rank. For them
 the *exact* sum is applied matrix-free (each ``Fᵢ.mv`` in its own structure, per
-layer: never a P×P matrix) inside preconditioned conjugate gradients, with the
-structure's own approximate ``+`` (K-FAC's factor-wise sum, which is exact when the
-input factors agree) as the preconditioner — so CG converges in one step when the
-approximation is exact and in a few otherwise. Written by hand because scipy's
-``cg`` works on float64 numpy arrays on the CPU only and the matrices here may live
-on a GPU.
+layer: never a P×P matrix) inside preconditioned conjugate gradients (CG), with a
+preconditioner that is exact or close to it, so CG converges in one step when it is
+exact and in a few otherwise:
+
+* K-FAC — the exact solve of a sum of *two* Kronecker products by simultaneous
+  diagonalisation (:class:`fisherflow.apps._kron_solve.KronPair`), of the model with
+  the largest Fisher mass ``wᵢ tr Fᵢ`` and the factor-wise sum of the others. For two
+  models without damping that solve *is* the answer (no CG); with damping λ the pair
+  keeps the diagonal of ``λI`` in the generalised eigenbasis (exact when the factors
+  of the two models commute) and CG corrects the rest;
+* EKFAC, low-rank — the structure's own approximate ``+`` (EKFAC's sum in a fixed
+  basis, low-rank's concatenation).
+
+CG is written by hand because scipy's ``cg`` works on float64 numpy arrays on the
+CPU only and the matrices here may live on a GPU.
 
 Reference: Hestenes & Stiefel (1952); Saad (2003), *Iterative Methods for Sparse
 Linear Systems*, alg. 9.1 (preconditioned CG).
@@ -17,16 +26,17 @@ Linear Systems*, alg. 9.1 (preconditioned CG).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import torch
 from torch import Tensor
 
+from fisherflow.apps._kron_solve import KronPair
 from fisherflow.estimation.data import warn_user
-from fisherflow.matrices import FisherMatrix
+from fisherflow.matrices import KFAC, FisherMatrix
 
-__all__ = ["EXACT_SUM", "ConvergenceNotice", "weighted_solve"]
+__all__ = ["EXACT_SUM", "PRECONDITIONERS", "ConvergenceNotice", "weighted_solve"]
 
 #: Structures whose ``+`` is exact, so a weighted sum is solved in its structure.
 EXACT_SUM = frozenset({"dense", "diagonal", "block"})
@@ -52,6 +62,8 @@ def weighted_solve(
     *,
     tol: float = 1e-8,
     max_iter: int = 1000,
+    info: dict[str, int] | None = None,
+    preconditioner: str = "pair",
 ) -> Tensor:
     """``(Σ wᵢFᵢ + λI)⁺ b`` for a flat ``(P,)`` right-hand side in the Fishers' layout.
 
@@ -62,6 +74,11 @@ def weighted_solve(
         damping: λ >= 0.
         tol: Relative residual at which conjugate gradients stops.
         max_iter: Most conjugate-gradient steps (a :class:`ConvergenceNotice` if hit).
+        preconditioner: For K-FAC, ``"pair"`` (the two-term exact solve) or ``"sum"``
+            (the factor-wise sum, as for the other structures); see
+            :data:`PRECONDITIONERS`.
+        info: If given, ``info["iterations"]`` is set to the conjugate-gradient steps
+            taken (0 for a direct solve).
 
     Returns:
         The flat solution in ``rhs``'s dtype. Conjugate gradients runs in float64
@@ -74,20 +91,26 @@ def weighted_solve(
         >>> weighted_solve(Fs, [1.0, 1.0], torch.tensor([8.0, 8.0])).tolist()
         [2.0, 2.0]
     """
-    if fishers[0].structure in EXACT_SUM:
+    if info is not None:
+        info["iterations"] = 0
+    if fishers[0].structure in EXACT_SUM or len(fishers) == 1:
         exact = weighted_sum(fishers, weights)
         return cast(Tensor, exact.pinv_solve(rhs, damping=damping)).to(rhs.dtype)
     fishers = [F.to(dtype=torch.float64) if F.dtype != torch.float64 else F for F in fishers]
-    approx = weighted_sum(fishers, weights)
+    if preconditioner not in PRECONDITIONERS:
+        raise ValueError(
+            f"preconditioner must be one of {sorted(PRECONDITIONERS)}, got {preconditioner!r}"
+        )
+    pair = fishers[0].structure == "kfac" and preconditioner == "pair"
+    precondition = PRECONDITIONERS["pair" if pair else "sum"](fishers, weights, damping)
+    if pair and len(fishers) == 2 and damping == 0.0:
+        return precondition(rhs.to(torch.float64)).to(rhs.dtype)  # exact (module docstring)
 
     def apply(v: Tensor) -> Tensor:
         out = damping * v
         for w, F in zip(weights, fishers, strict=True):
             out = out + w * cast(Tensor, F.mv(v))
         return out
-
-    def precondition(r: Tensor) -> Tensor:
-        return cast(Tensor, approx.pinv_solve(r, damping=damping))
 
     b = rhs.to(torch.float64)
     x = torch.zeros_like(b)
@@ -98,7 +121,9 @@ def weighted_solve(
     z = precondition(r)
     p = z.clone()
     rz = torch.dot(r, z)
-    for _ in range(max_iter):
+    for step in range(1, max_iter + 1):
+        if info is not None:
+            info["iterations"] = step
         q = apply(p)
         pq = torch.dot(p, q)
         if float(pq) <= 0.0:  # no curvature left along p: converged in the range
@@ -119,3 +144,29 @@ def weighted_solve(
             ConvergenceNotice,
         )
     return x.to(rhs.dtype)
+
+
+def _pair(
+    fishers: Sequence[FisherMatrix], weights: Sequence[float], damping: float
+) -> Callable[[Tensor], Tensor]:
+    """K-FAC: the two-term solve of the heaviest model and the sum of the others."""
+    masses = [w * float(F.trace()) for w, F in zip(weights, fishers, strict=True)]
+    top = max(range(len(fishers)), key=lambda i: masses[i])
+    others = [i for i in range(len(fishers)) if i != top]
+    first = weights[top] * fishers[top]
+    second = weighted_sum([fishers[i] for i in others], [weights[i] for i in others])
+    return KronPair(cast(KFAC, first), cast(KFAC, second), damping).solve
+
+
+def _sum(
+    fishers: Sequence[FisherMatrix], weights: Sequence[float], damping: float
+) -> Callable[[Tensor], Tensor]:
+    """The pseudo-inverse of the structure's own (approximate) ``Σ wᵢFᵢ``."""
+    approx = weighted_sum(fishers, weights)
+    return lambda r: cast(Tensor, approx.pinv_solve(r, damping=damping))
+
+
+#: Preconditioners of :func:`weighted_solve` (``"pair"`` applies to K-FAC only).
+PRECONDITIONERS: dict[
+    str, Callable[[Sequence[FisherMatrix], Sequence[float], float], Callable[[Tensor], Tensor]]
+] = {"pair": _pair, "sum": _sum}
