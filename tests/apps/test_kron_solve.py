@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fisherflow as ff
-from fisherflow.apps._kron_solve import KronPair, simultaneous_basis
+from fisherflow.apps._kron_solve import KronPair, psd_factors, simultaneous_basis
 from fisherflow.apps._solve import weighted_solve
 from fisherflow.matrices import KFAC, KronGroup
 
@@ -74,23 +74,32 @@ def test_directions_one_model_each_informs_give_a_solution():
 
 
 @pytest.mark.parametrize("damping", [1e-3, 1.0])
-def test_damped_pair_is_exact_when_the_factors_commute_and_cg_finishes_otherwise(damping):
+def test_damped_pair_bounds_the_damped_sum_and_cg_reaches_the_dense_solve(damping):
     g = torch.Generator().manual_seed(3)
-    # commuting factors (distinct eigenvalue ratios): the damped pair is the exact
-    # inverse, one CG step
-    Fs = [_kfac(torch.diag(torch.rand(5, generator=g, dtype=D)), _psd(3, 3, g)) for _ in "ab"]
-    Fs[1] = _kfac(Fs[1].A["l"], Fs[0].G["l"] @ Fs[0].G["l"])
+    Fs = [_kfac(_psd(5, 3, g), _psd(3, 3, g)), _kfac(_psd(5, 4, g), _psd(3, 2, g))]
     K = Fs[0].to_dense() + 2.0 * Fs[1].to_dense() + damping * torch.eye(17, dtype=D)
+    # factored damping: the preconditioner P is SPD and P ⪰ K + λI
+    P = torch.linalg.inv(KronPair(Fs[0], 2.0 * Fs[1], damping).solve(torch.eye(17, dtype=D)))
+    assert torch.linalg.eigvalsh(0.5 * (P + P.T) - K).min() > -1e-9 * float(K.norm())
     b = torch.randn(17, generator=g, dtype=D)
-    pair = KronPair(Fs[0], 2.0 * Fs[1], damping)
-    torch.testing.assert_close(pair.solve(b), torch.linalg.solve(K, b), atol=1e-10, rtol=1e-9)
-    for F, steps in ((Fs, 2), ([_kfac(_psd(5, 5, g), _psd(3, 3, g)) for _ in "ab"], 30)):
-        K = F[0].to_dense() + 2.0 * F[1].to_dense() + damping * torch.eye(17, dtype=D)
-        b = torch.randn(17, generator=g, dtype=D)
-        info: dict[str, int] = {}
-        x = weighted_solve(F, [1.0, 2.0], b, damping, info=info, tol=1e-12)
-        torch.testing.assert_close(x, torch.linalg.solve(K, b), atol=1e-10, rtol=1e-9)
-        assert 1 <= info["iterations"] <= steps
+    info: dict[str, int] = {}
+    x = weighted_solve(Fs, [1.0, 2.0], b, damping, info=info, tol=1e-12)
+    torch.testing.assert_close(x, torch.linalg.solve(K, b), atol=1e-10, rtol=1e-9)
+    assert 1 <= info["iterations"] <= 17
+
+
+def test_factors_indefinite_by_rounding_are_projected():
+    g = torch.Generator().manual_seed(6)
+    A = _psd(5, 2, g)
+    vals, vecs = torch.linalg.eigh(A)
+    F = _kfac((vecs * vals.clamp_min(-1e-6)) @ vecs.T - 1e-6 * vecs[:, :1] @ vecs[:, :1].T,
+              _psd(3, 3, g))  # fmt: skip
+    assert torch.linalg.eigvalsh(F.A["l"]).min() < 0
+    P = psd_factors(F)
+    assert torch.linalg.eigvalsh(P.A["l"]).min() >= -1e-12
+    torch.testing.assert_close(P.A["l"], F.A["l"], atol=2e-6, rtol=0)
+    definite = _kfac(_psd(5, 5, g), _psd(3, 3, g))
+    assert psd_factors(definite) is definite
 
 
 def test_many_models_pair_preconditioner_beats_the_factorwise_sum():

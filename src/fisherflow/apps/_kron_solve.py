@@ -20,12 +20,16 @@ differ from it along the null space.
 
 **Damping.** ``λI`` in the same coordinates is ``λ (S_GᵀS_G) ⊗ (S_AᵀS_A)``, which is
 not diagonal: three Kronecker terms have no joint diagonalisation, so
-``(Σ wᵢFᵢ + λI) x = b`` has no closed-form O(n³) solve. The damped pair used here
-keeps the diagonal of that term, ``D + λ c_G c_Aᵀ`` with ``c`` the squared column
-norms of ``S``: exact when the generalised eigenvectors are orthogonal (factors that
-commute with distinct eigenvalue ratios, such as diagonal ones), and otherwise a
-symmetric positive definite preconditioner for conjugate gradients on the exact
-damped system
+``(Σ wᵢFᵢ + λI) x = b`` has no closed-form O(n³) solve, and keeping only the diagonal
+of that term fails badly when the factors are ill-conditioned (the whitened basis
+mixes directions whose scales differ by many orders). The damped pair instead gives
+each term half of λ through its factors, Martens & Grosse's (2015, §6.3) factored
+Tikhonov damping: ``wᵢ Gᵢ⊗Aᵢ + λ/2 · I`` becomes ``(wᵢGᵢ + γᵢI) ⊗ (Aᵢ + αᵢI)`` with
+``γᵢαᵢ = λ/2`` and ``αᵢ/γᵢ = πᵢ² = (tr Aᵢ/n_cols)/(tr wᵢGᵢ/n_out)``. The result is
+``Σ wᵢFᵢ + λI`` plus the positive semi-definite cross terms
+``γᵢ I⊗Aᵢ + αᵢ wᵢGᵢ⊗I``: a symmetric positive definite preconditioner, never smaller
+than the damped sum, whose factors are at least ``αᵢ``, ``γᵢ`` (so the bases are
+well conditioned), for conjugate gradients on the exact damped system
 (:func:`fisherflow.apps._solve.weighted_solve`).
 
 Written by hand: ``scipy.linalg.eigh(a, b)`` and LAPACK's ``sygv`` need ``b`` positive
@@ -36,6 +40,7 @@ factors' device.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -45,7 +50,7 @@ from fisherflow.matrices import KFAC
 from fisherflow.matrices.kron import left, right
 from fisherflow.matrices.linalg import default_rcond, eigh
 
-__all__ = ["KronPair", "simultaneous_basis"]
+__all__ = ["KronPair", "factored_damping", "psd_factors", "simultaneous_basis"]
 
 
 def simultaneous_basis(b1: Tensor, b2: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
@@ -94,22 +99,73 @@ def simultaneous_basis(b1: Tensor, b2: Tensor) -> tuple[Tensor | None, Tensor, T
     return S, d1, d2
 
 
-def _col_norms(S: Tensor | None, n: int, like: Tensor) -> Tensor:
-    if S is None:
-        return torch.ones(n, dtype=like.dtype, device=like.device)
-    return (S * S).sum(0)
+def psd_factors(fisher: KFAC) -> KFAC:
+    """``fisher`` with each factor's negative eigenvalues set to 0 (itself if none).
+
+    Factors accumulated in float32 are PSD only up to rounding; a slightly indefinite
+    ``G ⊗ A`` makes ``Σ wᵢFᵢ + λI`` indefinite for small λ, and conjugate gradients
+    then breaks down (a step with ``pᵀKp <= 0``) far from the solution.
+    """
+    changed = False
+
+    def project(factor: Tensor) -> Tensor:
+        nonlocal changed
+        if factor.dim() == 1:
+            if bool((factor < 0).any()):
+                changed = True
+            return factor.clamp_min(0)
+        vals, vecs = eigh(factor)
+        if bool((vals < 0).any()):
+            changed = True
+            return (vecs * vals.clamp_min(0)) @ vecs.T
+        return factor
+
+    A = {g: project(f) for g, f in fisher.A.items()}
+    G = {g: project(f) for g, f in fisher.G.items()}
+    if not changed and not bool((fisher.rest < 0).any()):
+        return fisher
+    rest = fisher.rest.clamp_min(0)
+    return KFAC(fisher.kron_groups, A, G, fisher.layout, rest, **fisher.meta)
+
+
+def factored_damping(G: Tensor, A: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+    """``(G + γI, A + αI)`` with ``γα = lam`` and ``α/γ = π²`` (Martens & Grosse, §6.3).
+
+    ``π² = (tr A / n_A) / (tr G / n_G)`` (1 when a trace is 0); factors may be 1-D
+    (diagonal). ``lam = 0`` returns the factors unchanged.
+
+    Example:
+        >>> G, A = factored_damping(torch.eye(2), 4 * torch.eye(3), 4.0)
+        >>> G.diagonal().tolist(), A.diagonal().tolist()  # π = 2: γ = 2/2, α = 2·2
+        ([2.0, 2.0], [8.0, 8.0, 8.0])
+    """
+    if lam <= 0:
+        return G, A
+    mean_g = float(G.sum() if G.dim() == 1 else G.diagonal().sum()) / G.shape[0]
+    mean_a = float(A.sum() if A.dim() == 1 else A.diagonal().sum()) / A.shape[0]
+    pi = math.sqrt(mean_a / mean_g) if mean_g > 0 and mean_a > 0 else 1.0
+    gamma, alpha = math.sqrt(lam) / pi, math.sqrt(lam) * pi
+    return _shift(G, gamma), _shift(A, alpha)
+
+
+def _shift(factor: Tensor, value: float) -> Tensor:
+    if factor.dim() == 1:
+        return factor + value
+    return factor + value * torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
 
 
 class KronPair:
-    """``(P₁ + P₂ + λ·diag)⁻¹`` for two K-FAC matrices over one layout (exact at λ = 0).
+    """``(P₁ + P₂)⁺`` for two K-FAC matrices over one layout; damped, an approximation.
 
     ``P₁`` and ``P₂`` are already weighted (``w * F``). Per layer the bases of the
-    module docstring are computed once; the rest parameters (a diagonal) add exactly.
+    module docstring are computed once; the rest parameters (a diagonal) add exactly,
+    damping included.
 
     Args:
         first: ``P₁``.
         second: ``P₂``, same layout and layer groups.
-        damping: λ >= 0, entering as described in the module docstring.
+        damping: λ >= 0; with λ > 0 the inverse of the factored-damping pair of the
+            module docstring (``⪰ P₁ + P₂ + λI``), exact only at λ = 0.
 
     Example:
         >>> from fisherflow.matrices import KronGroup, ParamLayout
@@ -126,14 +182,13 @@ class KronPair:
         self.damping = damping
         self._bases: dict[str, tuple[Tensor | None, Tensor | None, Tensor]] = {}
         for g in self.groups:
-            SG, g1, g2 = simultaneous_basis(first.G[g], second.G[g])
-            SA, a1, a2 = simultaneous_basis(first.A[g], second.A[g])
+            G1, A1 = factored_damping(first.G[g], first.A[g], damping / 2)
+            G2, A2 = factored_damping(second.G[g], second.A[g], damping / 2)
+            SG, g1, g2 = simultaneous_basis(G1, G2)
+            SA, a1, a2 = simultaneous_basis(A1, A2)
             denom = torch.outer(g1, a1) + torch.outer(g2, a2)
-            if damping > 0:
-                cG, cA = _col_norms(SG, len(g1), g1), _col_norms(SA, len(a1), a1)
-                denom = denom + damping * torch.outer(cG, cA)
-            self._bases[g] = (SG, SA, _reciprocal(denom))
-        self._rest = _reciprocal(first.rest + second.rest + damping)
+            self._bases[g] = (SG, SA, _reciprocal(denom, damping))
+        self._rest = _reciprocal(first.rest + second.rest + damping, damping)
         self._rest_index = self.layout.indices(first.rest_names).to(first.rest.device)
 
     def _group_solve(self, g: str, x: Tensor) -> Tensor:
@@ -142,12 +197,20 @@ class KronPair:
         return right(left(SG, y), None if SA is None else SA.T)
 
     def solve(self, b: Tensor) -> Tensor:
-        """Apply the (damped) inverse to a flat ``(P,)`` vector in the layout's order."""
-        return _map(self, b[:, None], self._group_solve, lambda v: self._rest[:, None] * v)[:, 0]
+        """Apply the (damped) inverse to flat ``(P,)`` or ``(P, k)`` columns in layout order."""
+        cols = b[:, None] if b.dim() == 1 else b
+        out = _map(self, cols, self._group_solve, lambda v: self._rest[:, None] * v)
+        return out[:, 0] if b.dim() == 1 else out
 
 
-def _reciprocal(denom: Tensor) -> Tensor:
-    """``1 / denom`` with 0 where ``denom`` is 0 up to the pseudo-inverse cut-off."""
+def _reciprocal(denom: Tensor, damping: float) -> Tensor:
+    """``1 / denom``; undamped, 0 where ``denom`` is 0 up to the pseudo-inverse cut-off.
+
+    With damping every entry is positive (the damped factors are definite) and none
+    is cut: a preconditioner with a null space would stall conjugate gradients there.
+    """
+    if damping > 0:
+        return 1.0 / denom
     if denom.numel() == 0:
         return denom
     cut = default_rcond(None, denom.numel(), denom.dtype) * denom.max().clamp_min(0)

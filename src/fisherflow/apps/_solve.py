@@ -11,9 +11,13 @@ exact and in a few otherwise:
 * K-FAC — the exact solve of a sum of *two* Kronecker products by simultaneous
   diagonalisation (:class:`fisherflow.apps._kron_solve.KronPair`), of the model with
   the largest Fisher mass ``wᵢ tr Fᵢ`` and the factor-wise sum of the others. For two
-  models without damping that solve *is* the answer (no CG); with damping λ the pair
-  keeps the diagonal of ``λI`` in the generalised eigenbasis (exact when the factors
-  of the two models commute) and CG corrects the rest;
+  models without damping that solve *is* the answer (CG starts from it and stops at
+  once unless rounding in singular factors left a residual above ``tol``); with
+  damping λ each of the two terms takes λ/2 through its factors (factored Tikhonov
+  damping, an upper bound of the damped sum) and CG corrects the rest. The factors
+  are first projected onto the PSD cone (negative eigenvalues from float32
+  rounding set to 0: otherwise a small λ leaves the sum indefinite and CG breaks
+  down);
 * EKFAC, low-rank — the structure's own approximate ``+`` (EKFAC's sum in a fixed
   basis, low-rank's concatenation).
 
@@ -32,7 +36,7 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from fisherflow.apps._kron_solve import KronPair
+from fisherflow.apps._kron_solve import KronPair, psd_factors
 from fisherflow.estimation.data import warn_user
 from fisherflow.matrices import KFAC, FisherMatrix
 
@@ -78,7 +82,7 @@ def weighted_solve(
             (the factor-wise sum, as for the other structures); see
             :data:`PRECONDITIONERS`.
         info: If given, ``info["iterations"]`` is set to the conjugate-gradient steps
-            taken (0 for a direct solve).
+            taken (0 for a direct solve that met ``tol``).
 
     Returns:
         The flat solution in ``rhs``'s dtype. Conjugate gradients runs in float64
@@ -101,10 +105,10 @@ def weighted_solve(
         raise ValueError(
             f"preconditioner must be one of {sorted(PRECONDITIONERS)}, got {preconditioner!r}"
         )
+    if fishers[0].structure == "kfac":
+        fishers = [psd_factors(cast(KFAC, F)) for F in fishers]
     pair = fishers[0].structure == "kfac" and preconditioner == "pair"
     precondition = PRECONDITIONERS["pair" if pair else "sum"](fishers, weights, damping)
-    if pair and len(fishers) == 2 and damping == 0.0:
-        return precondition(rhs.to(torch.float64)).to(rhs.dtype)  # exact (module docstring)
 
     def apply(v: Tensor) -> Tensor:
         out = damping * v
@@ -113,11 +117,19 @@ def weighted_solve(
         return out
 
     b = rhs.to(torch.float64)
-    x = torch.zeros_like(b)
-    r = b.clone()
     norm_b = float(b.norm())
     if norm_b == 0.0:
-        return x.to(rhs.dtype)
+        return torch.zeros_like(rhs)
+    if pair and len(fishers) == 2 and damping == 0.0:
+        # the direct solve (exact up to rounding); CG only polishes what rounding left
+        # in the ill-conditioned directions of singular factors
+        x = precondition(b)
+        r = b - apply(x)
+        if float(r.norm()) <= tol * norm_b:
+            return x.to(rhs.dtype)
+    else:
+        x = torch.zeros_like(b)
+        r = b.clone()
     z = precondition(r)
     p = z.clone()
     rz = torch.dot(r, z)
