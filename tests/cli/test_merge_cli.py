@@ -208,6 +208,28 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(tmp_path, capsys):
         f"  - {{model: {paths[1].name}, fisher: other.safetensors}}\n",
         re.escape("fishers[1]'s layout differs from fishers[0]'s"),
     )
+    # a K-FAC file whose factor does not fit its layer (streamed: checked on opening)
+    kfac = ff.estimate(
+        _models[0],
+        [{"input_ids": _tokens(0), "labels": _tokens(0)}],
+        "categorical",
+        "empirical",
+        "kfac",
+        progress=False,
+    )
+    kfac.save(tmp_path / "k.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "k.safetensors", "pt") as handle:
+        meta = handle.metadata()
+    tensors = load_file(tmp_path / "k.safetensors")
+    tensors["G.1"] = torch.eye(3)
+    save_file(tensors, tmp_path / "k.safetensors", metadata=meta)
+    fails(
+        f"models:\n  - {{model: {paths[0].name}, fisher: k.safetensors}}\n"
+        f"  - {{model: {paths[1].name}, fisher: k.safetensors}}\n",
+        r"k\.safetensors: G\.1 \(layer '[^']+'\) has shape \(3, 3\), expected",
+    )
     fails(
         f"models:\n  - model: {paths[0].name}\n    wieght: 2\n  - model: x\n",
         re.escape("unknown keys ['wieght']"),
