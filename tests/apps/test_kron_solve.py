@@ -102,7 +102,7 @@ def test_factors_indefinite_by_rounding_are_projected():
     assert psd_factors(definite) is definite
 
 
-def test_many_models_pair_preconditioner_beats_the_factorwise_sum():
+def test_many_models_both_preconditioners_reach_the_dense_solve():
     g = torch.Generator().manual_seed(4)
     Fs = [_kfac(_psd(5, 5, g), _psd(3, 3, g)) for _ in range(4)]
     w = [1.0, 2.0, 0.5, 1.0]
@@ -114,7 +114,7 @@ def test_many_models_pair_preconditioner_beats_the_factorwise_sum():
         x = weighted_solve(Fs, w, b, 1e-3, info=info, preconditioner=name, tol=1e-12)
         torch.testing.assert_close(x, torch.linalg.solve(K.to(D), b), atol=1e-9, rtol=0)
         steps[name] = info["iterations"]
-    assert steps["pair"] < steps["sum"]
+    assert steps["pair"] < steps["sum"]  # on these random factors; not on MNIST's
     with pytest.raises(ValueError, match="preconditioner must be one of"):
         weighted_solve(Fs, w, b, preconditioner="nope")
 

@@ -53,7 +53,9 @@ from fisherflow.matrices.linalg import default_rcond, eigh
 __all__ = ["KronPair", "factored_damping", "psd_factors", "simultaneous_basis"]
 
 
-def simultaneous_basis(b1: Tensor, b2: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+def simultaneous_basis(
+    b1: Tensor, b2: Tensor, precision: torch.dtype | None = None
+) -> tuple[Tensor | None, Tensor, Tensor]:
     """An invertible ``S`` with ``Sᵀ b₁ S = diag(d₁)`` and ``Sᵀ b₂ S = diag(d₂)``.
 
     Both inputs are symmetric PSD, square or 1-D (a diagonal matrix). The basis is
@@ -64,6 +66,9 @@ def simultaneous_basis(b1: Tensor, b2: Tensor) -> tuple[Tensor | None, Tensor, T
     Args:
         b1: First matrix, ``(n, n)`` or diagonal ``(n,)``.
         b2: Second matrix, same size.
+        precision: The dtype the matrices were accumulated in (default: theirs);
+            eigenvalues of the sum below ``n · eps(precision)`` times the largest are
+            rounding noise and count as its null space.
 
     Returns:
         ``(S, d₁, d₂)``; ``S`` is ``None`` (the identity) when both are diagonal.
@@ -88,7 +93,7 @@ def simultaneous_basis(b1: Tensor, b2: Tensor) -> tuple[Tensor | None, Tensor, T
         zero = m1.new_zeros(n)
         return torch.eye(n, dtype=m1.dtype, device=m1.device), zero, zero.clone()
     vals, vecs = eigh(s1 * m1 + s2 * m2)
-    keep = vals > default_rcond(None, n, vals.dtype) * vals.max().clamp_min(0)
+    keep = vals > default_rcond(None, n, precision or vals.dtype) * vals.max().clamp_min(0)
     whiten = vecs[:, keep] / vals[keep].sqrt()
     mu, rot = eigh(whiten.T @ (s1 * m1) @ whiten)
     mu = mu.clamp(0.0, 1.0)
@@ -166,6 +171,9 @@ class KronPair:
         second: ``P₂``, same layout and layer groups.
         damping: λ >= 0; with λ > 0 the inverse of the factored-damping pair of the
             module docstring (``⪰ P₁ + P₂ + λI``), exact only at λ = 0.
+        precision: The dtype the factors were accumulated in (default: theirs): the
+            pseudo-inverse cut-offs are ``size · eps(precision)`` relative, so that
+            float32 rounding noise in singular factors is not inverted.
 
     Example:
         >>> from fisherflow.matrices import KronGroup, ParamLayout
@@ -177,18 +185,25 @@ class KronPair:
         [1.0, 1.0]
     """
 
-    def __init__(self, first: KFAC, second: KFAC, damping: float = 0.0) -> None:
+    def __init__(
+        self,
+        first: KFAC,
+        second: KFAC,
+        damping: float = 0.0,
+        precision: torch.dtype | None = None,
+    ) -> None:
         self.layout, self.groups = first.layout, first.kron_groups
         self.damping = damping
         self._bases: dict[str, tuple[Tensor | None, Tensor | None, Tensor]] = {}
         for g in self.groups:
             G1, A1 = factored_damping(first.G[g], first.A[g], damping / 2)
             G2, A2 = factored_damping(second.G[g], second.A[g], damping / 2)
-            SG, g1, g2 = simultaneous_basis(G1, G2)
-            SA, a1, a2 = simultaneous_basis(A1, A2)
+            SG, g1, g2 = simultaneous_basis(G1, G2, precision)
+            SA, a1, a2 = simultaneous_basis(A1, A2, precision)
             denom = torch.outer(g1, a1) + torch.outer(g2, a2)
-            self._bases[g] = (SG, SA, _reciprocal(denom, damping))
-        self._rest = _reciprocal(first.rest + second.rest + damping, damping)
+            self._bases[g] = (SG, SA, _reciprocal(denom, damping, precision))
+        rest = first.rest + second.rest + damping
+        self._rest = _reciprocal(rest, damping, precision)
         self._rest_index = self.layout.indices(first.rest_names).to(first.rest.device)
 
     def _group_solve(self, g: str, x: Tensor) -> Tensor:
@@ -203,7 +218,7 @@ class KronPair:
         return out[:, 0] if b.dim() == 1 else out
 
 
-def _reciprocal(denom: Tensor, damping: float) -> Tensor:
+def _reciprocal(denom: Tensor, damping: float, precision: torch.dtype | None) -> Tensor:
     """``1 / denom``; undamped, 0 where ``denom`` is 0 up to the pseudo-inverse cut-off.
 
     With damping every entry is positive (the damped factors are definite) and none
@@ -213,7 +228,7 @@ def _reciprocal(denom: Tensor, damping: float) -> Tensor:
         return 1.0 / denom
     if denom.numel() == 0:
         return denom
-    cut = default_rcond(None, denom.numel(), denom.dtype) * denom.max().clamp_min(0)
+    cut = default_rcond(None, denom.numel(), precision or denom.dtype) * denom.max().clamp_min(0)
     safe = torch.where(denom > cut, denom, torch.ones_like(denom))
     return torch.where(denom > cut, 1.0 / safe, torch.zeros_like(denom))
 
