@@ -198,8 +198,10 @@ class KronPair:
         for g in self.groups:
             G1, A1 = factored_damping(first.G[g], first.A[g], damping / 2)
             G2, A2 = factored_damping(second.G[g], second.A[g], damping / 2)
-            SG, g1, g2 = simultaneous_basis(G1, G2, precision)
-            SA, a1, a2 = simultaneous_basis(A1, A2, precision)
+            # damped factors are definite: no cut-off (a cut direction would be a 0 here)
+            cut = precision if damping == 0 else None
+            SG, g1, g2 = simultaneous_basis(G1, G2, cut)
+            SA, a1, a2 = simultaneous_basis(A1, A2, cut)
             denom = torch.outer(g1, a1) + torch.outer(g2, a2)
             self._bases[g] = (SG, SA, _reciprocal(denom, damping, precision))
         rest = first.rest + second.rest + damping
@@ -224,8 +226,8 @@ def _reciprocal(denom: Tensor, damping: float, precision: torch.dtype | None) ->
     With damping every entry is positive (the damped factors are definite) and none
     is cut: a preconditioner with a null space would stall conjugate gradients there.
     """
-    if damping > 0:
-        return 1.0 / denom
+    if damping > 0:  # positive but for directions eigh could not resolve at all
+        return torch.where(denom > 0, 1.0 / denom.clamp_min(torch.finfo(denom.dtype).tiny), 0.0)
     if denom.numel() == 0:
         return denom
     cut = default_rcond(None, denom.numel(), precision or denom.dtype) * denom.max().clamp_min(0)
