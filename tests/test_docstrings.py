@@ -67,6 +67,8 @@ MODULES = [
     "fisherflow.apps.ewc",
     "fisherflow.apps.merging",
     "fisherflow.apps._solve",
+    "fisherflow.apps._kron_solve",
+    "fisherflow.apps._kron_penalty",
     "fisherflow.apps._diagonal",
     "fisherflow.cli.merge_config",
 ]

@@ -189,3 +189,36 @@ def test_bad_input_is_a_clear_error():
     nan["0.bias"][0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         ff.apps.EWC(F, nan)
+
+
+def test_kfac_fast_path_on_a_gpt2_equals_the_dense_formula():
+    """Batched same-shape layers, input-major Conv1D, 1-D embedding factors, LayerNorm."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        vocab_size=12, n_positions=8, n_embd=8, n_layer=2, n_head=2, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(cfg).double()
+    ids = torch.randint(0, 12, (2, 6), generator=torch.Generator().manual_seed(0))
+    F = ff.estimate(model, [{"input_ids": ids, "labels": ids}], "categorical", "empirical", "kfac",
+                    progress=False)  # fmt: skip
+    assert any(f.dim() == 1 for f in F.A.values())  # the embedding's one-hot input factor
+    anchor = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in model.named_parameters()}
+    ewc = ff.apps.EWC(F, anchor, strength=0.7)
+    pen = ewc.penalty(model)
+    assert ewc._quadratic is not None and len(ewc._quadratic.buckets) < len(F.kron_groups)
+    model.zero_grad()
+    pen.backward()
+    theta = F.layout.flatten(dict(model.named_parameters()))
+    delta = (theta - F.layout.flatten(anchor)).detach()
+    D = F.to_dense()
+    torch.testing.assert_close(pen.detach(), 0.35 * delta @ D @ delta, rtol=1e-11, atol=1e-13)
+    params = dict(model.named_parameters())
+    grad = F.layout.flatten({n: params[n].grad for n in F.layout.names})
+    torch.testing.assert_close(grad, 0.7 * D @ delta, rtol=1e-11, atol=1e-13)
+    # the flat-tensor path agrees, and consolidating rebuilds the cached kernel
+    torch.testing.assert_close(ewc.penalty(theta.detach()), pen.detach(), rtol=1e-12, atol=0)
+    ewc.consolidate(F, anchor)  # the same task again: F + F = 2F, same anchor
+    assert ewc._quadratic is None
+    torch.testing.assert_close(ewc.penalty(model), 2 * pen.detach(), rtol=1e-12, atol=0)

@@ -107,18 +107,33 @@ def test_cli_merges_sharded_checkpoints_like_the_python_api(tmp_path, arch, stru
 
     read = merge_stream.read_tensor
     monkeypatch.setattr(merge_stream, "read_tensor", counted)
-    if structure == "diagonal":  # the Fisher file is read slice by slice, never whole
 
-        def no_whole_load(path):
-            raise AssertionError(f"{path} loaded whole")
+    def no_whole_load(path):
+        raise AssertionError(f"{path} loaded whole")
 
-        monkeypatch.setattr(merge_fisher, "load", no_whole_load)
+    # the Fisher file is read unit by unit (a diagonal slice, or one layer's K-FAC
+    # factors / a slice of its rest diagonal), never whole
+    monkeypatch.setattr(merge_fisher, "load", no_whole_load)
+    units_live = [0, 0]  # Fisher units read and still alive, most at once
+    unit_of = merge_fisher.FisherSource.unit
+
+    def counted_unit(self, unit, names):
+        F = unit_of(self, unit, names)
+        units_live[0] += 1
+        units_live[1] = max(units_live[1], units_live[0])
+        weakref.finalize(F, lambda: units_live.__setitem__(0, units_live[0] - 1))
+        return F
+
+    monkeypatch.setattr(merge_fisher.FisherSource, "unit", counted_unit)
     out = tmp_path / "merged"
     assert main(["merge", str(config), "--out", str(out), "--no-progress"]) == 0
     # streamed: never more than one merge unit per input alive at once; a diagonal
     # merge (in place, input by input) holds one input tensor at a time
     unit = max(len(n) for n in ff.apps.merge_units(fishers[0]).values())
     assert 0 < live[1] <= (1 if structure == "diagonal" else 2 * unit), live
+    # one unit's Fisher per model at a time (the diagonal path reads slices instead)
+    assert units_live[1] <= (0 if structure == "diagonal" else 2), units_live
+    assert (units_live[1] > 0) == (structure != "diagonal")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1  # the output is sharded too
     merged_model = transformers.AutoModelForCausalLM.from_pretrained(out)
@@ -192,6 +207,28 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(tmp_path, capsys):
         f"models:\n  - {{model: {paths[0].name}, fisher: f0.safetensors}}\n"
         f"  - {{model: {paths[1].name}, fisher: other.safetensors}}\n",
         re.escape("fishers[1]'s layout differs from fishers[0]'s"),
+    )
+    # a K-FAC file whose factor does not fit its layer (streamed: checked on opening)
+    kfac = ff.estimate(
+        _models[0],
+        [{"input_ids": _tokens(0), "labels": _tokens(0)}],
+        "categorical",
+        "empirical",
+        "kfac",
+        progress=False,
+    )
+    kfac.save(tmp_path / "k.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "k.safetensors", "pt") as handle:
+        meta = handle.metadata()
+    tensors = load_file(tmp_path / "k.safetensors")
+    tensors["G.1"] = torch.eye(3)
+    save_file(tensors, tmp_path / "k.safetensors", metadata=meta)
+    fails(
+        f"models:\n  - {{model: {paths[0].name}, fisher: k.safetensors}}\n"
+        f"  - {{model: {paths[1].name}, fisher: k.safetensors}}\n",
+        r"k\.safetensors: G\.1 \(layer '[^']+'\) has shape \(3, 3\), expected",
     )
     fails(
         f"models:\n  - model: {paths[0].name}\n    wieght: 2\n  - model: x\n",

@@ -4,12 +4,28 @@ Dense, diagonal and block matrices add exactly (their ``+``), so the sum is form
 and solved in its structure. K-FAC, EKFAC and low-rank do not: ``G₁⊗A₁ + G₂⊗A₂`` is
 not a Kronecker product and a sum of low-rank factors outgrows its rank. For them
 the *exact* sum is applied matrix-free (each ``Fᵢ.mv`` in its own structure, per
-layer: never a P×P matrix) inside preconditioned conjugate gradients, with the
-structure's own approximate ``+`` (K-FAC's factor-wise sum, which is exact when the
-input factors agree) as the preconditioner — so CG converges in one step when the
-approximation is exact and in a few otherwise. Written by hand because scipy's
-``cg`` works on float64 numpy arrays on the CPU only and the matrices here may live
-on a GPU.
+layer: never a P×P matrix) inside preconditioned conjugate gradients (CG), with a
+preconditioner that is exact or close to it, so CG converges in one step when it is
+exact and in a few otherwise:
+
+* K-FAC — the exact solve of a sum of *two* Kronecker products by simultaneous
+  diagonalisation (:class:`fisherflow.apps._kron_solve.KronPair`), of the model with
+  the largest Fisher mass ``wᵢ tr Fᵢ`` and the factor-wise sum of the others (the
+  default for two models; for more, the factor-wise sum, which needed fewer steps on
+  real Fishers, see ``bench/RESULTS_merge.md``). For two
+  models without damping that solve *is* the answer (no CG; its pseudo-inverse
+  cut-off is ``size · eps`` of the dtype the factors were accumulated in, so the
+  float32 rounding noise of singular factors is not inverted into huge steps); with
+  damping λ each of the two terms takes λ/2 through its factors (factored Tikhonov
+  damping, an upper bound of the damped sum) and CG corrects the rest. The factors
+  are first projected onto the PSD cone (negative eigenvalues from float32
+  rounding set to 0: otherwise a small λ leaves the sum indefinite and CG breaks
+  down);
+* EKFAC, low-rank — the structure's own approximate ``+`` (EKFAC's sum in a fixed
+  basis, low-rank's concatenation).
+
+CG is written by hand because scipy's ``cg`` works on float64 numpy arrays on the
+CPU only and the matrices here may live on a GPU.
 
 Reference: Hestenes & Stiefel (1952); Saad (2003), *Iterative Methods for Sparse
 Linear Systems*, alg. 9.1 (preconditioned CG).
@@ -17,16 +33,17 @@ Linear Systems*, alg. 9.1 (preconditioned CG).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import torch
 from torch import Tensor
 
+from fisherflow.apps._kron_solve import KronPair, psd_factors
 from fisherflow.estimation.data import warn_user
-from fisherflow.matrices import FisherMatrix
+from fisherflow.matrices import KFAC, FisherMatrix
 
-__all__ = ["EXACT_SUM", "ConvergenceNotice", "weighted_solve"]
+__all__ = ["EXACT_SUM", "PRECONDITIONERS", "ConvergenceNotice", "weighted_solve"]
 
 #: Structures whose ``+`` is exact, so a weighted sum is solved in its structure.
 EXACT_SUM = frozenset({"dense", "diagonal", "block"})
@@ -52,6 +69,8 @@ def weighted_solve(
     *,
     tol: float = 1e-8,
     max_iter: int = 1000,
+    info: dict[str, int] | None = None,
+    preconditioner: str = "auto",
 ) -> Tensor:
     """``(Σ wᵢFᵢ + λI)⁺ b`` for a flat ``(P,)`` right-hand side in the Fishers' layout.
 
@@ -62,10 +81,18 @@ def weighted_solve(
         damping: λ >= 0.
         tol: Relative residual at which conjugate gradients stops.
         max_iter: Most conjugate-gradient steps (a :class:`ConvergenceNotice` if hit).
+        preconditioner: For K-FAC, ``"pair"`` (the two-term solve), ``"sum"`` (the
+            factor-wise sum, as for the other structures) or ``"auto"``: ``"pair"``
+            for two matrices, ``"sum"`` for more (on the MNIST Fishers of
+            ``bench/bench_merge.py`` the pair needed more steps with three models).
+        info: If given, ``info["iterations"]`` is set to the conjugate-gradient steps
+            taken (0 for the direct solve).
 
     Returns:
-        The flat solution in ``rhs``'s dtype. Conjugate gradients runs in float64
-        whatever the inputs' dtype (float32 stalls far above the tolerance).
+        The flat solution in ``rhs``'s dtype: the iterate with the smallest residual
+        (on a singular sum, rounding can make later iterates drift away). Conjugate
+        gradients runs in float64 whatever the inputs' dtype (float32 stalls far above
+        the tolerance).
 
     Example:
         >>> from fisherflow.matrices import Diagonal, ParamLayout
@@ -74,11 +101,24 @@ def weighted_solve(
         >>> weighted_solve(Fs, [1.0, 1.0], torch.tensor([8.0, 8.0])).tolist()
         [2.0, 2.0]
     """
-    if fishers[0].structure in EXACT_SUM:
+    if info is not None:
+        info["iterations"] = 0
+    if fishers[0].structure in EXACT_SUM or len(fishers) == 1:
         exact = weighted_sum(fishers, weights)
         return cast(Tensor, exact.pinv_solve(rhs, damping=damping)).to(rhs.dtype)
+    precision = max((F.dtype for F in fishers), key=lambda t: torch.finfo(t).eps)
     fishers = [F.to(dtype=torch.float64) if F.dtype != torch.float64 else F for F in fishers]
-    approx = weighted_sum(fishers, weights)
+    if preconditioner not in (*PRECONDITIONERS, "auto"):
+        raise ValueError(
+            f"preconditioner must be one of {sorted([*PRECONDITIONERS, 'auto'])}, "
+            f"got {preconditioner!r}"
+        )
+    if preconditioner == "auto":
+        preconditioner = "pair" if len(fishers) == 2 else "sum"
+    if fishers[0].structure == "kfac":
+        fishers = [psd_factors(cast(KFAC, F)) for F in fishers]
+    pair = fishers[0].structure == "kfac" and preconditioner == "pair"
+    precondition = PRECONDITIONERS["pair" if pair else "sum"](fishers, weights, damping, precision)
 
     def apply(v: Tensor) -> Tensor:
         out = damping * v
@@ -86,19 +126,24 @@ def weighted_solve(
             out = out + w * cast(Tensor, F.mv(v))
         return out
 
-    def precondition(r: Tensor) -> Tensor:
-        return cast(Tensor, approx.pinv_solve(r, damping=damping))
-
     b = rhs.to(torch.float64)
-    x = torch.zeros_like(b)
-    r = b.clone()
     norm_b = float(b.norm())
     if norm_b == 0.0:
-        return x.to(rhs.dtype)
+        return torch.zeros_like(rhs)
+    if pair and len(fishers) == 2 and damping == 0.0:
+        # the direct solve: exact, with the pseudo-inverse cut-off at the precision the
+        # factors were accumulated in (CG cannot improve on it: what is left of the
+        # residual lies in directions that cut-off calls rounding noise)
+        return precondition(b).to(rhs.dtype)
+    x = torch.zeros_like(b)
+    r = b.clone()
+    best_x, best_r = x, float(r.norm())  # rounding can make CG diverge on a singular sum
     z = precondition(r)
     p = z.clone()
     rz = torch.dot(r, z)
-    for _ in range(max_iter):
+    for step in range(1, max_iter + 1):
+        if info is not None:
+            info["iterations"] = step
         q = apply(p)
         pq = torch.dot(p, q)
         if float(pq) <= 0.0:  # no curvature left along p: converged in the range
@@ -106,7 +151,10 @@ def weighted_solve(
         alpha = rz / pq
         x = x + alpha * p
         r = r - alpha * q
-        if float(r.norm()) <= tol * norm_b:
+        res = float(r.norm())
+        if res < best_r:
+            best_x, best_r = x, res
+        if res <= tol * norm_b:
             break
         z = precondition(r)
         rz_new = torch.dot(r, z)
@@ -115,7 +163,42 @@ def weighted_solve(
     else:
         warn_user(
             f"conjugate gradients stopped after {max_iter} steps at relative residual "
-            f"{float(r.norm()) / norm_b:.2e} (tolerance {tol:g}); add damping",
+            f"{best_r / norm_b:.2e} (tolerance {tol:g}); add damping",
             ConvergenceNotice,
         )
-    return x.to(rhs.dtype)
+    return best_x.to(rhs.dtype)
+
+
+def _pair(
+    fishers: Sequence[FisherMatrix],
+    weights: Sequence[float],
+    damping: float,
+    precision: torch.dtype,
+) -> Callable[[Tensor], Tensor]:
+    """K-FAC: the two-term solve of the heaviest model and the sum of the others."""
+    masses = [w * float(F.trace()) for w, F in zip(weights, fishers, strict=True)]
+    top = max(range(len(fishers)), key=lambda i: masses[i])
+    others = [i for i in range(len(fishers)) if i != top]
+    first = weights[top] * fishers[top]
+    second = weighted_sum([fishers[i] for i in others], [weights[i] for i in others])
+    return KronPair(cast(KFAC, first), cast(KFAC, second), damping, precision).solve
+
+
+def _sum(
+    fishers: Sequence[FisherMatrix],
+    weights: Sequence[float],
+    damping: float,
+    precision: torch.dtype,
+) -> Callable[[Tensor], Tensor]:
+    """The pseudo-inverse of the structure's own (approximate) ``Σ wᵢFᵢ``."""
+    approx = weighted_sum(fishers, weights)
+    return lambda r: cast(Tensor, approx.pinv_solve(r, damping=damping))
+
+
+#: Preconditioners of :func:`weighted_solve` (``"pair"`` applies to K-FAC only).
+PRECONDITIONERS: dict[
+    str,
+    Callable[
+        [Sequence[FisherMatrix], Sequence[float], float, torch.dtype], Callable[[Tensor], Tensor]
+    ],
+] = {"pair": _pair, "sum": _sum}

@@ -35,9 +35,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from fisherflow.apps._params import flat_params
+from fisherflow.apps._kron_penalty import KronQuadratic
+from fisherflow.apps._params import flat_params, named_tensors
 from fisherflow.flow import FisherFlow, make_forgetting
-from fisherflow.matrices import FisherMatrix, ParamLayout
+from fisherflow.matrices import KFAC, FisherMatrix, ParamLayout
 from fisherflow.matrices.validate import check_nonnegative
 
 __all__ = ["ANCHOR_RULES", "EWC", "ewc_penalty"]
@@ -168,6 +169,7 @@ class EWC:
             self.layout.unflatten(theta), information=fisher, structure=fisher.structure
         )
         self._theta = self.flow.flat_params
+        self._quadratic: KronQuadratic | None = None
 
     def _read(self, source: Any, name: str) -> Tensor:
         return flat_params(source, self.layout, name).detach()
@@ -199,12 +201,36 @@ class EWC:
 
         Raises:
             ValueError: If a parameter of the layout is missing or has another shape.
+
+        A K-FAC Fisher and a module or dict take a fast path
+        (:class:`fisherflow.apps._kron_penalty.KronQuadratic`: factors and anchor
+        stacked once per layer shape, parameters read as they are, names and shapes
+        checked but not scanned for NaN); a flat tensor and other structures go
+        through :func:`ewc_penalty`.
         """
+        if isinstance(self.fisher, KFAC) and not isinstance(model, Tensor):
+            named = self._named(model)
+            device = named[self.layout.names[0]].device if self.layout.names else None
+            quad = self._quadratic
+            if quad is None or quad.device != device:
+                fisher = self.fisher if device is None else self.fisher.to(device=device)
+                quad = KronQuadratic(cast(KFAC, fisher), self._theta.to(device))
+                self._quadratic = quad
+            quad.check(named)
+            value = self.strength * quad(named)
+            return value.to(named[self.layout.names[0]].dtype) if self.layout.names else value
         theta = flat_params(model, self.layout, "model")
         delta = theta.to(self._theta.dtype) - self._theta.to(theta.device)
         return ewc_penalty(self.fisher, delta, self.strength).to(theta.dtype)
 
     __call__ = penalty
+
+    def _named(self, model: Any) -> dict[str, Tensor]:
+        if isinstance(model, torch.nn.Module):
+            named: dict[str, Tensor] = dict(model.named_parameters(remove_duplicate=False))
+            if all(n in named for n in self.layout.names):
+                return named
+        return named_tensors(model, "model")
 
     def consolidate(self, fisher: FisherMatrix, anchor: Any, decay: float = 1.0) -> EWC:
         """Add a finished task: ``F ← decay · F + F_new`` and move θ* by the anchor rule.
@@ -239,6 +265,7 @@ class EWC:
         self.flow.forgetting = make_forgetting("exponential", rho=gamma)
         ANCHOR_RULES[self.anchor_rule](self.flow, theta, fisher)
         self._theta = self.flow.flat_params
+        self._quadratic = None
         return self
 
     def __repr__(self) -> str:

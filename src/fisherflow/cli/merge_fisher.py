@@ -1,10 +1,14 @@
-"""The Fishers of ``fisherflow merge``: a diagonal Fisher file read slice by slice.
+"""The Fishers of ``fisherflow merge``: diagonal and K-FAC files read unit by unit.
 
 A diagonal Fisher file (:func:`fisherflow.matrices.save`) holds one flat tensor
 ``values`` in layout order, so the Fisher of one parameter is the slice
 ``values[layout.slice(name)]``, read with safetensors' ``get_slice`` when that
 parameter is merged: the whole diagonal (as large as the model) is never in
-memory. Other structures, and Fishers estimated during the merge, are held whole.
+memory. A K-FAC file holds the factors ``A.i`` and ``G.i`` of layer ``i`` (in the
+order of the header's groups) and the diagonal ``rest`` of the parameters outside
+the layers; a layer's unit reads its two factors, a rest parameter its slice of
+``rest``, so at most one layer's factors are in memory. Other structures, and
+Fishers estimated during the merge, are held whole.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from torch import Tensor
 
 from fisherflow.apps._params import check_alike
 from fisherflow.apps.merging import check_layout_fits, merge_units, unit_fisher
-from fisherflow.matrices import Diagonal, FisherMatrix, ParamLayout, load
+from fisherflow.matrices import KFAC, Diagonal, FisherMatrix, KronGroup, ParamLayout, load
 from fisherflow.matrices.io import FORMAT_VERSION
 from fisherflow.matrices.validate import check_vector
 
@@ -34,8 +38,12 @@ SAFETENSORS_DTYPES = {
 }
 
 
+#: Structures whose files are read unit by unit (their tensors' names in the file).
+STREAMED = frozenset({"diagonal", "kfac"})
+
+
 class FisherSource:
-    """One model's Fisher: a diagonal file read lazily, or a matrix held whole.
+    """One model's Fisher: a diagonal or K-FAC file read lazily, or a matrix held whole.
 
     Args:
         fisher: A Fisher matrix, or the path of a Fisher file.
@@ -53,25 +61,55 @@ class FisherSource:
             self._matrix = fisher
         else:
             self.path = Path(fisher)
-            header = self._diagonal_header(self.path)
+            header = self._streamed_header(self.path)
             if header is None:
                 self._matrix = load(self.path)
             else:
                 self._layout = ParamLayout.from_json(header["layout"])
+                self._structure = str(header["structure"])
                 self._handle = safe_open(str(self.path), framework="pt")
-                values = self._handle.get_slice("values")
-                if tuple(values.get_shape()) != (self._layout.size,):
+                if self._structure == "diagonal":
+                    self._dtype = self._check_vector("values", self._layout.size)
+                else:
+                    self._open_kfac(header)
+
+    def _check_vector(self, key: str, size: int) -> torch.dtype:
+        """Check a flat tensor's shape and dtype in the file (no data read)."""
+        view = self._handle.get_slice(key)
+        if tuple(view.get_shape()) != (size,):
+            raise ValueError(
+                f"{self.path}: {key} has shape {tuple(view.get_shape())}, the layout "
+                f"needs {size} entries"
+            )
+        if view.get_dtype() not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{self.path}: {key} has dtype {view.get_dtype()}")
+        return SAFETENSORS_DTYPES[view.get_dtype()]
+
+    def _open_kfac(self, header: dict[str, Any]) -> None:
+        """Read a K-FAC file's groups and check its tensors' shapes (no data read)."""
+        try:
+            self._groups: dict[str, KronGroup] = KFAC._groups_from(header["extra"])
+            dims = {g: spec.dims(self._layout) for g, spec in self._groups.items()}
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{self.path}: groups do not match the layout ({err})") from err
+        self._meta = {k: header[k] for k in ("num_samples", "kind", "likelihood")}
+        covered = {n for spec in self._groups.values() for n in spec.names}
+        self._rest_layout = self._layout.subset([n for n in self._layout.names if n not in covered])
+        self._dtype = self._check_vector("rest", self._rest_layout.size)
+        self._factor_keys: dict[str, tuple[str, str]] = {}
+        for i, (g, (n_out, n_cols)) in enumerate(dims.items()):
+            for key, side in ((f"A.{i}", n_cols), (f"G.{i}", n_out)):
+                shape = tuple(self._handle.get_slice(key).get_shape())
+                if shape not in ((side,), (side, side)):
                     raise ValueError(
-                        f"{self.path}: values has shape {tuple(values.get_shape())}, the "
-                        f"layout has {self._layout.size} entries"
+                        f"{self.path}: {key} (layer {g!r}) has shape {shape}, expected "
+                        f"({side}, {side}) or ({side},)"
                     )
-                if values.get_dtype() not in SAFETENSORS_DTYPES:
-                    raise ValueError(f"{self.path}: values has dtype {values.get_dtype()}")
-                self._dtype = SAFETENSORS_DTYPES[values.get_dtype()]
+            self._factor_keys[g] = (f"A.{i}", f"G.{i}")
 
     @staticmethod
-    def _diagonal_header(path: Path) -> dict[str, Any] | None:
-        """The file's header if it is a diagonal Fisher of this format, else ``None``."""
+    def _streamed_header(path: Path) -> dict[str, Any] | None:
+        """The header of a diagonal or K-FAC Fisher of this format, else ``None``."""
         if not path.is_file():
             raise FileNotFoundError(f"no Fisher file at {path}")
         try:
@@ -83,11 +121,20 @@ class FisherSource:
             return None  # load() names the problem
         if (
             not isinstance(header, dict)
-            or header.get("structure") != "diagonal"
+            or header.get("structure") not in STREAMED
             or header.get("format_version") != FORMAT_VERSION
             or "layout" not in header
-            or keys != {"values"}
         ):
+            return None
+        if header["structure"] == "diagonal":
+            return header if keys == {"values"} else None
+        groups = (
+            header.get("extra", {}).get("groups") if isinstance(header.get("extra"), dict) else None
+        )
+        if not isinstance(groups, list):
+            return None
+        expected = {"rest"} | {f"{s}.{i}" for i in range(len(groups)) for s in "AG"}
+        if keys != expected or not all(k in header for k in ("num_samples", "kind", "likelihood")):
             return None
         return header
 
@@ -99,7 +146,7 @@ class FisherSource:
     @property
     def structure(self) -> str:
         """The Fisher's structure name."""
-        return "diagonal" if self._matrix is None else self._matrix.structure
+        return self._structure if self._matrix is None else self._matrix.structure
 
     @property
     def layout(self) -> ParamLayout:
@@ -113,28 +160,56 @@ class FisherSource:
 
     def groups(self) -> dict[str, list[str]]:
         """The Fisher's layer groups (none for a diagonal)."""
-        return {} if self._matrix is None else dict(self._matrix.groups())
+        if self._matrix is not None:
+            return dict(self._matrix.groups())
+        if self._structure == "diagonal":
+            return {}
+        return {g: spec.names for g, spec in self._groups.items()}
 
     def units(self) -> dict[str, list[str]]:
         """:func:`fisherflow.apps.merge_units` of this Fisher."""
-        if self._matrix is None:
-            return {n: [n] for n in self._layout.names}
-        return merge_units(self._matrix)
+        if self._matrix is not None:
+            return merge_units(self._matrix)
+        units = {g: list(names) for g, names in self.groups().items()}
+        covered = {n for names in units.values() for n in names}
+        units.update({n: [n] for n in self._layout.names if n not in covered})
+        return units
 
     def diagonal(self, name: str) -> Tensor:
-        """The Fisher diagonal over one parameter, flat (read from the file now)."""
+        """The Fisher diagonal over one parameter, flat (read from the file now).
+
+        For a K-FAC file, ``name`` must be a parameter outside the layers.
+        """
         if self._matrix is None:
-            where = self._layout.slice(name)
-            values = self._handle.get_slice("values")[where.start : where.stop]
-            return check_vector(values, where.stop - where.start, f"{self.path} values[{name}]")
+            key, lay = (
+                ("values", self._layout)
+                if self._structure == "diagonal"
+                else ("rest", self._rest_layout)
+            )
+            where = lay.slice(name)
+            values = self._handle.get_slice(key)[where.start : where.stop]
+            return check_vector(values, where.stop - where.start, f"{self.path} {key}[{name}]")
         assert isinstance(self._matrix, Diagonal)
         return self._matrix.values[self._matrix.layout.slice(name)]
 
     def unit(self, unit: str, names: list[str]) -> FisherMatrix:
         """The Fisher over one merge unit (:func:`fisherflow.apps.unit_fisher`)."""
+        if self._matrix is None and self._structure == "kfac" and unit in self._groups:
+            spec = self._groups[unit]
+            a_key, g_key = self._factor_keys[unit]
+            factors = {k: self._handle.get_tensor(k) for k in (a_key, g_key)}
+            return KFAC(
+                {unit: spec},
+                {unit: factors[a_key]},
+                {unit: factors[g_key]},
+                self._layout.subset(spec.names),
+                None,
+                **self._meta,
+            )
         if self._matrix is None:
             parts = [self.diagonal(n) for n in names]
-            return Diagonal(torch.cat(parts), self._layout.subset(names))
+            meta = self._meta if self._structure == "kfac" else {}
+            return Diagonal(torch.cat(parts), self._layout.subset(names), **meta)
         return unit_fisher(self._matrix, unit, names)
 
     def close(self) -> None:

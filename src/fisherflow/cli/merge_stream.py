@@ -13,7 +13,9 @@ and an output shard is written as soon as it is full.
   Fisher slice; the tensors read stay in the files' mapped pages),
   whatever the number of models.
 * Other structures merge each unit with :func:`fisherflow.apps.merge_block` (about
-  a dozen unit-sized temporaries) and hold the Fishers whole.
+  a dozen unit-sized temporaries). K-FAC files are read one layer's factors (or one
+  rest parameter's diagonal slice) at a time; other structures, and Fishers
+  estimated during the merge, are held whole.
 
 Either way the result equals :func:`fisherflow.apps.merge` on the whole models
 (bitwise for diagonal Fishers).
