@@ -131,6 +131,20 @@ def tune_temperature(
     Raises:
         ValueError: For a bad grid (empty, non-finite, or not positive), an unknown
             ``prior_precision`` string, or ``None`` with a per-layer τ (scalar τ only).
+
+    Example:
+        A score whose minimum is at ``T = 3``:
+
+        >>> from torch import nn
+        >>> from fisherflow.matrices import Diagonal, ParamLayout
+        >>> from fisherflow.uncertainty import Laplace
+        >>> model = nn.Linear(1, 1, bias=False)
+        >>> F = Diagonal(torch.ones(1), ParamLayout.from_model(model))
+        >>> la = Laplace(model, likelihood="gaussian", fisher=F)
+        >>> found = tune_temperature(la, lambda: (la.temperature - 3.0) ** 2,
+        ...                          torch.tensor([1.0, 3.0, 10.0]))
+        >>> found.temperature, la.temperature, found.scores[:, 0].tolist()
+        (3.0, 3.0, [4.0, 0.0, 49.0])
     """
     grid = TEMPERATURES if temperatures is None else temperatures
     grid = torch.as_tensor(grid, dtype=torch.float64).reshape(-1)
