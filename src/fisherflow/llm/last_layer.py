@@ -30,7 +30,13 @@ from fisherflow.matrices import EKFAC, KFAC, FisherMatrix
 from fisherflow.matrices.kron_base import KronStructure
 from fisherflow.uncertainty import Laplace
 
-__all__ = ["LastLayer", "last_layer_view", "logit_variance_diagonal", "logit_variances"]
+__all__ = [
+    "LastLayer",
+    "last_layer_view",
+    "logit_variance_diagonal",
+    "logit_variances",
+    "refreshed",
+]
 
 
 @dataclass
@@ -41,6 +47,7 @@ class LastLayer:
     QA: Tensor | None
     QG: Tensor | None
     M: Tensor  # (V, n_cols) posterior variances in the eigenbasis
+    names: tuple[str, ...] = ()  # the layer's parameters, [weight, (bias)]
 
 
 def _scalar_tau(la: Laplace) -> float | None:
@@ -102,7 +109,7 @@ def last_layer_view(la: Laplace, input_ids: Any) -> tuple[Tensor, LastLayer | No
     phi = x.reshape(-1, x.shape[-1]).to(M.dtype)
     if len(names) > 1:
         phi = torch.cat([phi, torch.ones_like(phi[:, :1])], 1)
-    return logits, LastLayer(phi, QA, QG, M)
+    return logits, LastLayer(phi, QA, QG, M, tuple(names))
 
 
 #: Per posterior, the output layer's ``(key, (Q_A, Q_G, M))``: building ``M`` reads the
@@ -137,6 +144,19 @@ def logit_variances(view: LastLayer) -> Tensor:
     """``(N, V)``: ``m_{n,i} = Σ_j M_ij (Q_Aᵀ φ̃_n)_j²`` (the logit variances in the QG basis)."""
     w = view.features if view.QA is None else view.features @ view.QA
     return (w * w) @ view.M.T
+
+
+def refreshed(la: Laplace, view: LastLayer) -> LastLayer | None:
+    """``view`` with ``M`` for the posterior's current τ and T (no forward).
+
+    ``None`` when the fast path no longer applies (a per-layer τ).
+    """
+    tau = _scalar_tau(la)
+    found = None if tau is None else _variances(la, list(view.names), tau)
+    if found is None:
+        return None
+    QA, QG, M = found
+    return LastLayer(view.features, QA, QG, M, view.names)
 
 
 def logit_variance_diagonal(view: LastLayer) -> Tensor:

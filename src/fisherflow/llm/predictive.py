@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from fisherflow.llm.intervals import TokenIntervals
-from fisherflow.llm.last_layer import last_layer_view, logit_variances
+from fisherflow.llm.last_layer import LastLayer, last_layer_view, logit_variances, refreshed
 from fisherflow.uncertainty import Laplace
 from fisherflow.uncertainty.tuning import TemperatureSearch, tune_temperature
 
@@ -80,6 +80,10 @@ def _probit(la: Laplace, input_ids: Any) -> Tensor:
     if view is None:
         mean, cov, _ = la.glm_predictive(input_ids)
         return zero_sum_probit(mean, cov.diagonal(dim1=-2, dim2=-1), cov.sum(-1))
+    return _probit_fast(logits, view)
+
+
+def _probit_fast(logits: Tensor, view: LastLayer) -> Tensor:
     m = logit_variances(view)  # (N, V) in the output factor's basis
     if view.QG is None:
         diag, row_sum = m, m
@@ -187,8 +191,9 @@ def optimize_temperature(
 
     Every grid point scores the mean :func:`next_token_nll` (probit) of the held-out
     ``input_ids`` — tokens the posterior was not fitted on — and the best is set on
-    ``la``. A last-layer posterior costs one forward and one ``O(N · V · d)`` product
-    per batch and grid point.
+    ``la``. A last-layer posterior costs one forward per batch, whose logits are kept
+    (``N × V`` floats for ``N`` held-out positions), and one ``O(N · V · d)`` product
+    per batch and grid point; other posteriors recompute :func:`next_token_nll`.
 
     Args:
         la: A fitted Laplace posterior (categorical) over a causal language model.
@@ -216,6 +221,17 @@ def optimize_temperature(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     rows = input_ids.split(batch_size)
+    count = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    # one forward per batch: the logits and layer inputs are kept (N × V floats) and only
+    # the output layer's variances change with (T, τ)
+    cache: list[tuple[Tensor, LastLayer, Tensor]] | None = []
+    for r in rows:
+        logits, view = last_layer_view(la, r)
+        if view is None or cache is None:
+            cache = None
+            break
+        target = _next_targets(r, None).reshape(-1).to(logits.device)
+        cache.append((logits.reshape(-1, logits.shape[-1]), view, target))
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -225,11 +241,20 @@ def optimize_temperature(
             points *= torch.as_tensor(prior_precision).numel()
         bar = tqdm(total=points, desc="temperature", unit="point", leave=False)
 
+    def batch_nll(i: int) -> float:
+        fresh = None if cache is None else refreshed(la, cache[i][1])
+        if cache is None or fresh is None:
+            return float(next_token_nll(la, rows[i]).sum())
+        logits, _, target = cache[i]
+        keep = target != -100
+        logp = _probit_fast(logits, fresh)
+        return float(-logp[keep].gather(1, target[keep, None]).sum())
+
     def score() -> float:
-        total = sum(float(next_token_nll(la, r).sum()) for r in rows)
+        total = sum(batch_nll(i) for i in range(len(rows)))
         if bar is not None:
             bar.update(1)
-        return total / (input_ids.shape[0] * (input_ids.shape[1] - 1))
+        return total / count
 
     try:
         return tune_temperature(la, score, grid, prior_precision)
