@@ -20,7 +20,8 @@ covariance per token is ``(Q_G ⊗ φ̃ᵀQ_A) diag(M) (…)ᵀ`` with ``M = T /
 the factors' eigenbasis (``S`` the eigenvalues, φ̃ the layer input with a 1 for the
 bias); with a diagonal output factor (``Q_G = I``) every token's variances cost
 ``O(V · d)``, one more product the size of the output layer. Any other posterior
-goes through the full Jacobians of the logits (small models). When the output weight is
+goes through the full Jacobians of the logits (small models). The fast path's view of
+the output layer is :mod:`fisherflow.llm.last_layer`. When the output weight is
 tied to the input embedding, the fast path linearises the logits in the output layer's
 use of it only (the embedding lookup is held at θ*).
 """
