@@ -249,8 +249,8 @@ def main() -> None:
     lines = [
         "# Next-token intervals on SmolLM2-135M (CPU)",
         "",
-        f"Command: `{cmd}` — {args.threads} threads on a shared 2-core CPU machine "
-        "(quiet at the time, still noisy: ratios are measured back to back).",
+        f"Command: `{cmd}` — {args.threads} thread(s) on a shared 2-core CPU machine "
+        "(other jobs running: timings are noisy; ratios are measured back to back).",
         "",
         f"**Posterior.** Last layer (`{la.names[0]}`, 49,152 × 576 = {la.layout.size:,} "
         f"parameters; an untied copy of the embedding, see the script's docstring), "
