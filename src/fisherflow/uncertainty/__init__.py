@@ -7,7 +7,8 @@ parameters: names, a filter, the last layer), ``posterior`` (the precision
 and its maximisation), ``predictive`` (output Jacobians and link approximations:
 probit, Laplace bridge, logit sampling), ``prediction`` (the predictive per likelihood
 and method), ``fitting`` (the Fisher ``fit`` estimates, large output layers kept
-diagonal), ``tuning`` (prior precision by evidence or validation), ``laplace_state``
+diagonal), ``tuning`` (prior precision by evidence or validation;
+temperature by validation), ``laplace_state``
 (the posterior's parameters, θ*, Fisher, τ and T; ``fit``), ``laplace``
 (:class:`Laplace`: predictives, evidence, tuning), ``calibration`` (ECE, MCE, NLL,
 Brier, temperature scaling) and ``plots`` (reliability diagrams; matplotlib is
@@ -32,6 +33,7 @@ from fisherflow.uncertainty.predictive import (
     probit_categorical,
     sample_outputs,
 )
+from fisherflow.uncertainty.tuning import TemperatureSearch, tune_temperature
 from fisherflow.uncertainty.validate import check_positive, check_prior_precision
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "Laplace",
     "LargeOutputNotice",
     "PosteriorPrecision",
+    "TemperatureSearch",
     "adaptive_ece",
     "bridge_categorical",
     "calibration",
@@ -63,4 +66,5 @@ __all__ = [
     "select",
     "select_params",
     "temperature_scale",
+    "tune_temperature",
 ]

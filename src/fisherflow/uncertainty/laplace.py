@@ -36,9 +36,15 @@ from fisherflow.uncertainty.prediction import (
     predict_glm,
     predict_mc,
     sample_network,
+    validation_nll,
 )
 from fisherflow.uncertainty.predictive import output_jacobians, sample_outputs
-from fisherflow.uncertainty.tuning import tune_marglik, tune_val
+from fisherflow.uncertainty.tuning import (
+    TemperatureSearch,
+    tune_marglik,
+    tune_temperature,
+    tune_val,
+)
 from fisherflow.uncertainty.validate import check_batch_size, check_prior_precision
 
 __all__ = ["Laplace"]
@@ -316,3 +322,57 @@ class Laplace(LaplaceState):
             )
         self.prior_precision = modes[method]()
         return self.prior_precision
+
+    def optimize_temperature(
+        self,
+        val_data: Iterable[Any],
+        *,
+        grid: Tensor | None = None,
+        prior_precision: str | Tensor | None = None,
+        predict_method: str | None = None,
+    ) -> TemperatureSearch:
+        """Choose the temperature ``T`` on held-out data; store it (and τ).
+
+        The grid value of ``T`` (default ``10⁻⁴ … 10``, 11 values) with the lowest
+        negative log-likelihood of :meth:`predict` (``predict_method``, default
+        ``"probit"`` for classification and ``"glm"`` otherwise) on ``val_data``: the
+        temperature counterpart of ``optimize_prior_precision("val")``. τ is kept
+        (``prior_precision=None``), set at each ``T`` by the evidence (``"marglik"``,
+        after :meth:`fit`), or searched jointly over a tensor of values. For language
+        models, :func:`fisherflow.llm.optimize_temperature` does the same with the
+        next-token predictive (no ``(V, V)`` logit covariances).
+
+        Args:
+            val_data: Held-out batches ``(inputs, targets)`` (not the fitted data).
+            grid: Temperatures to try.
+            prior_precision: See above.
+            predict_method: The predictive scored.
+
+        Returns:
+            A :class:`~fisherflow.uncertainty.tuning.TemperatureSearch` (the selection
+            and the score of every grid point).
+
+        Raises:
+            ValueError: For a bad grid or ``prior_precision`` (see
+                :func:`~fisherflow.uncertainty.tuning.tune_temperature`), or
+                ``"marglik"`` before :meth:`fit`.
+
+        Example:
+            >>> from torch import nn
+            >>> from fisherflow.matrices import Dense, ParamLayout
+            >>> model = nn.Linear(1, 1, bias=False).double()
+            >>> _ = model.weight.data.fill_(0.0)
+            >>> F = Dense(torch.tensor([[1.0]], dtype=torch.float64),
+            ...           ParamLayout.from_shapes({"weight": (1, 1)}))
+            >>> la = Laplace(model, likelihood="gaussian", fisher=F, prior_precision=1e-9)
+            >>> x = torch.tensor([[1.0]], dtype=torch.float64)
+            >>> # y = 2 at x = 1: the predictive N(0, 1 + T) has the best NLL at T = y² − 1 = 3
+            >>> grid = torch.tensor([1.0, 3.0, 9.0])
+            >>> la.optimize_temperature([(x, torch.tensor([[2.0]]))], grid=grid).temperature
+            3.0
+        """
+
+        def score() -> float:
+            return validation_nll(self, val_data, self.prior_precision, predict_method)
+
+        return tune_temperature(self, score, grid, prior_precision)
