@@ -168,7 +168,7 @@ def main() -> None:
         args.fit_tokens, args.reps, args.ood_seqs = 8192, 5, 32
         args.val_tokens, args.test_tokens = 1024, 2048
     t_grid = torch.logspace(-5, 0, 6, dtype=torch.float64)
-    tau_grid = torch.logspace(0, 4, 5, dtype=torch.float64)
+    tau_grid = torch.logspace(0, 7, 8, dtype=torch.float64)
     if args.quick:
         t_grid, tau_grid = t_grid[1::2], tau_grid[::2]
     torch.set_num_threads(args.threads)
