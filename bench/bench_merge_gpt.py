@@ -54,7 +54,7 @@ TEST_CHARS = 200_000
 BATCH = 16
 ALPHAS = (0.3, 0.5, 0.7, 0.9, 1.0, 1.2)
 #: Damping of the K-FAC merge, relative to the mean diagonal of F₁ + F₂ (picked on validation).
-REL_DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0)
+REL_DAMPINGS = (1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
 def corpora() -> tuple[dict[str, dict[str, Tensor]], int]:
@@ -129,8 +129,8 @@ def main() -> None:
     p.add_argument("--eval-rows", type=int, default=None, help="windows per test split")
     p.add_argument("--out", default=str(Path(__file__).with_name("RESULTS_merge_gpt.md")))
     args = p.parse_args()
-    pre = args.pretrain_steps or (200 if args.quick else 600)
-    fine = args.finetune_steps or (100 if args.quick else 300)
+    pre = args.pretrain_steps or (200 if args.quick else 1500)
+    fine = args.finetune_steps or (100 if args.quick else 1000)
     fisher_rows = args.fisher_rows or (64 if args.quick else 256)
     eval_rows = args.eval_rows or (64 if args.quick else 256)
     torch.set_num_threads(1)
@@ -175,12 +175,14 @@ def main() -> None:
 
     b0 = base.state_dict()
     chosen: dict[str, float] = {}
+    searched: dict[str, list[tuple[float, float]]] = {"α": [], "λ / mean diag(F₁ + F₂)": []}
 
     def task_arithmetic() -> dict[str, Tensor]:
         best: tuple[float, float, dict[str, Tensor]] | None = None
         for alpha in ALPHAS:
             st = {k: b0[k] + alpha * ((states[0][k] - b0[k]) + (states[1][k] - b0[k])) for k in b0}
             mean = scores(load(base, st), val)[-1]
+            searched["α"].append((alpha, mean))
             if best is None or mean < best[0]:
                 best = (mean, alpha, st)
         assert best is not None
@@ -227,6 +229,7 @@ def main() -> None:
             st = ff.apps.merge(models, Fs, damping=rel * scale)
             mean = scores(load(base, st), val)[-1]
             print(f"  K-FAC damping {rel:g} x mean diag: validation {mean:.3f}", flush=True)
+            searched["λ / mean diag(F₁ + F₂)"].append((rel, mean))
             if best is None or mean < best[0]:
                 best = (mean, rel, st)
         assert best is not None
@@ -264,7 +267,8 @@ def main() -> None:
         f"(one-cycle, peak lr 3e-3) on batches half Shakespeare, half KJV; each fine-tune: "
         f"{fine} Adam steps (lr 1e-3) on its own corpus. Fishers: Monte Carlo (one sampled "
         f"label per position), {fisher_rows} × {CONTEXT} characters of the model's own "
-        "training text; merges undamped. Task arithmetic's α from "
+        "training text; merges undamped unless a λ is given (K-FAC: λ picked on validation "
+        f"from {REL_DAMPINGS} times the mean diagonal of F₁ + F₂). Task arithmetic's α from "
         f"{', '.join(f'{a:g}' for a in ALPHAS)} by the mean validation perplexity "
         f"({eval_rows // 2} × {CONTEXT} characters at the end of each training text, never "
         f"trained on). Test: perplexity per character on {eval_rows} × {CONTEXT} characters "
@@ -274,6 +278,13 @@ def main() -> None:
         "| model | Shakespeare (Tempest) | KJV | mean | seconds |",
         "|---|---|---|---|---|",
         *[f"| {n} | {s[0]:.3f} | {s[1]:.3f} | {s[2]:.3f} | {t} |" for n, s, t in rows],
+        "",
+        "Validation perplexity (geometric mean of the two corpora) along each search:",
+        "",
+        *[
+            f"- {name}: " + ", ".join(f"{v:g} → {m:.3f}" for v, m in points)
+            for name, points in searched.items()
+        ],
         "",
         f"Fisher estimation alone: diagonal {fisher_secs['diagonal']:.1f} s, K-FAC "
         f"{fisher_secs['kfac']:.1f} s (both models).",
