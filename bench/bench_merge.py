@@ -15,6 +15,8 @@ fresh process, above the process's memory before the merge, against the tensor s
 any streaming merge must hold at once: the output shard being filled plus, for
 the largest merge unit, each input's parameters and its Fisher over them.
 
+The character-GPT merge (Shakespeare and King James Bible) is ``bench_merge_gpt.py``.
+
 Run: ``python bench/bench_merge.py`` (``--quick`` for a smaller run).
 """
 
