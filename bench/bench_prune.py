@@ -184,8 +184,12 @@ def sweep(
     targets: list[str],
     evaluate: Callable[[], float],
     settings: list[tuple[str, float | None, str, str]],
+    obs_settings: list[str] | None = None,
 ) -> tuple[float, dict[tuple[str, str], tuple[float, float]]]:
-    """Dense perplexity, and ``{(setting, method): (perplexity, seconds to prune)}``."""
+    """Dense perplexity, and ``{(setting, method): (perplexity, seconds to prune)}``.
+
+    OBS runs only at the labels in ``obs_settings`` (every setting when ``None``).
+    """
     named = dict(model.named_parameters())
     touched = list(F["kfac"].layout.names)  # OBS may move a kept bias too
     snapshot = {n: named[n].detach().clone() for n in touched}
@@ -194,6 +198,8 @@ def sweep(
     results = {}
     for label, sparsity, pattern, scope in settings:
         for method in METHODS:
+            if method == "obs" and obs_settings is not None and label not in obs_settings:
+                continue
             fisher = F["diagonal"] if method == "obd" else F["kfac"]
             start = time.perf_counter()
             ff.apps.prune(
@@ -223,6 +229,9 @@ def table(
     for label, *_ in settings:
         cells = []
         for method in METHODS:
+            if (label, method) not in results:
+                cells.append("not run")
+                continue
             ppl, secs = results[label, method]
             cells.append(f"{ppl:.3f} ({100 * (ppl / dense - 1):+.1f}%) · {secs:.2f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -325,10 +334,16 @@ def run_smollm2(args: argparse.Namespace) -> str:
     full = perplexity(model, evals, batch=4)
     assert abs(tail.perplexity() / full - 1) < 1e-4, (tail.perplexity(), full)
     settings = [s for s in SETTINGS if s[0] in args.smollm2_settings]
-    dense, results = sweep(model, F, targets, tail.perplexity, settings)
+    obs = args.smollm2_obs_settings
+    dense, results = sweep(model, F, targets, tail.perplexity, settings, obs)
     size = sum(p.numel() for n, p in model.named_parameters() if n in targets)
+    which = (
+        f"all {n_blocks} blocks pruned"
+        if len(blocks) == n_blocks
+        else f"the last {len(blocks)} of {n_blocks} blocks pruned"
+    )
     title = (
-        f"SmolLM2-135M-Instruct, the last {len(blocks)} of {n_blocks} blocks pruned "
+        f"SmolLM2-135M-Instruct, {which} "
         f"({len(targets)} weight matrices, {size} weights); Fishers on {calib.numel()} "
         f"tokens of Hamlet: K-FAC {F['kfac s']:.1f} s, "
         f"diagonal {F['diagonal s']:.1f} s; perplexity per token on {evals.numel()} tokens "
@@ -350,6 +365,9 @@ def main() -> None:
     p.add_argument("--smollm2-calib-rows", type=int, default=None)
     p.add_argument("--smollm2-eval-rows", type=int, default=None)
     p.add_argument("--smollm2-settings", nargs="+", default=None, help="labels of SETTINGS to run")
+    p.add_argument(
+        "--smollm2-obs-settings", nargs="+", default=None, help="labels at which SmolLM2 runs OBS"
+    )
     p.add_argument("--cache", default="/tmp/fisherflow-bench-cache")
     p.add_argument("--out", default=str(Path(__file__).parent / "RESULTS_prune.md"))
     args = p.parse_args()
