@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from bench_smollm2 import package_dir
+from bench_smollm2 import clean, package_dir
 
 __all__ = ["CONTEXT", "HELD_OUT", "WIDTH", "bible", "char_gpt", "clean", "perplexity", "plays"]
 
@@ -30,18 +30,6 @@ HELD_OUT = "plays/romances/the-tempest.md"
 CONTEXT = 64
 #: The character GPT's width (4 blocks, 4 heads).
 WIDTH = 64
-
-
-def clean(text: str) -> str:
-    """A play's Markdown without headings and emphasis marks."""
-    lines = []
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        line = re.sub(r"[*_]", "", line).rstrip()
-        if line:
-            lines.append(line)
-    return "\n".join(lines)
 
 
 def plays() -> tuple[str, str]:

