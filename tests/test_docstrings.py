@@ -51,6 +51,7 @@ MODULES = [
     "fisherflow.uncertainty.plots",
     "fisherflow.uncertainty.laplace",
     "fisherflow.uncertainty.laplace_state",
+    "fisherflow.uncertainty.loglik",
     "fisherflow.uncertainty.fitting",
     "fisherflow.uncertainty.validate",
     "fisherflow.uncertainty.ood",

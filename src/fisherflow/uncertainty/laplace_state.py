@@ -26,14 +26,12 @@ from fisherflow.estimation.capture import Capture
 from fisherflow.estimation.data import (
     Forward,
     default_forward,
-    evaluating,
-    output_tensor,
     split_batch,
-    to_device,
 )
 from fisherflow.estimation.likelihoods import Likelihood, get_likelihood
 from fisherflow.matrices import KINDS, FisherMatrix, ParamLayout
 from fisherflow.uncertainty.fitting import LARGE_OUTPUT, estimate_fisher
+from fisherflow.uncertainty.loglik import FusedLogLikelihood, log_likelihood
 from fisherflow.uncertainty.params import ParamSpec, select_params
 from fisherflow.uncertainty.posterior import PosteriorPrecision, prior_groups
 from fisherflow.uncertainty.validate import check_positive, check_prior_precision
@@ -260,44 +258,29 @@ class LaplaceState:
         if first is None:
             raise ValueError("data is empty")
         self.resolve(split_batch(first).inputs)
+        found = None
         if not self._given:
             assert self._names is not None
+            fused = FusedLogLikelihood(data, self.likelihood, self.forward)
             fisher = estimate_fisher(
                 self.model,
-                data,
+                fused.data,
                 self.likelihood,
                 self.kind,
                 self.structure,
                 self._names,
-                forward=self.forward,
+                forward=fused.forward,
                 progress=progress,
                 large_output=large_output,
                 **estimate_options,
             )
             self._attach(fisher)
-        self.loglik, self.n_data = self._log_likelihood(data, progress)
+            found = fused.result()  # log p(D | θ*) from the Fisher pass's own forwards
+        if found is None:
+            found = log_likelihood(self.model, data, self.likelihood, self.forward, progress)
+        loglik, self.n_data = found
+        self.loglik = loglik / self.temperature
         return self
-
-    def _log_likelihood(self, data: Iterable[Any], progress: bool) -> tuple[float, int]:
-        lik, total, count = self.likelihood, 0.0, 0
-        device = next(self.model.parameters()).device
-        items: Iterable[Any] = data
-        if progress:
-            from tqdm.auto import tqdm
-
-            items = tqdm(data, desc="log-likelihood", unit="batch", leave=False)
-        with torch.no_grad(), evaluating(self.model):
-            for item in items:
-                batch = split_batch(item)
-                if batch.targets is None:
-                    raise ValueError("fit needs targets for the log-likelihood, got None")
-                out = output_tensor(self.forward(self.model, to_device(batch.inputs, device)))
-                prep = lik.prepare(out.double(), batch.targets.to(device))
-                assert prep.target is not None
-                nll = lik.nll(prep.output, prep.target) * prep.mask
-                total += float(nll.sum())
-                count += prep.count
-        return -total / self.temperature, count
 
     # ---------------------------------------------------------------- posterior
     def sample(self, n: int = 100, generator: torch.Generator | None = None) -> Tensor:
