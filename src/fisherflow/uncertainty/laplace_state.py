@@ -237,8 +237,9 @@ class LaplaceState:
 
         Args:
             data: Re-iterable batches (``(inputs, targets)`` or dicts with
-                ``"labels"``): streamed once for the Fisher and once for the
-                log-likelihood.
+                ``"labels"``): streamed for the Fisher, whose forwards also give the
+                log-likelihood when each batch has exactly one (else one more pass;
+                see :mod:`fisherflow.uncertainty.loglik`).
             progress: Show progress bars.
             large_output: A ``nn.Linear`` with more outputs keeps a diagonal Fisher in a
                 K-FAC/EKFAC posterior (see :mod:`fisherflow.uncertainty.fitting`).
