@@ -13,33 +13,35 @@ number.
 Example:
     >>> import torch
     >>> from torch import nn
+    >>> from fisherflow.estimation.data import default_forward
     >>> from fisherflow.estimation.likelihoods import get_likelihood
     >>> model = nn.Linear(1, 1, bias=False).double()
     >>> _ = model.weight.data.fill_(0.0)
     >>> data = [(torch.ones(2, 1, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))]
-    >>> ll, n = log_likelihood(model, data, get_likelihood("gaussian"), _call, False)
+    >>> lik = get_likelihood("gaussian")
+    >>> ll, n = log_likelihood(model, data, lik, default_forward, False)
     >>> round(ll, 6), n  # two residuals of 0 under N(0, 1): 2 · (−½ log 2π)
     (-1.837877, 2)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fisherflow.estimation.data import evaluating, output_tensor, split_batch, to_device
+from fisherflow.estimation.data import (
+    Forward,
+    evaluating,
+    output_tensor,
+    split_batch,
+    to_device,
+)
 from fisherflow.estimation.likelihoods import Likelihood
 
 __all__ = ["FusedLogLikelihood", "batch_nll", "log_likelihood"]
-
-Forward = Callable[[nn.Module, Any], Any]
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    return model(inputs)
 
 
 def batch_nll(
