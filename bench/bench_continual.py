@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import fisherflow as ff
 from _mnist import load_mnist
-from fisherflow.cli.demo_ewc_merge import accuracy, permuted_tasks, train
+from fisherflow.cli.demo_data import train
+from fisherflow.cli.demo_ewc_merge import accuracy, permuted_tasks
 
 
 def make_model(seed: int = 0) -> nn.Module:

@@ -34,28 +34,19 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import fisherflow as ff
 from _mnist import load_mnist
 from bench_continual import make_model
-from fisherflow.cli.demo_ewc_merge import accuracy, train
+from fisherflow.cli.demo_data import train
+from fisherflow.cli.demo_ewc_merge import accuracy
 
 
 def fine_tune(base, x, y, epochs, seed):
     model = copy.deepcopy(base)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), 128):
-            idx = order[i : i + 128]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model, opt
+    return model, train(model, x, y, epochs=epochs, lr=1e-3, batch=128, seed=seed)
 
 
 def load(base, state):

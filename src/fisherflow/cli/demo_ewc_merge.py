@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from fisherflow.cli.demo_data import digits
+from fisherflow.cli.demo_data import digits, train
 
-__all__ = ["accuracy", "demo_section", "mlp", "permuted_tasks", "train"]
+__all__ = ["accuracy", "demo_section", "mlp", "permuted_tasks"]
 
 Task = tuple[Tensor, Tensor, Tensor, Tensor]  # x_train, y_train, x_test, y_test
 
@@ -30,35 +30,6 @@ def mlp(d_in: int, hidden: int = 32, d_out: int = 10, seed: int = 0) -> nn.Modul
     """A one-hidden-layer ReLU MLP (fixed seed)."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
-
-
-def train(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    epochs: int,
-    lr: float = 1e-2,
-    batch: int = 64,
-    penalty: Callable[[nn.Module], Tensor] | None = None,
-    each_epoch: Callable[[], None] | None = None,
-    seed: int = 0,
-) -> None:
-    """Adam on mean cross-entropy (+ ``penalty(model)``), shuffled mini-batches."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), batch):
-            idx = order[i : i + batch]
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            if penalty is not None:
-                loss = loss + penalty(model)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        if each_epoch is not None:
-            each_epoch()
 
 
 @torch.no_grad()

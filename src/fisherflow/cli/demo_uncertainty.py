@@ -15,21 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fisherflow.cli.demo_data import digits
+from fisherflow.cli.demo_data import digits, train
 
 __all__ = ["demo_section"]
-
-
-def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 20) -> None:
-    gen = torch.Generator().manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 64):
-            idx = order[i : i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
 
 
 def _plots(
@@ -78,7 +66,7 @@ def demo_section(out: Path) -> list[str]:
     tr, va, te = slice(0, 1000), slice(1000, 1300), slice(1300, None)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
-    _train(model, x[tr].float(), y[tr])
+    train(model, x[tr].float(), y[tr], epochs=20)
     model = model.double()
     data = [(x[tr][i : i + 250], y[tr][i : i + 250]) for i in range(0, 1000, 250)]
     la = Laplace(model, likelihood="categorical", structure="kfac", params="last_layer")
