@@ -177,17 +177,23 @@ def main() -> None:
     chosen: dict[str, float] = {}
     searched: dict[str, list[tuple[float, float]]] = {"α": [], "λ / mean diag(F₁ + F₂)": []}
 
-    def task_arithmetic() -> dict[str, Tensor]:
+    def pick(key: str, name: str, grid, merged) -> dict[str, Tensor]:
+        """The merge ``merged(value)`` with the lowest validation perplexity over ``grid``."""
         best: tuple[float, float, dict[str, Tensor]] | None = None
-        for alpha in ALPHAS:
-            st = {k: b0[k] + alpha * ((states[0][k] - b0[k]) + (states[1][k] - b0[k])) for k in b0}
+        for value in grid:
+            st = merged(value)
             mean = scores(load(base, st), val)[-1]
-            searched["α"].append((alpha, mean))
+            print(f"  {name} = {value:g}: validation {mean:.3f}", flush=True)
+            searched[name].append((value, mean))
             if best is None or mean < best[0]:
-                best = (mean, alpha, st)
+                best = (mean, value, st)
         assert best is not None
-        chosen["alpha"] = best[1]
+        chosen[key] = best[1]
         return best[2]
+
+    def task_arithmetic() -> dict[str, Tensor]:
+        tau = {k: (states[0][k] - b0[k]) + (states[1][k] - b0[k]) for k in b0}
+        return pick("alpha", "α", ALPHAS, lambda a: {k: b0[k] + a * tau[k] for k in b0})
 
     timed("task arithmetic", task_arithmetic, " (incl. the α search)")
     rows[-1] = (f"task arithmetic (α = {chosen['alpha']:g})", *rows[-1][1:])
@@ -224,17 +230,12 @@ def main() -> None:
     def damped_kfac() -> dict[str, Tensor]:
         Fs = fishers["kfac"]
         scale = float(sum(F.diagonal().mean() for F in Fs))
-        best: tuple[float, float, dict[str, Tensor]] | None = None
-        for rel in REL_DAMPINGS:
-            st = ff.apps.merge(models, Fs, damping=rel * scale)
-            mean = scores(load(base, st), val)[-1]
-            print(f"  K-FAC damping {rel:g} x mean diag: validation {mean:.3f}", flush=True)
-            searched["λ / mean diag(F₁ + F₂)"].append((rel, mean))
-            if best is None or mean < best[0]:
-                best = (mean, rel, st)
-        assert best is not None
-        chosen["rel"] = best[1]
-        return best[2]
+        return pick(
+            "rel",
+            "λ / mean diag(F₁ + F₂)",
+            REL_DAMPINGS,
+            lambda rel: ff.apps.merge(models, Fs, damping=rel * scale),
+        )
 
     timed("Fisher merge, K-FAC (MC), damped", damped_kfac, " (excl. Fishers; incl. the λ search)")
     rows[-1] = (
