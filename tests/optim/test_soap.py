@@ -196,6 +196,40 @@ def test_soap_kfac_rotates_by_the_estimated_kfac_eigenvectors() -> None:
     assert "QR" not in opt.state[bias]
 
 
+def test_soap_kfac_micro_batches_give_the_big_batch_factors() -> None:
+    def fresh() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=g)
+    whole, parts = fresh(), fresh()
+    opts = [optim.SOAP(m.parameters(), lr=0.01, basis="kfac", model=m, kind="exact")
+            for m in (whole, parts)]  # fmt: skip
+    parts(torch.randn(5, 3, dtype=torch.float64)).sum()  # a stale forward, cleared below
+    opts[1].zero_grad()
+    nn.functional.cross_entropy(whole(x), y).backward()
+    for xs, ys in zip(x.chunk(2), y.chunk(2), strict=True):  # two micro-batches of 4
+        (nn.functional.cross_entropy(parts(xs), ys) / 2).backward()
+    for opt in opts:
+        opt.step()
+    reference = ff.estimate(fresh(), [(x, None)], "categorical", "exact", "kfac", progress=False)
+    for opt in opts:
+        fisher = opt.fisher()
+        assert fisher.num_samples == 8
+        for layer in ("0", "2"):
+            torch.testing.assert_close(fisher.A[layer], reference.A[layer], rtol=1e-12, atol=0)
+            torch.testing.assert_close(fisher.G[layer], reference.G[layer], rtol=1e-12, atol=1e-15)
+    for p, q in zip(whole.parameters(), parts.parameters(), strict=True):
+        for key in ("QL", "QR"):
+            if key in opts[0].state[p]:
+                torch.testing.assert_close(opts[1].state[q][key], opts[0].state[p][key],
+                                           rtol=0, atol=1e-10)  # fmt: skip
+        # Adam's first step is lr·Γ'/(|Γ'| + ε): round-off in Γ' grows by 1/|Γ'|
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-9)
+
+
 def test_conv_kernels_are_preconditioned_as_their_matrix_view() -> None:
     conv = nn.Conv2d(2, 3, 2).double()
     opt = optim.Shampoo(conv.named_parameters(), lr=0.1, betas=(0.9, 0.0))

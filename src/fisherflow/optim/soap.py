@@ -81,7 +81,10 @@ class SOAP(FactoredOptimizer):
 
     **basis="kfac"** (Adam in the K-FAC eigenbasis): every ``precondition_frequency``
     steps (the first included) the model's sampled-label K-FAC Fisher is estimated on
-    the batch of the last forward — :class:`~fisherflow.estimation.FisherEstimator`
+    the inputs of the model's forwards with gradients on since the last ``step()`` or
+    ``zero_grad()`` — micro-batches of gradient accumulation together, so the factors
+    are those of the whole batch, as :class:`~fisherflow.optim.NaturalGradient`'s —
+    by :class:`~fisherflow.estimation.FisherEstimator`
     through :class:`~fisherflow.optim.curvature.RunningCurvature` (EMA decay
     ``shampoo_beta``), the capture code of :func:`~fisherflow.estimate` — and each
     layer's weight is rotated by the eigenbases of its own block ``G ⊗ A_ww`` (``A``
@@ -195,6 +198,12 @@ class SOAP(FactoredOptimizer):
             )
             self._inputs = InputRecorder(model, self._basis_due)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients and (``"kfac"``) the recorded inputs: a new accumulation."""
+        super().zero_grad(set_to_none)
+        if self._curvature is not None:
+            self._inputs.clear()
+
     def _basis_due(self) -> bool:
         """Whether the next step re-estimates the K-FAC basis (``"kfac"``)."""
         return self._step % self.precondition_frequency == 0
@@ -226,7 +235,7 @@ class SOAP(FactoredOptimizer):
                 "step() on basis-update steps"
             )
         with self._inputs.feeding(), torch.enable_grad():
-            fisher = curvature.estimate(self._inputs.batches()[-1])
+            fisher = curvature.estimate(*self._inputs.batches())  # micro-batches together
         self._inputs.clear()
         fisher = curvature.blend(fisher)
         assert isinstance(fisher, KFACMatrix)
