@@ -9,6 +9,9 @@ functions with the most own time are listed.
 
 Run: ``python bench/profile_optim.py [--steps 41] [--only K-FAC,SOAP]`` →
 ``bench/RESULTS_optim_profile.md``.
+
+``--batches 8 16 32 64`` instead measures how the amortized step time / AdamW's depends
+on the batch (:mod:`batch_law`) → ``bench/RESULTS_optim_batch.md``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+import batch_law
 import bench_optim as B
 
 OUT = Path(__file__).with_name("RESULTS_optim_profile.md")
@@ -47,9 +51,19 @@ def top(profile: cProfile.Profile, n: int = 4) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=41, help="timed steps (then 2 profiled)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps (41, then 2 profiled; --batches: 31)"
+    )
     parser.add_argument("--only", default=None, help="comma-separated optimizer names")
+    parser.add_argument(
+        "--batches", type=int, nargs="+", default=None,
+        help="batch sizes: time every optimizer on each (CPU clock) -> RESULTS_optim_batch.md",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.batches:
+        batch_law.main(args.batches, args.steps, args.only)
+        return
+    args.steps = args.steps or 41
     torch.set_num_threads(1)
     torch.manual_seed(0)
     train, _, vocab = B.shakespeare()
