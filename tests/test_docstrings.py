@@ -69,6 +69,7 @@ MODULES = [
     "fisherflow.optim.damping",
     "fisherflow.optim.soap",
     "fisherflow.optim.update",
+    "fisherflow.optim.inputs",
     "fisherflow.apps.ewc",
     "fisherflow.apps.merging",
     "fisherflow.apps._solve",

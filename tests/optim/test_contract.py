@@ -56,6 +56,7 @@ NATURAL_BAD: list[tuple[str, object]] = [
     ("loss_reduction", "avg"),
     ("nonfinite", "ignore"),
     ("seed", -1),
+    ("curvature_rows", 0),
 ]
 FACTORED_BASE = {"lr": 0.05, "weight_decay": 0.01, "precondition_frequency": 2}
 FACTORED_BAD: list[tuple[str, object]] = [
@@ -69,7 +70,13 @@ FACTORED_BAD: list[tuple[str, object]] = [
     ("nonfinite", "ignore"),
 ]
 SHAMPOO_BAD = [*FACTORED_BAD, ("exponent", 0.5), ("graft", "adagrad")]
-SOAP_BAD = [*FACTORED_BAD, ("shampoo_beta", 1.0), ("basis", "muon"), ("seed", -1)]
+SOAP_BAD = [
+    *FACTORED_BAD,
+    ("shampoo_beta", 1.0),
+    ("basis", "muon"),
+    ("seed", -1),
+    ("curvature_rows", 0),
+]
 
 
 def _natural(structure: str) -> Spec:

@@ -46,6 +46,38 @@ def test_gradient_accumulation_gives_the_big_batch_curvature(structure: str) -> 
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("structure", ["kfac", "dense"])
+def test_curvature_rows_estimate_the_first_rows_scaled_to_the_batch(structure: str) -> None:
+    x, y = data()
+    sub, head = mlp(), mlp()
+    opts = [optim.NaturalGradient(m, lr=0.3, structure=structure, kind="exact", **kw)
+            for m, kw in ((sub, {"curvature_rows": 12}), (head, {}))]  # fmt: skip
+    for xs, ys in zip(x.chunk(4), y.chunk(4), strict=True):  # rows 0-11 span two of them
+        (nn.functional.cross_entropy(sub(xs), ys) / 4).backward()
+    opts[0].step()
+    nn.functional.cross_entropy(head(x), y).backward()
+    opts[1].step(batch=(x[:12], None))  # the same rows' curvature, unscaled
+    first = ff.estimate(mlp(), [(x[:12], None)], "categorical", "exact", structure,
+                        progress=False)  # fmt: skip
+    fisher = opts[0].fisher()
+    assert fisher.num_samples == 32
+    torch.testing.assert_close(fisher.to_dense(), first.to_dense() * (32 / 12))
+    torch.testing.assert_close(fisher.mean().to_dense(), opts[1].fisher().mean().to_dense())
+    for p, q in zip(sub.parameters(), head.parameters(), strict=True):  # the same step
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_first_rows_cut_dict_batches_and_keep_all_without_a_limit() -> None:
+    from fisherflow.optim.inputs import first_rows
+
+    ids = torch.arange(10).reshape(5, 2)
+    batches = [{"input_ids": ids[:3], "labels": ids[:3]}, {"input_ids": ids[3:], "labels": ids[3:]}]
+    kept, used, total = first_rows(batches, 4)
+    assert (used, total) == (4, 5) and len(kept) == 2
+    assert torch.equal(kept[1]["input_ids"], ids[3:4]) and torch.equal(kept[1]["labels"], ids[3:4])
+    assert first_rows(batches, None) == (batches, 5, 5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_models_keep_float32_curvature(dtype: torch.dtype) -> None:
     model = mlp(dtype)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from fisherflow.estimation import DataNotice, FallbackNotice, FisherEstimator, Likelihood
 from fisherflow.matrices import STRUCTURES, FisherMatrix, ParamLayout
+from fisherflow.optim.inputs import first_rows
 
 __all__ = [
     "RunningCurvature",
@@ -90,6 +91,10 @@ class RunningCurvature:
         structure: Any fisherflow structure name.
         ema: The decay in ``[0, 1)``.
         seed: Seed of the MC label sampler (re-seeded per update, see :func:`update_seed`).
+        rows: Estimate each update's Fisher on the first ``rows`` examples of its
+            batch (micro-batches in order) and scale it by ``B / rows`` to the whole
+            batch's ``B`` (``None``: every example; see
+            :func:`~fisherflow.optim.inputs.first_rows`).
     """
 
     def __init__(
@@ -102,7 +107,9 @@ class RunningCurvature:
         *,
         ema: float,
         seed: int,
+        rows: int | None = None,
     ) -> None:
+        self.rows = rows
         self.estimator = FisherEstimator(
             model, likelihood, kind, structure, params=names, seed=update_seed(seed, 0)
         )
@@ -119,7 +126,9 @@ class RunningCurvature:
         """The summed Fisher of one batch (or of micro-batches together), next update's labels.
 
         Micro-batches fed together give the statistics of their concatenation (sums
-        over observations), as gradient accumulation does for the gradient. The
+        over observations), as gradient accumulation does for the gradient. With
+        ``rows`` set, the first ``rows`` examples are estimated and the result scaled
+        by ``B / rows`` (its ``num_samples`` becomes the batch's ``B``). The
         estimator's notices (a layer K-FAC cannot factor, falling back to a diagonal
         block; how a batch is read) are issued on the first update only.
         """
@@ -130,12 +139,13 @@ class RunningCurvature:
             if self.updates > 0:  # the estimator's notices were given on the first update
                 warnings.simplefilter("ignore", FallbackNotice)
                 warnings.simplefilter("ignore", DataNotice)
-            for part in (batch, *more):
+            parts, used, total = first_rows([batch, *more], self.rows)
+            for part in parts:
                 est.update(part)
         est.all_reduce()
         fisher = est.result()
         est.reset()  # release the statistics
-        return fisher
+        return fisher if used == total else fisher * (total / used)
 
     def blend(self, fisher: FisherMatrix) -> FisherMatrix:
         """Fold one batch's Fisher into the average; returns the new average."""

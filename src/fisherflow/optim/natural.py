@@ -155,6 +155,13 @@ class NaturalGradient(StepCounts, torch.optim.Optimizer):
             when the basis still diagonalises the factors, cheaper than ``eigh``; see
             :func:`~fisherflow.optim.spread.refresh_pairs`). Under ``torch.distributed``
             ``"power"`` refreshes are computed on every rank, not spread.
+        curvature_rows: Estimate each curvature update on the first
+            ``curvature_rows`` examples of its batch (micro-batches in order), scaled
+            by ``B / curvature_rows`` to the batch's ``B`` (``None``: every example).
+            The update's capture forward, backward and factor products cost in
+            proportion to the rows, the part of the refresh that grows with the batch
+            (``bench/RESULTS_optim_batch.md``); with shuffled data the per-observation
+            curvature stays unbiased, with more variance.
 
     Raises:
         ValueError: For a bad hyperparameter (named), an unknown structure, kind,
@@ -184,6 +191,7 @@ class NaturalGradient(StepCounts, torch.optim.Optimizer):
         seed: int = 0,
         damping_mode: str = "exact",
         eigen_refresh: str = "eigh",
+        curvature_rows: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -200,6 +208,9 @@ class NaturalGradient(StepCounts, torch.optim.Optimizer):
                 f"structure={structure!r}, damping_mode={damping_mode!r}"
             )
         self.eigen_refresh = eigen_refresh
+        self.curvature_rows = (
+            None if curvature_rows is None else check_count(curvature_rows, "curvature_rows")
+        )
         self._pairs: dict[str, tuple[Pair, Pair]] | None = None
         self.damping = check_damping(damping)
         self.update_freq = check_count(update_freq, "update_freq")
@@ -265,6 +276,7 @@ class NaturalGradient(StepCounts, torch.optim.Optimizer):
             self.structure,
             ema=self.ema,
             seed=self._seed,
+            rows=self.curvature_rows,
         )
 
     def zero_grad(self, set_to_none: bool = True) -> None:

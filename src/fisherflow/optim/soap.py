@@ -12,7 +12,7 @@ from fisherflow.estimation import Likelihood
 from fisherflow.matrices import EKFAC as EKFACMatrix
 from fisherflow.matrices import KFAC as KFACMatrix
 from fisherflow.matrices import FisherMatrix, KronGroup
-from fisherflow.optim.checks import check_choice, check_fraction
+from fisherflow.optim.checks import check_choice, check_count, check_fraction
 from fisherflow.optim.curvature import RunningCurvature
 from fisherflow.optim.eigenbasis import (
     eigenbasis,
@@ -125,6 +125,9 @@ class SOAP(FactoredOptimizer):
         kind: ``"mc"``, ``"exact"`` or ``"empirical"`` K-FAC factors (``"kfac"``;
             ``"empirical"`` is not supported here: it needs the targets).
         seed: Seed of the K-FAC label sampler.
+        curvature_rows: ``"kfac"``: estimate the factors on the first
+            ``curvature_rows`` examples of each update's batch (``None``: all; as
+            :class:`~fisherflow.optim.NaturalGradient`'s).
         nonfinite: ``"warn"`` (skip the step) or ``"raise"`` on a non-finite gradient.
 
     Raises:
@@ -163,6 +166,7 @@ class SOAP(FactoredOptimizer):
         kind: str = "mc",
         seed: int = 0,
         nonfinite: str = "warn",
+        curvature_rows: int | None = None,
     ) -> None:
         self.basis = check_choice(basis, "basis", BASES)
         self.shampoo_beta = (
@@ -170,6 +174,7 @@ class SOAP(FactoredOptimizer):
         )
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        rows = None if curvature_rows is None else check_count(curvature_rows, "curvature_rows")
         super().__init__(
             params,
             lr=lr,
@@ -195,6 +200,7 @@ class SOAP(FactoredOptimizer):
                 "kfac",
                 ema=self._factor_beta(self.defaults),
                 seed=seed,
+                rows=rows,
             )
             self._inputs = InputRecorder(model, self._basis_due)
 
