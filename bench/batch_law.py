@@ -1,7 +1,7 @@
 """How the optimizers' amortized step time / AdamW's depends on the batch, and why.
 
-``python bench/profile_optim.py --batches 8 16 32 64 [--steps 31] [--only K-FAC,SOAP]``
-→ ``bench/RESULTS_optim_batch.md``. For each batch size (× 128 characters), every
+``python bench/profile_optim.py --batches 8 16 32 64 [--steps 31] [--only K-FAC,SOAP]
+[--out FILE]`` → ``bench/RESULTS_optim_batch.md``. For each batch size (× 128 characters), every
 optimizer of :data:`NAMES` starts from the same GPT weights (``bench_optim.py``'s) and
 sees the same batches, interleaved (one step of each in turn), on one thread; the
 forward+backward and ``opt.step()`` are timed apart with the process's CPU clock
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import bench_optim as B
+import fisherflow as ff
 
 OUT = Path(__file__).with_name("RESULTS_optim_batch.md")
 CTX = 128
@@ -40,6 +41,10 @@ NAMES = (
     "heavyball KL-Shampoo",
 )  # fmt: skip
 TARGET = 1.25
+#: ``curvature_rows`` of the "… rows=8" variants: the capture of a batch of 8 sequences.
+ROWS = 8
+#: bench_optim.py's K-FAC/EKFAC settings (its ``optimizers()``), for the variants.
+KFAC = {"lr": 0.3, "damping": 1e-3, "momentum": 0.9, "update_freq": 10, "kl_clip": 1e-3}
 
 
 def heavyball_kl_shampoo(model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -56,11 +61,18 @@ def heavyball_kl_shampoo(model: nn.Module, lr: float) -> torch.optim.Optimizer:
 
 
 def table() -> dict[str, object]:
-    """``{name: factory}`` for :data:`NAMES` (bench_optim's, plus heavyball's Shampoo)."""
+    """``{name: factory}``: :data:`NAMES` (bench_optim's, heavyball's Shampoo), then
+    K-FAC, EKFAC and SOAP-kfac with ``curvature_rows=ROWS`` (run them with ``--only``)."""
     out = dict(B.optimizers())
     if "heavyball SOAP" in out:
         out["heavyball KL-Shampoo"] = lambda m: heavyball_kl_shampoo(m, 3e-3)
-    return {n: out[n] for n in NAMES if n in out}
+    table = {n: out[n] for n in NAMES if n in out}
+    table[f"K-FAC rows={ROWS}"] = lambda m: ff.optim.KFAC(m, curvature_rows=ROWS, **KFAC)
+    table[f"EKFAC rows={ROWS}"] = lambda m: ff.optim.EKFAC(m, curvature_rows=ROWS, **KFAC)
+    table[f"SOAP-kfac rows={ROWS}"] = lambda m: ff.optim.SOAP(
+        m.parameters(), lr=3e-3, weight_decay=0.0, model=m, basis="kfac", curvature_rows=ROWS
+    )
+    return table
 
 
 def kron_work(model: nn.Module) -> int:
@@ -115,22 +127,23 @@ def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - b * mx, b
 
 
-def main(batches: list[int], steps: int | None, only: str | None) -> None:
+def main(batches: list[int], steps: int | None, only: str | None, out: str | None) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     steps = steps or 31
     train, _, vocab = B.shakespeare()
-    names = [n for n in table() if not only or n == "AdamW" or n in only.split(",")]
+    chosen = only.split(",") if only else list(NAMES)
+    names = [n for n in table() if n == "AdamW" or n in chosen]
     start = time.perf_counter()
     results = {}
     for size in batches:
         results[size] = time_batch(size, steps, names, vocab, train)
         print(f"batch {size} done ({time.perf_counter() - start:.0f} s)", flush=True)
     write(batches, steps, names, results, kron_work(B.GPT(vocab)), vocab,
-          time.perf_counter() - start)  # fmt: skip
+          time.perf_counter() - start, Path(out) if out else OUT)  # fmt: skip
 
 
-def write(batches, steps, names, results, work, vocab, total) -> None:  # type: ignore[no-untyped-def]
+def write(batches, steps, names, results, work, vocab, total, path) -> None:  # type: ignore[no-untyped-def]
     params = sum(p.numel() for p in B.GPT(vocab).parameters())
 
     def whole(name: str, size: int) -> list[float]:
@@ -165,15 +178,14 @@ def write(batches, steps, names, results, work, vocab, total) -> None:  # type: 
         cells = [f"{amortized(name, b):.2f}×" for b in batches]
         over = [statistics.fmean(whole(name, b)) - w for b, w in zip(batches, adamw, strict=True)]
         a, slope = fit(tokens, over)
-        limit = 1 + slope / d
-        if name == "AdamW":
-            reach = "–"
+        if name == "AdamW" or d <= 0:  # one batch size: no fit
+            limit, reach = ("1.00×" if name == "AdamW" else "–"), "–"
         elif (TARGET - 1) * d > slope:
             t = (a - (TARGET - 1) * c) / ((TARGET - 1) * d - slope)
-            reach = f"{t / CTX:.0f}" if t > 0 else "any"
+            limit, reach = f"{1 + slope / d:.2f}×", (f"{t / CTX:.0f}" if t > 0 else "any")
         else:
-            reach = "never"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {limit:.2f}× | {reach} |")
+            limit, reach = f"{1 + slope / d:.2f}×", "never"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {limit} | {reach} |")
     lines += [
         "",
         "## Where it goes: CPU ms per step (medians)",
@@ -188,7 +200,7 @@ def write(batches, steps, names, results, work, vocab, total) -> None:  # type: 
         for b in batches:
             fb, st = results[b][name]
             other = [t for s, t in enumerate(st) if s % 10 and s > 0]
-            refresh = [t for s, t in enumerate(st) if s % 10 == 0 and s > 0]
+            refresh = [t for s, t in enumerate(st) if s % 10 == 0 and s > 0] or [float("nan")]
             cells.append(
                 f"{statistics.median(fb[1:]) * 1e3:.0f} · {statistics.median(other) * 1e3:.1f}"
                 f" · {statistics.median(refresh) * 1e3:.0f}"
@@ -231,5 +243,5 @@ def write(batches, steps, names, results, work, vocab, total) -> None:  # type: 
         f"{TARGET - 1:.2f}× AdamW's).",
         "",
     ]
-    OUT.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))

@@ -59,9 +59,10 @@ def main() -> None:
         "--batches", type=int, nargs="+", default=None,
         help="batch sizes: time every optimizer on each (CPU clock) -> RESULTS_optim_batch.md",
     )  # fmt: skip
+    parser.add_argument("--out", default=None, help="--batches: results file")
     args = parser.parse_args()
     if args.batches:
-        batch_law.main(args.batches, args.steps, args.only)
+        batch_law.main(args.batches, args.steps, args.only, args.out)
         return
     args.steps = args.steps or 41
     torch.set_num_threads(1)
