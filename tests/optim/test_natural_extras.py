@@ -78,6 +78,21 @@ def test_first_rows_cut_dict_batches_and_keep_all_without_a_limit() -> None:
     assert first_rows(batches, None) == (batches, 5, 5)
 
 
+def test_ekfac_streams_a_batch_again_past_the_replay_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fisherflow.estimation import accumulate
+
+    x, y = data()
+    reference = ff.estimate(mlp(), [(x, y)], "categorical", "exact", "ekfac", progress=False)
+    monkeypatch.setattr(accumulate, "REPLAY_BYTES", 0)  # a batch too large to replay
+    model = mlp()
+    opt = optim.EKFAC(model, lr=0.1, kind="exact")
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()  # raised "needs another pass over the same data" before
+    torch.testing.assert_close(opt.fisher().to_dense(), reference.to_dense())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_models_keep_float32_curvature(dtype: torch.dtype) -> None:
     model = mlp(dtype)

@@ -128,7 +128,9 @@ class RunningCurvature:
         Micro-batches fed together give the statistics of their concatenation (sums
         over observations), as gradient accumulation does for the gradient. With
         ``rows`` set, the first ``rows`` examples are estimated and the result scaled
-        by ``B / rows`` (its ``num_samples`` becomes the batch's ``B``). The
+        by ``B / rows`` (its ``num_samples`` becomes the batch's ``B``). A structure
+        that needs the data again (EKFAC past the estimator's replay budget,
+        :data:`~fisherflow.estimation.accumulate.REPLAY_BYTES`) is fed it again. The
         estimator's notices (a layer K-FAC cannot factor, falling back to a diagonal
         block; how a batch is read) are issued on the first update only.
         """
@@ -140,9 +142,12 @@ class RunningCurvature:
                 warnings.simplefilter("ignore", FallbackNotice)
                 warnings.simplefilter("ignore", DataNotice)
             parts, used, total = first_rows([batch, *more], self.rows)
-            for part in parts:
-                est.update(part)
-        est.all_reduce()
+            while True:  # EKFAC streams the batch again when it cannot replay it
+                for part in parts:
+                    est.update(part)
+                est.all_reduce()
+                if not est.finish_pass():
+                    break
         fisher = est.result()
         est.reset()  # release the statistics
         return fisher if used == total else fisher * (total / used)
