@@ -22,6 +22,7 @@ the batches and reports the asymptote and the batch from which the fit is ≤ 1.
 
 from __future__ import annotations
 
+import shlex
 import statistics
 import sys
 import time
@@ -62,7 +63,7 @@ def heavyball_kl_shampoo(model: nn.Module, lr: float) -> torch.optim.Optimizer:
 
 def table() -> dict[str, object]:
     """``{name: factory}``: :data:`NAMES` (bench_optim's, heavyball's Shampoo), then
-    K-FAC, EKFAC and SOAP-kfac with ``curvature_rows=ROWS`` (run them with ``--only``)."""
+    K-FAC, EKFAC and SOAP-kfac with ``curvature_rows=ROWS``."""
     out = dict(B.optimizers())
     if "heavyball SOAP" in out:
         out["heavyball KL-Shampoo"] = lambda m: heavyball_kl_shampoo(m, 3e-3)
@@ -96,7 +97,8 @@ def kron_work(model: nn.Module) -> int:
 
 
 def time_batch(size: int, steps: int, names: list[str], vocab: int, train: torch.Tensor):  # type: ignore[no-untyped-def]
-    """``{name: (forward+backward s per step, step() s per step)}`` (step 0 included)."""
+    """``{name: (forward+backward s per step, step() s per step)}`` (step 0 included),
+    or the error of a run that failed."""
     factories = table()
     init = B.GPT(vocab).state_dict()
     runs = {}
@@ -105,17 +107,24 @@ def time_batch(size: int, steps: int, names: list[str], vocab: int, train: torch
         model.load_state_dict(init)
         runs[name] = (model, factories[name](model))
     data = B.batches(train, steps, size, CTX, seed=1)
-    out: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
+    out: dict[str, tuple[list[float], list[float]] | str] = {n: ([], []) for n in names}
     for chunk in data:
         for name in names:
             model, opt = runs[name]
-            t0 = time.process_time()
-            opt.zero_grad()  # type: ignore[attr-defined]
-            B.loss_of(model, chunk).backward()
-            t1 = time.process_time()
-            opt.step()  # type: ignore[attr-defined]
-            out[name][0].append(t1 - t0)
-            out[name][1].append(time.process_time() - t1)
+            times = out[name]
+            if isinstance(times, str):
+                continue
+            try:
+                t0 = time.process_time()
+                opt.zero_grad()  # type: ignore[attr-defined]
+                B.loss_of(model, chunk).backward()
+                t1 = time.process_time()
+                opt.step()  # type: ignore[attr-defined]
+            except Exception as err:  # a failing run is a result to report
+                out[name] = f"{type(err).__name__}: {str(err)[:100]}"
+                continue
+            times[0].append(t1 - t0)
+            times[1].append(time.process_time() - t1)
     return out
 
 
@@ -132,15 +141,14 @@ def main(batches: list[int], steps: int | None, only: str | None, out: str | Non
     torch.manual_seed(0)
     steps = steps or 31
     train, _, vocab = B.shakespeare()
-    chosen = only.split(",") if only else list(NAMES)
-    names = [n for n in table() if n == "AdamW" or n in chosen]
+    names = [n for n in table() if not only or n == "AdamW" or n in only.split(",")]
     start = time.perf_counter()
     results = {}
     for size in batches:
         results[size] = time_batch(size, steps, names, vocab, train)
         print(f"batch {size} done ({time.perf_counter() - start:.0f} s)", flush=True)
-    write(batches, steps, names, results, kron_work(B.GPT(vocab)), vocab,
-          time.perf_counter() - start, Path(out) if out else OUT)  # fmt: skip
+        write(list(results), steps, names, results, kron_work(B.GPT(vocab)), vocab,
+              time.perf_counter() - start, Path(out) if out else OUT)  # fmt: skip
 
 
 def write(batches, steps, names, results, work, vocab, total, path) -> None:  # type: ignore[no-untyped-def]
@@ -158,7 +166,7 @@ def write(batches, steps, names, results, work, vocab, total, path) -> None:  # 
         f"# Amortized step time against the batch: the Shakespeare-char GPT "
         f"({time.strftime('%Y-%m-%d %H:%M')})",
         "",
-        f"Command: `python bench/profile_optim.py {' '.join(sys.argv[1:])}`. The GPT and "
+        f"Command: `python bench/profile_optim.py {shlex.join(sys.argv[1:])}`. The GPT and "
         f"hyperparameters of `bench/bench_optim.py` ({params:,} parameters), batch × {CTX} "
         f"characters, {steps} interleaved steps per batch size (the first, which builds "
         f"state, left out: {steps - 1} steps, {(steps - 1) // 10} refreshes at update "
@@ -174,18 +182,25 @@ def write(batches, steps, names, results, work, vocab, total, path) -> None:  # 
     tokens = [b * CTX for b in batches]
     adamw = [statistics.fmean(whole("AdamW", b)) for b in batches]
     c, d = fit(tokens, adamw)
+    failures = []
     for name in names:
-        cells = [f"{amortized(name, b):.2f}×" for b in batches]
-        over = [statistics.fmean(whole(name, b)) - w for b, w in zip(batches, adamw, strict=True)]
-        a, slope = fit(tokens, over)
-        if name == "AdamW" or d <= 0:  # one batch size: no fit
+        ok = [b for b in batches if not isinstance(results[b][name], str)]
+        failures += [f"{name} at batch {b}: {results[b][name]}" for b in batches if b not in ok]
+        cells = [f"{amortized(name, b):.2f}×" if b in ok else "failed" for b in batches]
+        over = [statistics.fmean(whole(name, b)) - adamw[batches.index(b)] for b in ok]
+        if name == "AdamW" or d <= 0 or len(ok) < 2:  # fewer than two batch sizes: no fit
             limit, reach = ("1.00×" if name == "AdamW" else "–"), "–"
-        elif (TARGET - 1) * d > slope:
-            t = (a - (TARGET - 1) * c) / ((TARGET - 1) * d - slope)
-            limit, reach = f"{1 + slope / d:.2f}×", (f"{t / CTX:.0f}" if t > 0 else "any")
         else:
-            limit, reach = f"{1 + slope / d:.2f}×", "never"
+            a, slope = fit([b * CTX for b in ok], over)
+            limit = f"{1 + slope / d:.2f}×"
+            if (TARGET - 1) * d > slope:
+                t = (a - (TARGET - 1) * c) / ((TARGET - 1) * d - slope)
+                reach = f"{t / CTX:.0f}" if t > 0 else "any"
+            else:
+                reach = "never"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {limit} | {reach} |")
+    if failures:
+        lines += ["", "Failed: " + "; ".join(failures) + "."]
     lines += [
         "",
         "## Where it goes: CPU ms per step (medians)",
@@ -198,6 +213,9 @@ def write(batches, steps, names, results, work, vocab, total, path) -> None:  # 
     for name in names:
         cells = []
         for b in batches:
+            if isinstance(results[b][name], str):
+                cells.append("failed")
+                continue
             fb, st = results[b][name]
             other = [t for s, t in enumerate(st) if s % 10 and s > 0]
             refresh = [t for s, t in enumerate(st) if s % 10 == 0 and s > 0] or [float("nan")]
@@ -210,7 +228,7 @@ def write(batches, steps, names, results, work, vocab, total, path) -> None:  # 
     kfac_other = [
         statistics.median(t for s, t in enumerate(results[b]["K-FAC"][1]) if s % 10 and s > 0) * 1e3
         for b in batches
-        if "K-FAC" in names
+        if "K-FAC" in names and not isinstance(results[b]["K-FAC"], str)
     ]
     lines += [
         "",
