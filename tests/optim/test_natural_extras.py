@@ -75,7 +75,8 @@ def test_first_rows_cut_dict_batches_and_keep_all_without_a_limit() -> None:
     kept, used, total = first_rows(batches, 4)
     assert (used, total) == (4, 5) and len(kept) == 2
     assert torch.equal(kept[1]["input_ids"], ids[3:4]) and torch.equal(kept[1]["labels"], ids[3:4])
-    assert first_rows(batches, None) == (batches, 5, 5)
+    assert first_rows(batches, None) == (batches, 0, 0)
+    assert first_rows(batches, 9) == (batches, 5, 5)
 
 
 def test_ekfac_streams_a_batch_again_past_the_replay_budget(

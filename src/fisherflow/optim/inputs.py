@@ -32,7 +32,8 @@ def first_rows(batches: list[Any], limit: int | None) -> tuple[list[Any], int, i
 
     Returns:
         ``(kept batches, rows kept, rows in all batches)``; the last kept batch is cut
-        with :func:`~fisherflow.estimation.data.select_rows`.
+        with :func:`~fisherflow.estimation.data.select_rows`. ``(batches, 0, 0)``
+        when ``limit`` is ``None`` (the rows are not counted).
 
     Example:
         >>> x = torch.zeros(6, 2)
@@ -40,12 +41,14 @@ def first_rows(batches: list[Any], limit: int | None) -> tuple[list[Any], int, i
         >>> [b[0].shape[0] for b in kept], used, total
         ([4, 1], 5, 6)
     """
+    if limit is None:  # nothing to cut: nothing counted
+        return list(batches), 0, 0
     sizes = []
     for batch in batches:
         parts = split_batch(batch, shift_labels=False)
         sizes.append(batch_rows(parts.inputs, parts.targets))
     total = sum(sizes)
-    if limit is None or limit >= total:
+    if limit >= total:
         return list(batches), total, total
     kept, used = [], 0
     for batch, rows in zip(batches, sizes, strict=True):
