@@ -22,8 +22,8 @@ def first_rows(batches: list[Any], limit: int | None) -> tuple[list[Any], int, i
     A curvature estimated on a subset of each update's batch costs less in proportion
     (its capture forward, backward and Gram products are linear in the rows), and is
     an unbiased estimate of the whole batch's per-observation Fisher when the rows are
-    exchangeable (shuffled data) — K-FAC implementations commonly estimate the
-    statistics on part of the mini-batch (Martens & Grosse 2015 discuss the trade-off).
+    exchangeable (shuffled data): the sum over ``k`` of ``B`` rows times ``B / k`` has
+    the full sum's expectation (simple random sampling), with more variance.
 
     Args:
         batches: ``(inputs, targets)`` pairs or dicts with ``"labels"`` (the
