@@ -11,7 +11,7 @@ Run: ``python bench/profile_optim.py [--steps 41] [--only K-FAC,SOAP]`` →
 ``bench/RESULTS_optim_profile.md``.
 
 ``--batches 8 16 32 64`` instead measures how the amortized step time / AdamW's depends
-on the batch (:mod:`batch_law`) → ``bench/RESULTS_optim_batch.md``.
+on the batch (:mod:`_batch_law`) → ``bench/RESULTS_optim_batch.md``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-import batch_law
+import _batch_law as batch_law
 import bench_optim as B
 
 OUT = Path(__file__).with_name("RESULTS_optim_profile.md")
