@@ -175,10 +175,20 @@ class FisherSource:
         units.update({n: [n] for n in self._layout.names if n not in covered})
         return units
 
+    def separable(self, unit: str, names: list[str]) -> bool:
+        """Whether the unit is one parameter whose Fisher is a diagonal (:meth:`diagonal`).
+
+        True for every parameter of a diagonal Fisher and for the parameters outside
+        the layers of a K-FAC or EKFAC one.
+        """
+        if len(names) != 1 or unit != names[0] or unit in self.groups():
+            return False
+        return self.structure in ("diagonal", "kfac", "ekfac")
+
     def diagonal(self, name: str) -> Tensor:
         """The Fisher diagonal over one parameter, flat (read from the file now).
 
-        For a K-FAC file, ``name`` must be a parameter outside the layers.
+        For a K-FAC or EKFAC Fisher, ``name`` must be a parameter outside the layers.
         """
         if self._matrix is None:
             key, lay = (
@@ -189,8 +199,10 @@ class FisherSource:
             where = lay.slice(name)
             values = self._handle.get_slice(key)[where.start : where.stop]
             return check_vector(values, where.stop - where.start, f"{self.path} {key}[{name}]")
-        assert isinstance(self._matrix, Diagonal)
-        return self._matrix.values[self._matrix.layout.slice(name)]
+        block = unit_fisher(self._matrix, name, [name])
+        if not isinstance(block, Diagonal):
+            raise ValueError(f"the Fisher over {name!r} is not a diagonal")
+        return block.values
 
     def unit(self, unit: str, names: list[str]) -> FisherMatrix:
         """The Fisher over one merge unit (:func:`fisherflow.apps.unit_fisher`)."""

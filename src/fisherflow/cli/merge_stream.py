@@ -12,21 +12,26 @@ and an output shard is written as soon as it is full.
   parameter's size (three running sums, a copy of one input tensor and of one
   Fisher slice; the tensors read stay in the files' mapped pages),
   whatever the number of models.
-* Other structures merge each unit with :func:`fisherflow.apps.merge_block` (about
-  a dozen unit-sized temporaries). K-FAC files are read one layer's factors (or one
-  rest parameter's diagonal slice) at a time; other structures, and Fishers
-  estimated during the merge, are held whole.
+  The parameters outside the layers of a K-FAC Fisher (a diagonal there: layer
+  norms, and a token embedding tied to the output layer) take the same path.
+* Other units merge with :func:`fisherflow.apps.merge_block`. K-FAC files are read
+  one layer's factors at a time, and a layer's damped solve runs in a fixed set of
+  buffers on the layer's matrix view (:mod:`fisherflow.apps._kron_cg`). Other
+  structures, and Fishers estimated during the merge, are held whole.
 
 Either way the result equals :func:`fisherflow.apps.merge` on the whole models
-(bitwise for diagonal Fishers).
+(bitwise for diagonal Fishers and K-FAC's parameters outside the layers).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
+import math
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,7 +47,14 @@ from fisherflow.apps.merging import check_inputs, check_weights, fallback_tensor
 from fisherflow.cli.merge_config import MergeConfig, ModelEntry, read_config
 from fisherflow.cli.merge_fisher import SAFETENSORS_DTYPES, FisherSource, check_fisher_sources
 
-__all__ = ["ShardWriter", "Source", "merge_config", "read_tensor"]
+__all__ = [
+    "ShardWriter",
+    "Source",
+    "map_large_blocks",
+    "merge_config",
+    "read_tensor",
+    "release_freed_memory",
+]
 
 _WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors")
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -160,6 +172,17 @@ class ShardWriter:
         self.total_bytes += size
         self.peak_buffer_bytes = max(self.peak_buffer_bytes, self._bytes)
 
+    def make_room(self, size: int) -> bool:
+        """Write the current shard now if ``size`` more bytes would overflow it.
+
+        Called before a unit is merged, so that a shard :meth:`add` would write
+        anyway is not held through the unit's arithmetic. Returns whether it wrote.
+        """
+        if self._buffer and self._bytes + size > self.max_bytes:
+            self.flush()
+            return True
+        return False
+
     def flush(self) -> None:
         """Write the queued tensors as one shard."""
         if not self._buffer:
@@ -211,6 +234,48 @@ def _fisher(entry: ModelEntry, progress: bool) -> FisherSource | None:
             progress=progress,
         )
     )
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the operating system (glibc only).
+
+    ``malloc_trim(0)`` returns every free page of the heap (the call Dask's workers
+    make to trim memory), e.g. after a shard is written; a no-op elsewhere.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def map_large_blocks(threshold: int = 1 << 20) -> None:
+    """Have glibc map every block above ``threshold`` bytes and unmap it when freed.
+
+    By default glibc raises its mmap threshold to the size of the largest block
+    freed (up to 32 MB), after which unit-sized temporaries come from the heap and
+    their pages stay with the process, fragmented, when they are freed: on the
+    merge of ``bench/bench_merge.py`` that added about 11 MB to the peak. A fixed
+    threshold (``mallopt(M_MMAP_THRESHOLD)``, which also turns the adjustment off)
+    hands each large block back as soon as it is freed. Process-wide; a no-op off
+    glibc.
+    """
+    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, threshold)
+
+
+#: glibc's ``mallopt`` parameter number of ``M_MMAP_THRESHOLD`` (malloc.h).
+_M_MMAP_THRESHOLD = -3
+
+
+def _load_libc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _copy_side_files(source: Source, folder: Path, dtype: str | None) -> list[str]:
@@ -307,18 +372,27 @@ def merge_config(config_path: str | Path, out: str | Path, progress: bool = True
     if fishers_given:
         check_fisher_sources(sources[0].shapes, fishers_given)
     dtype = getattr(torch, config.dtype) if config.dtype else None
+    map_large_blocks()
     units_done: list[dict[str, Any]] = []
     total = sum(weights)
     normalised = [w / total for w in weights]
     with _staging(out) as tmp:
         writer = ShardWriter(tmp, config.max_shard_size)
         units = fishers_given[0].units() if fishers_given else {}
-        diagonal = bool(fishers_given) and fishers_given[0].structure == "diagonal"
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(sources[0].keys()), desc="merge", unit="tensor", disable=not progress)
+
+        def out_bytes(names: list[str]) -> int:
+            sizes = [(dtype or sources[0].dtypes[n]).itemsize for n in names]
+            return sum(
+                math.prod(sources[0].shapes[n].shape) * b for n, b in zip(names, sizes, strict=True)
+            )
+
         for unit, names in units.items():
-            if diagonal:
+            if writer.make_room(out_bytes(names)):
+                release_freed_memory()
+            if all(F.separable(unit, names) for F in fishers_given):
                 masses = _merge_diagonal(names[0], sources, fishers_given, weights, config, writer)
             else:
                 thetas = [{n: read_tensor(s, n) for n in names} for s in sources]
@@ -333,9 +407,11 @@ def merge_config(config_path: str | Path, out: str | Path, progress: bool = True
             share = [m / mass if mass > 0 else w for m, w in zip(masses, normalised, strict=True)]
             units_done.append({"unit": unit, "parameters": names, "mass": masses, "share": share})
             bar.update(len(names))
+            release_freed_memory()
         covered = {n for names in units.values() for n in names}
         rest = [k for k in sources[0].keys() if k not in covered]
         for key in rest:
+            writer.make_room(out_bytes([key]))
             tensors = [read_tensor(s, key) for s in sources]
             t = fallback_tensor(tensors, normalised, key, config.fallback)
             del tensors
