@@ -93,7 +93,9 @@ damping: 1.0e-4
     return config, paths, models, [F0, F1]
 
 
-@pytest.mark.parametrize(("arch", "structure"), [("gpt2", "diagonal"), ("llama", "kfac")])
+@pytest.mark.parametrize(
+    ("arch", "structure"), [("gpt2", "diagonal"), ("llama", "kfac"), ("gpt2", "block")]
+)
 def test_cli_merges_sharded_checkpoints_like_the_python_api(tmp_path, arch, structure, monkeypatch):
     config, _paths, models, fishers = _setup(tmp_path, arch, structure)
     live: list[int] = [0, 0]  # tensors read and still alive, most at once
@@ -145,6 +147,11 @@ def test_cli_merges_sharded_checkpoints_like_the_python_api(tmp_path, arch, stru
             # the in-place path (diagonal Fishers, K-FAC's parameters outside the
             # layers) does merge_block's arithmetic
             assert torch.equal(on_disk[key], expected[key]), key
+        elif structure == "block":
+            # the same blocks, but LAPACK's eigh rounds differently for the file-mapped
+            # copy (another memory alignment), and the pseudo-inverse of these
+            # rank-deficient blocks (32 tokens) amplifies that to ~1e-5
+            torch.testing.assert_close(on_disk[key], expected[key], rtol=1e-3, atol=3e-5)
         else:
             torch.testing.assert_close(on_disk[key], expected[key], rtol=1e-6, atol=1e-7)
     # a Fisher merge, not an average: some tensor differs from the weighted average

@@ -16,8 +16,12 @@ and an output shard is written as soon as it is full.
   norms, and a token embedding tied to the output layer) take the same path.
 * Other units merge with :func:`fisherflow.apps.merge_block`. K-FAC files are read
   one layer's factors at a time, and a layer's damped solve runs in a fixed set of
-  buffers on the layer's matrix view (:mod:`fisherflow.apps._kron_cg`). Other
-  structures, and Fishers estimated during the merge, are held whole.
+  buffers on the layer's matrix view (:mod:`fisherflow.apps._kron_cg`); block files
+  one group's block at a time. Dense and low-rank Fishers (one unit over every
+  parameter), and Fishers estimated during the merge, are held whole.
+* A shard that the next unit's output would overflow is written before the unit is
+  merged, not after, and large temporaries are handed back to the operating system
+  as they are freed (:func:`map_large_blocks`, :func:`release_freed_memory`).
 
 Either way the result equals :func:`fisherflow.apps.merge` on the whole models
 (bitwise for diagonal Fishers and K-FAC's parameters outside the layers).
