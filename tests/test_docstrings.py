@@ -77,6 +77,7 @@ MODULES = [
     "fisherflow.apps._kron_penalty",
     "fisherflow.apps._diagonal",
     "fisherflow.cli.merge_config",
+    "fisherflow.cli.merge_fisher",
 ]
 
 

@@ -16,6 +16,7 @@ as are Fishers estimated during the merge.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,29 @@ class FisherSource:
         covered = {n for names in units.values() for n in names}
         units.update({n: [n] for n in self._layout.names if n not in covered})
         return units
+
+    def unit_bytes(self, unit: str, names: list[str]) -> int:
+        """Bytes of the Fisher over one merge unit as stored (no data read from a file).
+
+        Example:
+            >>> from fisherflow.matrices import ParamLayout
+            >>> lay = ParamLayout.from_shapes({"w": (2, 3)})
+            >>> F = KFAC({"l": KronGroup("w")}, {"l": torch.eye(3)}, {"l": torch.eye(2)}, lay)
+            >>> FisherSource(F).unit_bytes("l", ["w"])  # (3² + 2²) float32 entries
+            52
+        """
+        if self._matrix is not None:
+            tensors = unit_fisher(self._matrix, unit, names)._state()[0].values()
+            return sum(t.numel() * t.element_size() for t in tensors)
+        size = self._layout.subset(names).size
+        if self._structure == "block":
+            return size * size * self._dtype.itemsize
+        if self._structure == "kfac" and unit in self._groups:
+            return sum(
+                math.prod(self._handle.get_slice(k).get_shape()) * self._dtype.itemsize
+                for k in self._factor_keys[unit]
+            )
+        return size * self._dtype.itemsize
 
     def separable(self, unit: str, names: list[str]) -> bool:
         """Whether the unit is one parameter whose Fisher is a diagonal (:meth:`diagonal`).

@@ -19,9 +19,11 @@ and an output shard is written as soon as it is full.
   buffers on the layer's matrix view (:mod:`fisherflow.apps._kron_cg`); block files
   one group's block at a time. Dense and low-rank Fishers (one unit over every
   parameter), and Fishers estimated during the merge, are held whole.
-* A shard that the next unit's output would overflow is written before the unit is
-  merged, not after, and large temporaries are handed back to the operating system
-  as they are freed (:func:`map_large_blocks`, :func:`release_freed_memory`).
+* Units are merged largest Fisher first, so the heaviest arithmetic meets the
+  emptiest output shard; a shard that the next unit's output would overflow is
+  written before the unit is merged, not after; and large temporaries go back to
+  the operating system as they are freed (:func:`map_large_blocks`,
+  :func:`release_freed_memory`).
 
 Either way the result equals :func:`fisherflow.apps.merge` on the whole models
 (bitwise for diagonal Fishers and K-FAC's parameters outside the layers).
@@ -393,7 +395,13 @@ def merge_config(config_path: str | Path, out: str | Path, progress: bool = True
                 math.prod(sources[0].shapes[n].shape) * b for n, b in zip(names, sizes, strict=True)
             )
 
-        for unit, names in units.items():
+        # the units with the largest Fishers first, while the output shard is emptiest
+        # (their working sets are the largest); the shards' contents follow this order
+        order = sorted(
+            units.items(),
+            key=lambda item: -sum(F.unit_bytes(item[0], item[1]) for F in fishers_given),
+        )
+        for unit, names in order:
             if writer.make_room(out_bytes(names)):
                 release_freed_memory()
             if all(F.separable(unit, names) for F in fishers_given):
