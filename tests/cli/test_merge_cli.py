@@ -269,3 +269,24 @@ def test_a_shard_that_would_overflow_is_written_before_the_unit(tmp_path):
         "model-00002-of-00002.safetensors",
     ]
     merge_stream.release_freed_memory()  # a no-op off glibc; never fails
+
+
+def test_a_block_file_is_read_per_group_and_checked(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    layout = ff.ParamLayout.from_shapes({"a": (2,), "b": (1,)})
+    blocks = {"A": torch.tensor([[2.0, 1.0], [1.0, 2.0]]), "B": torch.tensor([[3.0]])}
+    F = ff.Block(blocks, {"A": ["a"], "B": ["b"]}, layout, num_samples=4.0)
+    F.save(tmp_path / "f.safetensors")
+    source = merge_fisher.FisherSource(tmp_path / "f.safetensors")
+    assert source.streamed and source.units() == {"A": ["a"], "B": ["b"]}
+    assert source.unit_bytes("A", ["a"]) == 16
+    assert torch.equal(source.unit("A", ["a"]).to_dense(), blocks["A"])
+    with safe_open(str(tmp_path / "f.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    tensors["block.0"] = torch.eye(3)  # group A covers 2 entries
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match=r"block\.0 \(group 'A'\) has shape \(3, 3\)"):
+        merge_fisher.FisherSource(tmp_path / "bad.safetensors")
