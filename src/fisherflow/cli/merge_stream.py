@@ -22,8 +22,7 @@ and an output shard is written as soon as it is full.
 * Units are merged largest Fisher first, so the heaviest arithmetic meets the
   emptiest output shard; a shard that the next unit's output would overflow is
   written before the unit is merged, not after; and large temporaries go back to
-  the operating system as they are freed (:func:`map_large_blocks`,
-  :func:`release_freed_memory`).
+  the operating system as they are freed (:mod:`fisherflow.cli.merge_memory`).
 
 Either way the result equals :func:`fisherflow.apps.merge` on the whole models
 (bitwise for diagonal Fishers and K-FAC's parameters outside the layers).
@@ -32,12 +31,10 @@ Either way the result equals :func:`fisherflow.apps.merge` on the whole models
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,14 +49,13 @@ from fisherflow.apps._diagonal import merge_diagonal_inplace
 from fisherflow.apps.merging import check_inputs, check_weights, fallback_tensor, merge_block
 from fisherflow.cli.merge_config import MergeConfig, ModelEntry, read_config
 from fisherflow.cli.merge_fisher import SAFETENSORS_DTYPES, FisherSource, check_fisher_sources
+from fisherflow.cli.merge_memory import map_large_blocks, release_freed_memory
 
 __all__ = [
     "ShardWriter",
     "Source",
-    "map_large_blocks",
     "merge_config",
     "read_tensor",
-    "release_freed_memory",
 ]
 
 _WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors")
@@ -240,48 +236,6 @@ def _fisher(entry: ModelEntry, progress: bool) -> FisherSource | None:
             progress=progress,
         )
     )
-
-
-def release_freed_memory() -> None:
-    """Hand the C heap's free pages back to the operating system (glibc only).
-
-    ``malloc_trim(0)`` returns every free page of the heap (the call Dask's workers
-    make to trim memory), e.g. after a shard is written; a no-op elsewhere.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def map_large_blocks(threshold: int = 1 << 20) -> None:
-    """Have glibc map every block above ``threshold`` bytes and unmap it when freed.
-
-    By default glibc raises its mmap threshold to the size of the largest block
-    freed (up to 32 MB), after which unit-sized temporaries come from the heap and
-    their pages stay with the process, fragmented, when they are freed: on the
-    merge of ``bench/bench_merge.py`` that added about 11 MB to the peak. A fixed
-    threshold (``mallopt(M_MMAP_THRESHOLD)``, which also turns the adjustment off)
-    hands each large block back as soon as it is freed. Process-wide; a no-op off
-    glibc.
-    """
-    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, threshold)
-
-
-#: glibc's ``mallopt`` parameter number of ``M_MMAP_THRESHOLD`` (malloc.h).
-_M_MMAP_THRESHOLD = -3
-
-
-def _load_libc() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-_LIBC = _load_libc()
 
 
 def _copy_side_files(source: Source, folder: Path, dtype: str | None) -> list[str]:
