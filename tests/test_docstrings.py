@@ -74,9 +74,11 @@ MODULES = [
     "fisherflow.apps.merging",
     "fisherflow.apps._solve",
     "fisherflow.apps._kron_solve",
+    "fisherflow.apps._kron_cg",
     "fisherflow.apps._kron_penalty",
     "fisherflow.apps._diagonal",
     "fisherflow.cli.merge_config",
+    "fisherflow.cli.merge_fisher",
 ]
 
 

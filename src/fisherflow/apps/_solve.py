@@ -39,7 +39,8 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from fisherflow.apps._kron_solve import KronPair, psd_factors
+from fisherflow.apps._kron_cg import layer_cg, layer_operator, single_layer
+from fisherflow.apps._kron_solve import KronPair, negative_part, psd_factors
 from fisherflow.estimation.data import warn_user
 from fisherflow.matrices import KFAC, FisherMatrix
 
@@ -107,7 +108,6 @@ def weighted_solve(
         exact = weighted_sum(fishers, weights)
         return cast(Tensor, exact.pinv_solve(rhs, damping=damping)).to(rhs.dtype)
     precision = max((F.dtype for F in fishers), key=lambda t: torch.finfo(t).eps)
-    fishers = [F.to(dtype=torch.float64) if F.dtype != torch.float64 else F for F in fishers]
     if preconditioner not in (*PRECONDITIONERS, "auto"):
         raise ValueError(
             f"preconditioner must be one of {sorted([*PRECONDITIONERS, 'auto'])}, "
@@ -115,9 +115,19 @@ def weighted_solve(
         )
     if preconditioner == "auto":
         preconditioner = "pair" if len(fishers) == 2 else "sum"
-    if fishers[0].structure == "kfac":
-        fishers = [psd_factors(cast(KFAC, F)) for F in fishers]
     pair = fishers[0].structure == "kfac" and preconditioner == "pair"
+    layer = single_layer(fishers) if pair else None
+    direct = pair and len(fishers) == 2 and damping == 0.0
+    if layer is not None and not direct and _definite(fishers, weights, damping, layer):
+        # one layer whose damped sum is definite as it is: no projection, no copies
+        # of the factors (they are read in their dtype, a block at a time)
+        return _layer_solve(fishers, weights, damping, precision, layer, rhs, tol, max_iter, info)
+    if fishers[0].structure == "kfac":  # one float64 copy at a time, projected in place
+        fishers = [_float64_psd(cast(KFAC, F)) for F in fishers]
+    else:
+        fishers = [F.to(dtype=torch.float64) if F.dtype != torch.float64 else F for F in fishers]
+    if layer is not None and not direct:
+        return _layer_solve(fishers, weights, damping, precision, layer, rhs, tol, max_iter, info)
     precondition = PRECONDITIONERS["pair" if pair else "sum"](fishers, weights, damping, precision)
 
     def apply(v: Tensor) -> Tensor:
@@ -169,19 +179,106 @@ def weighted_solve(
     return best_x.to(rhs.dtype)
 
 
+def pair_solver(
+    fishers: Sequence[FisherMatrix],
+    weights: Sequence[float],
+    damping: float,
+    precision: torch.dtype,
+    dtype: torch.dtype | None = None,
+) -> KronPair:
+    """K-FAC: the two-term solve of the heaviest model and the sum of the others.
+
+    Two models enter with their weights as scales (no scaled copies of the factors);
+    with more, the others' factor-wise sum is formed.
+    """
+    masses = [w * float(F.trace()) for w, F in zip(weights, fishers, strict=True)]
+    top = max(range(len(fishers)), key=lambda i: masses[i])
+    others = [i for i in range(len(fishers)) if i != top]
+    if len(others) == 1:
+        second, scale = fishers[others[0]], weights[others[0]]
+    else:
+        second = weighted_sum([fishers[i] for i in others], [weights[i] for i in others])
+        scale = 1.0
+    return KronPair(
+        cast(KFAC, fishers[top]),
+        cast(KFAC, second),
+        damping,
+        precision,
+        scales=(weights[top], scale),
+        dtype=dtype,
+    )
+
+
 def _pair(
     fishers: Sequence[FisherMatrix],
     weights: Sequence[float],
     damping: float,
     precision: torch.dtype,
 ) -> Callable[[Tensor], Tensor]:
-    """K-FAC: the two-term solve of the heaviest model and the sum of the others."""
-    masses = [w * float(F.trace()) for w, F in zip(weights, fishers, strict=True)]
-    top = max(range(len(fishers)), key=lambda i: masses[i])
-    others = [i for i in range(len(fishers)) if i != top]
-    first = weights[top] * fishers[top]
-    second = weighted_sum([fishers[i] for i in others], [weights[i] for i in others])
-    return KronPair(cast(KFAC, first), cast(KFAC, second), damping, precision).solve
+    """K-FAC: :func:`pair_solver`'s solve on flat vectors."""
+    return pair_solver(fishers, weights, damping, precision).solve
+
+
+def _float64_psd(fisher: KFAC) -> KFAC:
+    """``fisher`` in float64 with PSD factors; a new copy is projected in place."""
+    if fisher.dtype == torch.float64:
+        return psd_factors(fisher)
+    return psd_factors(cast(KFAC, fisher.to(dtype=torch.float64)), inplace=True)
+
+
+def _definite(
+    fishers: Sequence[FisherMatrix], weights: Sequence[float], damping: float, layer: str
+) -> bool:
+    """Whether ``Σ wᵢFᵢ + λI ⪰ λ/2 · I`` with the factors as they are (no projection).
+
+    Float32 factors are PSD only up to rounding (see :func:`psd_factors`); when that
+    indefiniteness is under half the damping, conjugate gradients needs no projection.
+    """
+    if damping <= 0:
+        return False
+    kfacs = [cast(KFAC, F) for F in fishers]
+    neg = sum(
+        w * negative_part(F.G[layer], F.A[layer]) for w, F in zip(weights, kfacs, strict=True)
+    )
+    return neg <= damping / 2
+
+
+def _layer_solve(
+    fishers: Sequence[FisherMatrix],
+    weights: Sequence[float],
+    damping: float,
+    precision: torch.dtype,
+    layer: str,
+    rhs: Tensor,
+    tol: float,
+    max_iter: int,
+    info: dict[str, int] | None,
+) -> Tensor:
+    """CG of one K-FAC layer on its matrix view, in float64 (:mod:`fisherflow.apps._kron_cg`)."""
+    solver = pair_solver(fishers, weights, damping, precision, dtype=torch.float64)
+    kfacs = [cast(KFAC, F) for F in fishers]
+    apply_view = layer_operator(
+        [F.G[layer] for F in kfacs], [F.A[layer] for F in kfacs], weights, damping
+    )
+    spec, layout = solver.groups[layer], solver.layout
+    b = spec.gather(layout, rhs[:, None])[0].to(torch.float64, copy=True).contiguous()
+    x, residual, converged = layer_cg(
+        apply_view,
+        lambda v, out, work: solver.solve_view_(layer, v, out, work),
+        b,
+        tol=tol,
+        max_iter=max_iter,
+        info=info,
+    )
+    if not converged:
+        warn_user(
+            f"conjugate gradients stopped after {max_iter} steps at relative residual "
+            f"{residual:.2e} (tolerance {tol:g}); add damping",
+            ConvergenceNotice,
+        )
+    out = rhs.new_empty(rhs.shape[0], 1)
+    spec.scatter(layout, x[None].to(rhs.dtype), out)
+    return out[:, 0]
 
 
 def _sum(

@@ -1,4 +1,4 @@
-"""The Fishers of ``fisherflow merge``: diagonal and K-FAC files read unit by unit.
+"""The Fishers of ``fisherflow merge``: diagonal, K-FAC and block files read unit by unit.
 
 A diagonal Fisher file (:func:`fisherflow.matrices.save`) holds one flat tensor
 ``values`` in layout order, so the Fisher of one parameter is the slice
@@ -7,13 +7,16 @@ parameter is merged: the whole diagonal (as large as the model) is never in
 memory. A K-FAC file holds the factors ``A.i`` and ``G.i`` of layer ``i`` (in the
 order of the header's groups) and the diagonal ``rest`` of the parameters outside
 the layers; a layer's unit reads its two factors, a rest parameter its slice of
-``rest``, so at most one layer's factors are in memory. Other structures, and
-Fishers estimated during the merge, are held whole.
+``rest``, so at most one layer's factors are in memory. A block file holds one
+dense block ``block.i`` per group, read when that group is merged. Dense and
+low-rank Fishers couple every parameter (one merge unit), so they are held whole,
+as are Fishers estimated during the merge.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +26,17 @@ from torch import Tensor
 
 from fisherflow.apps._params import check_alike
 from fisherflow.apps.merging import check_layout_fits, merge_units, unit_fisher
-from fisherflow.matrices import KFAC, Diagonal, FisherMatrix, KronGroup, ParamLayout, load
+from fisherflow.matrices import (
+    KFAC,
+    Block,
+    Diagonal,
+    FisherMatrix,
+    KronGroup,
+    ParamLayout,
+    load,
+)
 from fisherflow.matrices.io import FORMAT_VERSION
-from fisherflow.matrices.validate import check_vector
+from fisherflow.matrices.validate import check_partition, check_vector
 
 __all__ = ["SAFETENSORS_DTYPES", "FisherSource", "check_fisher_sources"]
 
@@ -39,11 +50,11 @@ SAFETENSORS_DTYPES = {
 
 
 #: Structures whose files are read unit by unit (their tensors' names in the file).
-STREAMED = frozenset({"diagonal", "kfac"})
+STREAMED = frozenset({"diagonal", "kfac", "block"})
 
 
 class FisherSource:
-    """One model's Fisher: a diagonal or K-FAC file read lazily, or a matrix held whole.
+    """One model's Fisher: a diagonal, K-FAC or block file read lazily, or a matrix held whole.
 
     Args:
         fisher: A Fisher matrix, or the path of a Fisher file.
@@ -70,6 +81,8 @@ class FisherSource:
                 self._handle = safe_open(str(self.path), framework="pt")
                 if self._structure == "diagonal":
                     self._dtype = self._check_vector("values", self._layout.size)
+                elif self._structure == "block":
+                    self._open_block(header)
                 else:
                     self._open_kfac(header)
 
@@ -107,6 +120,33 @@ class FisherSource:
                     )
             self._factor_keys[g] = (f"A.{i}", f"G.{i}")
 
+    def _open_block(self, header: dict[str, Any]) -> None:
+        """Read a block file's groups and check its blocks' shapes (no data read)."""
+        try:
+            groups = {str(g): [str(n) for n in names] for g, names in header["extra"]["groups"]}
+            check_partition(self._layout, groups)
+            sizes = {g: self._layout.subset(names).size for g, names in groups.items()}
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{self.path}: groups do not match the layout ({err})") from err
+        covered = {n for names in groups.values() for n in names}
+        if covered != set(self._layout.names):
+            raise ValueError(f"{self.path}: the blocks do not cover every parameter")
+        self._meta = {k: header[k] for k in ("num_samples", "kind", "likelihood")}
+        self._block_groups = groups
+        self._block_keys = {g: f"block.{i}" for i, g in enumerate(groups)}
+        dtypes = set()
+        for g, key in self._block_keys.items():
+            view = self._handle.get_slice(key)
+            shape, size = tuple(view.get_shape()), sizes[g]
+            if shape != (size, size):
+                raise ValueError(
+                    f"{self.path}: {key} (group {g!r}) has shape {shape}, expected ({size}, {size})"
+                )
+            if view.get_dtype() not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{self.path}: {key} has dtype {view.get_dtype()}")
+            dtypes.add(SAFETENSORS_DTYPES[view.get_dtype()])
+        self._dtype = max(dtypes, key=lambda t: torch.finfo(t).bits) if dtypes else torch.float32
+
     @staticmethod
     def _streamed_header(path: Path) -> dict[str, Any] | None:
         """The header of a diagonal or K-FAC Fisher of this format, else ``None``."""
@@ -133,7 +173,10 @@ class FisherSource:
         )
         if not isinstance(groups, list):
             return None
-        expected = {"rest"} | {f"{s}.{i}" for i in range(len(groups)) for s in "AG"}
+        if header["structure"] == "block":
+            expected = {f"block.{i}" for i in range(len(groups))}
+        else:
+            expected = {"rest"} | {f"{s}.{i}" for i in range(len(groups)) for s in "AG"}
         if keys != expected or not all(k in header for k in ("num_samples", "kind", "likelihood")):
             return None
         return header
@@ -164,6 +207,8 @@ class FisherSource:
             return dict(self._matrix.groups())
         if self._structure == "diagonal":
             return {}
+        if self._structure == "block":
+            return {g: list(names) for g, names in self._block_groups.items()}
         return {g: spec.names for g, spec in self._groups.items()}
 
     def units(self) -> dict[str, list[str]]:
@@ -175,10 +220,43 @@ class FisherSource:
         units.update({n: [n] for n in self._layout.names if n not in covered})
         return units
 
+    def unit_bytes(self, unit: str, names: list[str]) -> int:
+        """Bytes of the Fisher over one merge unit as stored (no data read from a file).
+
+        Example:
+            >>> from fisherflow.matrices import ParamLayout
+            >>> lay = ParamLayout.from_shapes({"w": (2, 3)})
+            >>> F = KFAC({"l": KronGroup("w")}, {"l": torch.eye(3)}, {"l": torch.eye(2)}, lay)
+            >>> FisherSource(F).unit_bytes("l", ["w"])  # (3² + 2²) float32 entries
+            52
+        """
+        if self._matrix is not None:
+            tensors = unit_fisher(self._matrix, unit, names)._state()[0].values()
+            return sum(t.numel() * t.element_size() for t in tensors)
+        size = self._layout.subset(names).size
+        if self._structure == "block":
+            return size * size * self._dtype.itemsize
+        if self._structure == "kfac" and unit in self._groups:
+            return sum(
+                math.prod(self._handle.get_slice(k).get_shape()) * self._dtype.itemsize
+                for k in self._factor_keys[unit]
+            )
+        return size * self._dtype.itemsize
+
+    def separable(self, unit: str, names: list[str]) -> bool:
+        """Whether the unit is one parameter whose Fisher is a diagonal (:meth:`diagonal`).
+
+        True for every parameter of a diagonal Fisher and for the parameters outside
+        the layers of a K-FAC or EKFAC one.
+        """
+        if len(names) != 1 or unit != names[0] or unit in self.groups():
+            return False
+        return self.structure in ("diagonal", "kfac", "ekfac")
+
     def diagonal(self, name: str) -> Tensor:
         """The Fisher diagonal over one parameter, flat (read from the file now).
 
-        For a K-FAC file, ``name`` must be a parameter outside the layers.
+        For a K-FAC or EKFAC Fisher, ``name`` must be a parameter outside the layers.
         """
         if self._matrix is None:
             key, lay = (
@@ -189,11 +267,17 @@ class FisherSource:
             where = lay.slice(name)
             values = self._handle.get_slice(key)[where.start : where.stop]
             return check_vector(values, where.stop - where.start, f"{self.path} {key}[{name}]")
-        assert isinstance(self._matrix, Diagonal)
-        return self._matrix.values[self._matrix.layout.slice(name)]
+        block = unit_fisher(self._matrix, name, [name])
+        if not isinstance(block, Diagonal):
+            raise ValueError(f"the Fisher over {name!r} is not a diagonal")
+        return block.values
 
     def unit(self, unit: str, names: list[str]) -> FisherMatrix:
         """The Fisher over one merge unit (:func:`fisherflow.apps.unit_fisher`)."""
+        if self._matrix is None and self._structure == "block":
+            block = self._handle.get_tensor(self._block_keys[unit])
+            groups = {unit: self._block_groups[unit]}
+            return Block({unit: block}, groups, self._layout.subset(groups[unit]), **self._meta)
         if self._matrix is None and self._structure == "kfac" and unit in self._groups:
             spec = self._groups[unit]
             a_key, g_key = self._factor_keys[unit]

@@ -12,19 +12,27 @@ and an output shard is written as soon as it is full.
   parameter's size (three running sums, a copy of one input tensor and of one
   Fisher slice; the tensors read stay in the files' mapped pages),
   whatever the number of models.
-* Other structures merge each unit with :func:`fisherflow.apps.merge_block` (about
-  a dozen unit-sized temporaries). K-FAC files are read one layer's factors (or one
-  rest parameter's diagonal slice) at a time; other structures, and Fishers
-  estimated during the merge, are held whole.
+  The parameters outside the layers of a K-FAC Fisher (a diagonal there: layer
+  norms, and a token embedding tied to the output layer) take the same path.
+* Other units merge with :func:`fisherflow.apps.merge_block`. K-FAC files are read
+  one layer's factors at a time, and a layer's damped solve runs in a fixed set of
+  buffers on the layer's matrix view (:mod:`fisherflow.apps._kron_cg`); block files
+  one group's block at a time. Dense and low-rank Fishers (one unit over every
+  parameter), and Fishers estimated during the merge, are held whole.
+* Units are merged largest Fisher first, so the heaviest arithmetic meets the
+  emptiest output shard; a shard that the next unit's output would overflow is
+  written before the unit is merged, not after; and large temporaries go back to
+  the operating system as they are freed (:mod:`fisherflow.cli.merge_memory`).
 
 Either way the result equals :func:`fisherflow.apps.merge` on the whole models
-(bitwise for diagonal Fishers).
+(bitwise for diagonal Fishers and K-FAC's parameters outside the layers).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -41,8 +49,14 @@ from fisherflow.apps._diagonal import merge_diagonal_inplace
 from fisherflow.apps.merging import check_inputs, check_weights, fallback_tensor, merge_block
 from fisherflow.cli.merge_config import MergeConfig, ModelEntry, read_config
 from fisherflow.cli.merge_fisher import SAFETENSORS_DTYPES, FisherSource, check_fisher_sources
+from fisherflow.cli.merge_memory import map_large_blocks, release_freed_memory
 
-__all__ = ["ShardWriter", "Source", "merge_config", "read_tensor"]
+__all__ = [
+    "ShardWriter",
+    "Source",
+    "merge_config",
+    "read_tensor",
+]
 
 _WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors")
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -159,6 +173,17 @@ class ShardWriter:
         self._bytes += size
         self.total_bytes += size
         self.peak_buffer_bytes = max(self.peak_buffer_bytes, self._bytes)
+
+    def make_room(self, size: int) -> bool:
+        """Write the current shard now if ``size`` more bytes would overflow it.
+
+        Called before a unit is merged, so that a shard :meth:`add` would write
+        anyway is not held through the unit's arithmetic. Returns whether it wrote.
+        """
+        if self._buffer and self._bytes + size > self.max_bytes:
+            self.flush()
+            return True
+        return False
 
     def flush(self) -> None:
         """Write the queued tensors as one shard."""
@@ -307,18 +332,33 @@ def merge_config(config_path: str | Path, out: str | Path, progress: bool = True
     if fishers_given:
         check_fisher_sources(sources[0].shapes, fishers_given)
     dtype = getattr(torch, config.dtype) if config.dtype else None
+    map_large_blocks()
     units_done: list[dict[str, Any]] = []
     total = sum(weights)
     normalised = [w / total for w in weights]
     with _staging(out) as tmp:
         writer = ShardWriter(tmp, config.max_shard_size)
         units = fishers_given[0].units() if fishers_given else {}
-        diagonal = bool(fishers_given) and fishers_given[0].structure == "diagonal"
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(sources[0].keys()), desc="merge", unit="tensor", disable=not progress)
-        for unit, names in units.items():
-            if diagonal:
+
+        def out_bytes(names: list[str]) -> int:
+            sizes = [(dtype or sources[0].dtypes[n]).itemsize for n in names]
+            return sum(
+                math.prod(sources[0].shapes[n].shape) * b for n, b in zip(names, sizes, strict=True)
+            )
+
+        # the units with the largest Fishers first, while the output shard is emptiest
+        # (their working sets are the largest); the shards' contents follow this order
+        order = sorted(
+            units.items(),
+            key=lambda item: -sum(F.unit_bytes(item[0], item[1]) for F in fishers_given),
+        )
+        for unit, names in order:
+            if writer.make_room(out_bytes(names)):
+                release_freed_memory()
+            if all(F.separable(unit, names) for F in fishers_given):
                 masses = _merge_diagonal(names[0], sources, fishers_given, weights, config, writer)
             else:
                 thetas = [{n: read_tensor(s, n) for n in names} for s in sources]
@@ -333,9 +373,11 @@ def merge_config(config_path: str | Path, out: str | Path, progress: bool = True
             share = [m / mass if mass > 0 else w for m, w in zip(masses, normalised, strict=True)]
             units_done.append({"unit": unit, "parameters": names, "mass": masses, "share": share})
             bar.update(len(names))
+            release_freed_memory()
         covered = {n for names in units.values() for n in names}
         rest = [k for k in sources[0].keys() if k not in covered]
         for key in rest:
+            writer.make_room(out_bytes([key]))
             tensors = [read_tensor(s, key) for s in sources]
             t = fallback_tensor(tensors, normalised, key, config.fallback)
             del tensors
