@@ -109,18 +109,33 @@ def train_char_gpt(
 # ---------------------------------------------------------------- the runs
 
 
-def fishers(model: nn.Module, calib: Tensor, params: list[str]) -> dict[str, Any]:
-    """K-FAC and diagonal MC Fishers over ``params`` (timed), on ``calib`` rows."""
+def fishers(
+    model: nn.Module, calib: Tensor, params: list[str], cache: Path | None = None
+) -> dict[str, Any]:
+    """K-FAC and diagonal MC Fishers over ``params`` (timed), on ``calib`` rows.
+
+    With ``cache`` (a file stem), each Fisher is saved there once and loaded by later
+    runs with the same stem (the estimation time recorded beside it).
+    """
     batches = [
         {"input_ids": calib[i : i + 8], "labels": calib[i : i + 8]} for i in range(0, len(calib), 8)
     ]
     out: dict[str, Any] = {}
     for structure in ("kfac", "diagonal"):
+        path = None if cache is None else cache.with_name(f"{cache.name}-{structure}.safetensors")
+        if path is not None and path.is_file():
+            out[structure] = ff.load(path)
+            out[f"{structure} s"] = float(path.with_suffix(".seconds").read_text())
+            continue
         start = time.perf_counter()
         out[structure] = ff.estimate(
             model, batches, "categorical", "mc", structure, params=params, seed=0, progress=False
         )
         out[f"{structure} s"] = time.perf_counter() - start
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            out[structure].save(str(path))
+            path.with_suffix(".seconds").write_text(f"{out[f'{structure} s']:.3f}")
     return out
 
 
@@ -278,7 +293,8 @@ def run_smollm2(args: argparse.Namespace) -> str:
     evals = windows(held, args.smollm2_eval_rows, 128)
     for n, p in model.named_parameters():  # backward through the pruned blocks only
         p.requires_grad_(n in targets)
-    F = fishers(model, calib, targets)
+    stem = f"smollm2-b{args.smollm2_blocks}-c{args.smollm2_calib_rows}"
+    F = fishers(model, calib, targets, Path(args.cache) / stem)
     tail = Tail(model, evals, blocks[0])
     full = perplexity(model, evals, batch=4)
     assert abs(tail.perplexity() / full - 1) < 1e-4, (tail.perplexity(), full)

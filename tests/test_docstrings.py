@@ -64,6 +64,7 @@ MODULES = [
     "fisherflow.apps.scores",
     "fisherflow.apps.prune",
     "fisherflow.apps.sparsegpt",
+    "fisherflow.apps._row_solve",
     "fisherflow.optim.eigenbasis",
     "fisherflow.optim.shampoo",
     "fisherflow.optim.damping",

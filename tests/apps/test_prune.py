@@ -56,6 +56,24 @@ def test_obs_is_the_least_squares_refit_on_the_kept_support(least_squares, struc
         assert bool((model.weight[r][~keep[r]] == 0).all())
 
 
+@pytest.mark.parametrize("scope", ["layer", "row"])
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.75])
+def test_kfac_obs_solves_on_the_smaller_of_pruned_and_kept_sets(least_squares, scope, sparsity):
+    """Rows solve on Q (sparsity <= 1/2) or on K (above), equal or ragged |Q| per row:
+    every path is the least-squares refit on the kept support."""
+    model, x, y, xb = least_squares
+    F = _fisher(model, x, y, "kfac")
+    keep = ff.apps.prune(model, F, sparsity, method="obs", scope=scope)["weight"]
+    if scope == "row":
+        assert bool(((~keep).sum(1) == math.floor(sparsity * D)).all())
+    for r in range(K):
+        cols = torch.cat([keep[r], torch.tensor([True])])
+        refit = torch.linalg.lstsq(xb[:, cols], y[:, r]).solution
+        got = torch.cat([model.weight[r][keep[r]], model.bias[r : r + 1]]).detach()
+        torch.testing.assert_close(got, refit, rtol=1e-9, atol=1e-9)
+        assert bool((model.weight[r][~keep[r]] == 0).all())
+
+
 def test_obs_saliency_is_its_formula_for_dense_block_and_kfac(least_squares):
     model, x, y, _ = least_squares
     theta = model.weight.detach()
