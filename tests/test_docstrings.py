@@ -65,6 +65,7 @@ MODULES = [
     "fisherflow.apps.prune",
     "fisherflow.apps.sparsegpt",
     "fisherflow.apps._row_solve",
+    "fisherflow.apps.sequential",
     "fisherflow.optim.eigenbasis",
     "fisherflow.optim.shampoo",
     "fisherflow.optim.damping",

@@ -10,22 +10,27 @@ Layer 3: imports :mod:`fisherflow.matrices`, :mod:`fisherflow.estimation` and
 EWC), ``merging`` (Fisher-weighted merging; ``_solve`` its exact weighted solves,
 ``_params`` the layout checks), and for pruning ``masks`` (patterns, scopes, the row
 view of a weight) and ``obs`` (OBS units per structure) below ``scores`` (the
-saliencies), below ``prune`` (the one-call front).
+saliencies), below ``prune`` (the one-call front), below ``sequential`` (blocks
+pruned in order, each on a Fisher it re-estimates on the partially pruned model — the
+one use here that drives ``ff.estimate`` itself).
 """
 
 from fisherflow.apps.ewc import ANCHOR_RULES, EWC, ewc_penalty
 from fisherflow.apps.merging import FALLBACKS, merge, merge_units
 from fisherflow.apps.prune import prune
 from fisherflow.apps.scores import saliency, weight_matrices
+from fisherflow.apps.sequential import blocks_of, prune_sequential
 
 __all__ = [
     "ANCHOR_RULES",
     "EWC",
     "FALLBACKS",
+    "blocks_of",
     "ewc_penalty",
     "merge",
     "merge_units",
     "prune",
+    "prune_sequential",
     "saliency",
     "weight_matrices",
 ]
