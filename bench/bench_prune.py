@@ -54,6 +54,7 @@ from torch import Tensor, nn
 import fisherflow as ff
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _blockwise import BlockFisher
 from _gpt import CONTEXT, char_gpt, clean, perplexity, plays, windows
 from bench_smollm2 import load_model, package_dir
 
@@ -147,13 +148,15 @@ def sweep(
     settings: list[tuple[str, float | None, str, str]],
     obs_settings: list[str] | None = None,
     methods: tuple[str, ...] = METHODS,
+    prune: Callable[..., dict[str, Tensor]] = ff.apps.prune,
 ) -> tuple[float, dict[tuple[str, str], tuple[float, float]]]:
     """Dense perplexity, and ``{(setting, method): (perplexity, seconds to prune)}``.
 
     OBS runs only at the labels in ``obs_settings`` (every setting when ``None``).
+    ``prune`` is ``ff.apps.prune`` or a sequential pruner (``F`` then empty).
     """
     named = dict(model.named_parameters())
-    touched = list(F["kfac"].layout.names)  # OBS may move a kept bias too
+    touched = list(F["kfac"].layout.names) if F else targets  # OBS may move a kept bias
     snapshot = {n: named[n].detach().clone() for n in touched}
     dense = evaluate()
     print(f"  dense: {dense:.4f}")
@@ -162,9 +165,9 @@ def sweep(
         for method in methods:
             if method == "obs" and obs_settings is not None and label not in obs_settings:
                 continue
-            fisher = F["diagonal"] if method == "obd" else F["kfac"]
+            fisher = F.get("diagonal" if method == "obd" else "kfac")
             start = time.perf_counter()
-            ff.apps.prune(
+            prune(
                 model, fisher, sparsity, pattern=pattern, method=method, scope=scope,
                 params=targets, rel_damping=REL_DAMPING if method in ("obs", "sparsegpt") else 0.0,
             )  # fmt: skip
@@ -294,25 +297,41 @@ def run_smollm2(args: argparse.Namespace) -> str:
     for n, p in model.named_parameters():  # backward through the pruned blocks only
         p.requires_grad_(n in targets)
     stem = f"smollm2-b{args.smollm2_blocks}-c{args.smollm2_calib_rows}"
-    F = fishers(model, calib, targets, Path(args.cache) / stem)
+    F = {} if args.sequential else fishers(model, calib, targets, Path(args.cache) / stem)
     tail = Tail(model, evals, blocks[0])
     full = perplexity(model, evals, batch=4)
     assert abs(tail.perplexity() / full - 1) < 1e-4, (tail.perplexity(), full)
     settings = [s for s in SETTINGS if s[0] in args.smollm2_settings]
     obs = args.smollm2_obs_settings
-    dense, results = sweep(model, F, targets, tail.perplexity, settings, obs, tuple(args.methods))
+    methods = tuple(args.methods)
+
+    def sequential(model: nn.Module, _: None, sparsity: float | None, **kw: Any) -> Any:
+        blocks = ff.apps.blocks_of(model, kw.pop("params"))
+        estimate = BlockFisher(model, calib, seed=0)
+        return ff.apps.prune_sequential(
+            model, None, sparsity, blocks=blocks, estimate=estimate, progress=False, **kw
+        )
+
+    if args.sequential and not set(methods) <= {"wanda", "obs", "sparsegpt"}:
+        raise SystemExit("--sequential runs wanda, obs and sparsegpt (input-factor methods)")
+    prune = sequential if args.sequential else ff.apps.prune
+    dense, results = sweep(model, F, targets, tail.perplexity, settings, obs, methods, prune)
     size = sum(p.numel() for n, p in model.named_parameters() if n in targets)
     which = (
         f"all {n_blocks} blocks pruned"
         if len(blocks) == n_blocks
         else f"the last {len(blocks)} of {n_blocks} blocks pruned"
     )
+    fisher = (
+        f"block by block (sequential), each block's K-FAC Fisher on {calib.numel()} tokens "
+        "of Hamlet through the pruned blocks before it (estimation inside the seconds)"
+        if args.sequential
+        else f"Fishers on {calib.numel()} tokens of Hamlet: K-FAC {F['kfac s']:.1f} s, "
+        f"diagonal {F['diagonal s']:.1f} s"
+    )
     title = (
-        f"SmolLM2-135M-Instruct, {which} "
-        f"({len(targets)} weight matrices, {size} weights); Fishers on {calib.numel()} "
-        f"tokens of Hamlet: K-FAC {F['kfac s']:.1f} s, "
-        f"diagonal {F['diagonal s']:.1f} s; perplexity per token on {evals.numel()} tokens "
-        "of The Tempest"
+        f"SmolLM2-135M-Instruct, {which} ({len(targets)} weight matrices, {size} weights); "
+        f"{fisher}; perplexity per token on {evals.numel()} tokens of The Tempest"
     )
     return table(title, dense, results, settings)
 
@@ -332,6 +351,11 @@ def main() -> None:
     p.add_argument("--smollm2-settings", nargs="+", default=None, help="labels of SETTINGS to run")
     p.add_argument(
         "--smollm2-obs-settings", nargs="+", default=None, help="labels at which SmolLM2 runs OBS"
+    )
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="SmolLM2: block by block, each on a Fisher of the pruned model (wanda/obs/sparsegpt)",
     )
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--cache", default="/tmp/fisherflow-bench-cache")
