@@ -256,3 +256,28 @@ def test_kfac_obs_paths_agree_absolute_and_relative_damping():
     assert torch.equal(m1["weight"], m2["weight"])
     torch.testing.assert_close(absolute.weight, relative.weight, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(absolute.bias, relative.bias, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["obs", "sparsegpt"])
+def test_kfac_row_scope_and_nm_depend_on_the_input_factor_alone(method):
+    """Per-row scope and N:M compare weights within a row, whose H is ``G_rr A + λ_r I``
+    with ``λ_r = rel · G_rr · mean(diag A)``: ``G_rr`` scales the row's saliencies and
+    cancels in its compensation, so any positive output factor gives the same result."""
+    g = torch.Generator().manual_seed(3)
+    model = nn.Linear(8, 5, bias=False).double()
+    a = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    layout = ff.ParamLayout.from_model(model)
+    group = {"l": ff.KronGroup("weight", None)}
+    b = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    outputs = [torch.eye(5, dtype=torch.float64), b @ b.T + 0.1 * torch.eye(5, dtype=torch.float64)]
+    for pattern, sparsity, scope in [("unstructured", 0.6, "row"), ("2:4", None, "layer")]:
+        results = []
+        for G in outputs:
+            m = copy.deepcopy(model)
+            F = ff.KFAC(group, {"l": a.T @ a}, {"l": G}, layout)
+            keep = ff.apps.prune(
+                m, F, sparsity, pattern=pattern, method=method, scope=scope, rel_damping=0.01
+            )
+            results.append((keep["weight"], m.weight.detach()))
+        assert torch.equal(results[0][0], results[1][0])
+        torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-10, atol=1e-12)
