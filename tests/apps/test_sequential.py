@@ -103,5 +103,7 @@ def test_bad_input_fails_with_named_errors(mlp):
         ff.apps.prune_sequential(model, data, 0.5, method="random")
     with pytest.raises(TypeError, match="estimate must be callable"):
         ff.apps.prune_sequential(model, data, 0.5, estimate=3)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="sparsity"):
-        ff.apps.prune_sequential(model, data, 1.5, progress=False)
+    for bad in ({"sparsity": 1.5}, {"sparsity": 0.3, "pattern": "2:4"}, {"scope": "rows"}):
+        kwargs = {"sparsity": 0.5, **bad}
+        with pytest.raises(ValueError, match="sparsity|pattern|scope"):
+            ff.apps.prune_sequential(model, iter(data), estimate=None, **kwargs)

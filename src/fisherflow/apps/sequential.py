@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from fisherflow.apps.masks import check_scope, parse_pattern, resolve_sparsity
 from fisherflow.apps.prune import prune
 from fisherflow.apps.scores import METHODS, _targets, check_method
 from fisherflow.estimation import estimate as estimate_fisher
@@ -135,6 +136,9 @@ def prune_sequential(
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     groups = _check_blocks(model, blocks)
+    nm = parse_pattern(pattern)  # before any costly estimate
+    resolve_sparsity(sparsity, nm)
+    check_scope(scope, nm)
     needs_fisher = METHODS[method] or method == "wanda"
     if estimate is not None and not callable(estimate):
         raise TypeError(
