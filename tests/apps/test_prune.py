@@ -56,6 +56,24 @@ def test_obs_is_the_least_squares_refit_on_the_kept_support(least_squares, struc
         assert bool((model.weight[r][~keep[r]] == 0).all())
 
 
+@pytest.mark.parametrize("scope", ["layer", "row"])
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.75])
+def test_kfac_obs_solves_on_the_smaller_of_pruned_and_kept_sets(least_squares, scope, sparsity):
+    """Rows solve on Q (sparsity <= 1/2) or on K (above), equal or ragged |Q| per row:
+    every path is the least-squares refit on the kept support."""
+    model, x, y, xb = least_squares
+    F = _fisher(model, x, y, "kfac")
+    keep = ff.apps.prune(model, F, sparsity, method="obs", scope=scope)["weight"]
+    if scope == "row":
+        assert bool(((~keep).sum(1) == math.floor(sparsity * D)).all())
+    for r in range(K):
+        cols = torch.cat([keep[r], torch.tensor([True])])
+        refit = torch.linalg.lstsq(xb[:, cols], y[:, r]).solution
+        got = torch.cat([model.weight[r][keep[r]], model.bias[r : r + 1]]).detach()
+        torch.testing.assert_close(got, refit, rtol=1e-9, atol=1e-9)
+        assert bool((model.weight[r][~keep[r]] == 0).all())
+
+
 def test_obs_saliency_is_its_formula_for_dense_block_and_kfac(least_squares):
     model, x, y, _ = least_squares
     theta = model.weight.detach()
@@ -238,3 +256,28 @@ def test_kfac_obs_paths_agree_absolute_and_relative_damping():
     assert torch.equal(m1["weight"], m2["weight"])
     torch.testing.assert_close(absolute.weight, relative.weight, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(absolute.bias, relative.bias, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["obs", "sparsegpt"])
+def test_kfac_row_scope_and_nm_depend_on_the_input_factor_alone(method):
+    """Per-row scope and N:M compare weights within a row, whose H is ``G_rr A + λ_r I``
+    with ``λ_r = rel · G_rr · mean(diag A)``: ``G_rr`` scales the row's saliencies and
+    cancels in its compensation, so any positive output factor gives the same result."""
+    g = torch.Generator().manual_seed(3)
+    model = nn.Linear(8, 5, bias=False).double()
+    a = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    layout = ff.ParamLayout.from_model(model)
+    group = {"l": ff.KronGroup("weight", None)}
+    b = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    outputs = [torch.eye(5, dtype=torch.float64), b @ b.T + 0.1 * torch.eye(5, dtype=torch.float64)]
+    for pattern, sparsity, scope in [("unstructured", 0.6, "row"), ("2:4", None, "layer")]:
+        results = []
+        for G in outputs:
+            m = copy.deepcopy(model)
+            F = ff.KFAC(group, {"l": a.T @ a}, {"l": G}, layout)
+            keep = ff.apps.prune(
+                m, F, sparsity, pattern=pattern, method=method, scope=scope, rel_damping=0.01
+            )
+            results.append((keep["weight"], m.weight.detach()))
+        assert torch.equal(results[0][0], results[1][0])
+        torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-10, atol=1e-12)

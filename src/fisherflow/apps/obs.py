@@ -29,8 +29,9 @@ whose ``H`` is singular raises and asks for damping.
 
 Costs per K-FAC layer (n inputs, n_out rows, |Q_r| pruned in row r): with
 ``damping=0`` (``rel_damping`` only) every row's H is ``G_rr B`` with one
-``B = A + rel·mean(diag A) I``, so one inverse of B (O(n³)) and a |Q_r|-sized
-Cholesky per row (Σ_r |Q_r|³/3, the pruned-set form of the same minimiser); with an
+``B = A + rel·mean(diag A) I``, so one inverse of B (O(n³)) and, per row, a Cholesky
+of size min(|Q_r|, |K_r|) on the pruned set Q_r or the kept set K_r
+(Σ_r min(|Q_r|, |K_r|)³/3; rows batched, see :mod:`fisherflow.apps._row_solve`); with an
 absolute ``damping`` each row has its own H: an n-sized solve per row (n_out·n³/3).
 Dense and block units cost one Cholesky of their (kept) block.
 """
@@ -43,6 +44,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from fisherflow.apps._row_solve import row_solves
 from fisherflow.apps.masks import from_rows, to_rows
 from fisherflow.apps.sparsegpt import sequential_compensation
 from fisherflow.matrices import KFAC, Block, FisherMatrix, ParamLayout, eigh
@@ -217,47 +219,54 @@ class RowUnit(Unit):
                 )
             new = sequential_compensation(self.x, mask, self._b_inverse())
         else:
-            new = self._pruned_set(mask) if self.shared else self._kept_support(mask)
+            new = self._shared(mask) if self.shared else self._kept_support(mask)
         n_in = new.shape[1] - (self.bias is not None)
         out = {self.weight: from_rows(new[:, :n_in], self.shape, self.input_major)}
         if self.bias is not None:
             out[self.bias] = new[:, -1]
         return out
 
-    def _pruned_set(self, mask: Tensor) -> Tensor:
+    def _shared(self, mask: Tensor) -> Tensor:
         """Every row's H is ``G_rr B`` with one ``B = A + rel·mean(diag A) I``.
 
-        Then ``δ = −B⁻¹[:, Q] (B⁻¹[Q, Q])⁻¹ θ_Q`` per row (the scale ``G_rr`` cancels):
-        one inverse of B per layer and a ``|Q|``-sized solve per row (Hassibi & Stork's
-        form), padded to the row with the most pruned weights.
+        The scale ``G_rr`` cancels, and each row solves on the smaller of its pruned set
+        Q and kept set K (both forms give the same minimiser):
+
+        - ``|Q| <= |K|``: ``δ = −B⁻¹[:, Q] (B⁻¹[Q, Q])⁻¹ θ_Q`` (Hassibi & Stork's form,
+          one inverse of B per layer);
+        - ``|K| < |Q|``: ``θ_K = θ₀_K + B_KK⁻¹ B_KQ θ₀_Q`` (the refit on the support).
+
+        Under N:M and per-row scope every row has the same ``|Q|``, so the row systems
+        are batched without padding (:func:`fisherflow.apps._row_solve.row_solves`).
         """
         n_out, n_cols = self.x.shape
-        b_inv = self._b_inverse()
-        flat = b_inv.reshape(-1)
         pruned = ~mask
-        counts = pruned.sum(1)
-        width = int(counts.max()) if n_out else 0
+        n_pruned = pruned.sum(1)
         new = self.x * mask
-        if width == 0:
+        if n_out == 0 or int(n_pruned.max()) == 0:
             return new
-        # pruned indices of each row first (stable: in column order), padded
-        order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :width]
-        valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
-        step = max(1, _ROW_BATCH // max(1, width * width))
-        small = torch.eye(width, dtype=self.x.dtype, device=self.x.device)
-        for start in range(0, n_out, step):
-            rows = slice(start, min(start + step, n_out))
-            idx, ok = order[rows], valid[rows]
-            both = ok[:, :, None] & ok[:, None, :]
-            sub = flat.take(idx[:, :, None] * n_cols + idx[:, None, :])  # B⁻¹[Q, Q] per row
-            system = torch.where(both, sub, small)
-            theta_q = torch.where(ok, self.x[rows].gather(1, idx), 0.0)
-            z = torch.cholesky_solve(theta_q[:, :, None], _cholesky(system, self.where))
-            z = torch.where(ok, z[:, :, 0], 0.0)
-            spread = torch.zeros_like(self.x[rows]).scatter_add_(1, idx, z)
-            delta = -(spread @ b_inv)  # −B⁻¹[:, Q] z, B⁻¹ symmetric
-            new[rows] = (self.x[rows] + delta) * mask[rows]
-        return new
+        q = pruned.to(self.x.dtype)
+        if int(n_pruned.max()) <= int((n_cols - n_pruned).max()):
+            width = int(n_pruned.max())
+            b_inv = self._b_inverse()
+            # each row's pruned indices first (stable: in column order)
+            idx = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :width]
+            z = row_solves(b_inv, idx, n_pruned, self.x.gather(1, idx))
+            if z is None:
+                raise _singular(self.where)
+            spread = torch.zeros_like(self.x).scatter_add_(1, idx, z)
+            return (self.x - spread @ b_inv) * mask  # −B⁻¹[:, Q] z, B⁻¹ symmetric
+        n_kept = n_cols - n_pruned
+        width = int(n_kept.max())
+        eye = torch.eye(n_cols, dtype=self.x.dtype, device=self.x.device)
+        b = self.A + self.rel * eye
+        idx = torch.argsort(pruned.to(torch.int8), dim=1, stable=True)[:, :width]
+        rhs = ((self.x * q) @ b).gather(1, idx)  # (B θ₀_Q)_K, B symmetric
+        y = row_solves(b, idx, n_kept, rhs)
+        if y is None:
+            raise _singular(self.where)
+        spread = torch.zeros_like(self.x).scatter_add_(1, idx, y)
+        return (self.x + spread) * mask
 
     def _kept_support(self, mask: Tensor) -> Tensor:
         """Per row, ``θ_K += H_KK⁻¹ H_KQ θ_Q`` with ``H = G_rr A + λ_r I`` (any damping)."""
