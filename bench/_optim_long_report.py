@@ -111,6 +111,11 @@ def table_steps(runs: Runs) -> list[str]:
             cells.append(spread(vals) + (f" [{len(vals)} seeds]" if len(vals) < len(seeds) else ""))
         setting = next(iter(seeds.values()))["setting"]
         failed = [f"seed {k}: {r['failed']}" for k, r in seeds.items() if r["failed"]]
+        failed += [
+            f"seed {k}: stopped at step {r['val_loss'][-1][0]}"
+            for k, r in seeds.items()
+            if not r["failed"] and r["val_loss"][-1][0] < r["steps"]
+        ]
         note = f" ({'; '.join(failed)})" if failed else ""
         lines.append(f"| {name}{note} | {setting} | {','.join(map(str, seeds))} | "
                      + " | ".join(cells) + " |")  # fmt: skip
