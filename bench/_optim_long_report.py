@@ -22,7 +22,7 @@ BASE = "AdamW"
 STEPS = (0.1, 0.25, 0.5, 1.0)
 #: ... and AdamW's steps whose CPU time is a budget.
 BUDGET_STEPS = (0.25, 0.5, 1.0)
-ORDER = ("AdamW", "K-FAC", "SOAP", "Shampoo", "SOAP-kfac", "EKFAC", "SGD+momentum")
+ORDER = ("AdamW", "K-FAC", "SOAP", "SOAP lr=0.003", "Shampoo", "SOAP-kfac", "EKFAC", "SGD+momentum")
 
 Runs = dict[str, dict[int, dict]]  # optimizer → seed → stored record
 

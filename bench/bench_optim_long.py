@@ -63,6 +63,8 @@ def table(seed: int) -> dict[str, tuple[str, Callable[[nn.Module], object]]]:
     for name, factory in fixed.items():
         if name not in out and "power" not in name:
             out[name] = ("bench_optim default, not swept", factory)
+    # SOAP at bench_optim's default lr too: the sweep's pick was at the top of its grid.
+    out["SOAP lr=0.003"] = ("bench_optim default (SOAP lr=0.003)", fixed["SOAP"])
     return out
 
 
