@@ -22,7 +22,18 @@ BASE = "AdamW"
 STEPS = (0.1, 0.25, 0.5, 1.0)
 #: ... and AdamW's steps whose CPU time is a budget.
 BUDGET_STEPS = (0.25, 0.5, 1.0)
-ORDER = ("AdamW", "K-FAC", "SOAP", "SOAP lr=0.003", "Shampoo", "SOAP-kfac", "EKFAC", "SGD+momentum")
+ORDER = (
+    "AdamW",
+    "K-FAC",
+    "K-FAC kl_clip=0.01",
+    "K-FAC kl_clip=None",
+    "SOAP",
+    "SOAP lr=0.003",
+    "Shampoo",
+    "SOAP-kfac",
+    "EKFAC",
+    "SGD+momentum",
+)
 
 Runs = dict[str, dict[int, dict]]  # optimizer → seed → stored record
 
@@ -218,13 +229,16 @@ def plot(runs: Runs, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    low = np.inf
     for i, (name, seeds) in enumerate(runs.items()):
-        color = f"C{i}"
+        color = f"C{i % 10}"
         recs = list(seeds.values())
         last = min(r["val_loss"][-1][0] for r in recs)
         steps = [s for s, _ in recs[0]["val_loss"] if 0 < s <= last]
         vals = np.array([[loss_at_step(r, s) for s in steps] for r in recs], dtype=float)
-        by_step.plot(steps, vals.mean(0), color=color, label=f"{name} ({len(recs)} seeds)")
+        low = min(low, float(vals.min()))
+        style = "-" if i < 10 else "--"
+        by_step.plot(steps, vals.mean(0), style, color=color, label=f"{name} ({len(recs)} seeds)")
         by_step.fill_between(steps, vals.min(0), vals.max(0), color=color, alpha=0.2)
         curves = []
         for r in recs:
@@ -232,12 +246,12 @@ def plot(runs: Runs, path: Path) -> None:
             curves.append(([cum[s] for s, _ in r["val_loss"]], [v for _, v in r["val_loss"]]))
         grid = np.linspace(min(t[1] for t, _ in curves), min(t[-1] for t, _ in curves), 100)
         on_grid = np.array([np.interp(grid, t, v) for t, v in curves])
-        by_time.plot(grid, on_grid.mean(0), color=color, label=name)
+        by_time.plot(grid, on_grid.mean(0), style, color=color, label=name)
         by_time.fill_between(grid, on_grid.min(0), on_grid.max(0), color=color, alpha=0.2)
     by_step.set_xlabel("step")
     by_time.set_xlabel("cumulative step CPU time (s, one thread)")
     by_step.set_ylabel("validation loss (nats/char)")
-    by_step.set_ylim(top=3.0)
+    by_step.set_ylim(low - 0.05, 3.0)  # a run that blew up stays off the chart
     by_step.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import fisherflow as ff
 from _steps import timed_round
 from bench_optim import GPT, batches, evaluate, loss_of, optimizers, shakespeare, sweep
 
@@ -65,6 +66,14 @@ def table(seed: int) -> dict[str, tuple[str, Callable[[nn.Module], object]]]:
             out[name] = ("bench_optim default, not swept", factory)
     # SOAP at bench_optim's default lr too: the sweep's pick was at the top of its grid.
     out["SOAP lr=0.003"] = ("bench_optim default (SOAP lr=0.003)", fixed["SOAP"])
+    # K-FAC's sweep pick with a looser or no trust region (does kl_clip hold it back?).
+    for clip in (1e-2, None):
+        out[f"K-FAC kl_clip={clip}"] = (
+            f"K-FAC lr=0.1 λ=0.01, kl_clip={clip}",
+            lambda m, clip=clip: ff.optim.KFAC(
+                m, lr=0.1, damping=1e-2, momentum=0.9, update_freq=10, kl_clip=clip, seed=seed
+            ),
+        )
     return out
 
 
