@@ -16,7 +16,9 @@ after every validation point, as ``bench/optim_long/<optimizer>_seed<seed>.json`
 Hyperparameters: AdamW, K-FAC, EKFAC and SOAP take the best setting of the 100-step
 sweep (``bench/RESULTS_optim_sweep.md``, :data:`FROM_SWEEP`); the others (Shampoo,
 SOAP-kfac, SGD+momentum, Muon+AdamW, heavyball SOAP) ``bench_optim.optimizers``'
-single setting, not swept.
+single setting, not swept; "SOAP lr=0.003" is SOAP at that table's setting, and
+"K-FAC kl_clip=0.01" / "K-FAC kl_clip=None" K-FAC's sweep pick with a looser or no
+trust region.
 
 Run (each seed in its own process, in the background if you like)::
 
