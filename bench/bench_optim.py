@@ -151,8 +151,9 @@ def heavyball_soap(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     )  # fmt: skip
 
 
-def optimizers() -> dict[str, Callable[[nn.Module], object]]:
-    kfac = {"damping": 1e-3, "momentum": 0.9, "update_freq": 10, "kl_clip": 1e-3}
+def optimizers(seed: int = 0) -> dict[str, Callable[[nn.Module], object]]:
+    """The optimizers of the main table; ``seed``: their MC label samplers' seed."""
+    kfac = {"damping": 1e-3, "momentum": 0.9, "update_freq": 10, "kl_clip": 1e-3, "seed": seed}
     table: dict[str, Callable[[nn.Module], object]] = {
         "AdamW": lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0),
         "SGD+momentum": lambda m: torch.optim.SGD(
@@ -175,7 +176,7 @@ def optimizers() -> dict[str, Callable[[nn.Module], object]]:
         ),
         "SOAP": lambda m: ff.optim.SOAP(m.parameters(), lr=3e-3, weight_decay=0.0, model=m),
         "SOAP-kfac": lambda m: ff.optim.SOAP(
-            m.parameters(), lr=3e-3, weight_decay=0.0, model=m, basis="kfac"
+            m.parameters(), lr=3e-3, weight_decay=0.0, model=m, basis="kfac", seed=seed
         ),
     }
     if importlib.util.find_spec("heavyball") is not None:
@@ -183,12 +184,13 @@ def optimizers() -> dict[str, Callable[[nn.Module], object]]:
     return table
 
 
-def sweep() -> dict[str, Callable[[nn.Module], object]]:
+def sweep(seed: int = 0) -> dict[str, Callable[[nn.Module], object]]:
     """3 settings each of AdamW, K-FAC, EKFAC and SOAP (``--sweep``).
 
     K-FAC/EKFAC move learning rate and damping together, from aggressive (lr/λ = 50)
     to conservative (lr/λ = 3): with little damping the step along low-curvature
     directions is ~lr/λ times the gradient, which is what overshot at lr 0.3, λ 1e-3.
+    ``seed``: the K-FAC/EKFAC MC label samplers' seed.
     """
     table: dict[str, Callable[[nn.Module], object]] = {}
     for lr in (1e-3, 3e-3, 1e-2):
@@ -200,7 +202,8 @@ def sweep() -> dict[str, Callable[[nn.Module], object]]:
             table[f"{preset.replace('KFAC', 'K-FAC') if preset == 'KFAC' else preset} "
                   f"lr={lr:g} λ={lam:g}"] = lambda m, lr=lr, lam=lam, preset=preset: getattr(
                 ff.optim, preset
-            )(m, lr=lr, damping=lam, momentum=0.9, update_freq=10, kl_clip=1e-3)  # fmt: skip
+            )(m, lr=lr, damping=lam, momentum=0.9, update_freq=10, kl_clip=1e-3,
+              seed=seed)  # fmt: skip
     for lr in (1e-3, 3e-3, 1e-2):
         table[f"SOAP lr={lr:g}"] = lambda m, lr=lr: ff.optim.SOAP(
             m.parameters(), lr=lr, weight_decay=0.0, model=m
