@@ -100,12 +100,7 @@ def time_batch(size: int, steps: int, names: list[str], vocab: int, train: torch
     """``{name: (forward+backward s per step, step() s per step)}`` (step 0 included),
     or the error of a run that failed."""
     factories = table()
-    init = B.GPT(vocab).state_dict()
-    runs = {}
-    for name in names:
-        model = B.GPT(vocab)
-        model.load_state_dict(init)
-        runs[name] = (model, factories[name](model))
+    runs = B.fresh_runs({n: factories[n] for n in names}, vocab)
     data = B.batches(train, steps, size, CTX, seed=1)
     out: dict[str, tuple[list[float], list[float]] | str] = {n: ([], []) for n in names}
     for chunk in data:

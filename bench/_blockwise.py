@@ -31,6 +31,30 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass early."""
 
 
+def block_inputs(
+    model: Any, first: int, rows: Tensor, batch: int
+) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """The positional and keyword arguments entering block ``first`` of a Llama-style
+    model, one pair per batch of ``rows`` (the forward stops there)."""
+    captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def grab(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured.append((args, dict(kwargs)))
+        raise _Stop
+
+    handle = model.model.layers[first].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(rows), batch):
+                try:
+                    model(input_ids=rows[i : i + batch])
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
 class _Block(nn.Module):
     """Block ``index`` of ``layers`` as a model, parameters named as in the full model."""
 
@@ -52,23 +76,9 @@ class BlockFisher:
         self.model, self.seed, self.next = model, seed, 0
         self.hidden: list[Tensor] = []
         self.kwargs: dict[str, Any] = {}
-
-        def grab(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            kw = dict(kwargs)
+        for args, kw in block_inputs(model, 0, calib, batch):
             self.hidden.append(args[0] if args else kw.pop("hidden_states"))
             self.kwargs = kw
-            raise _Stop
-
-        handle = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                for i in range(0, len(calib), batch):
-                    try:
-                        model(input_ids=calib[i : i + batch])
-                    except _Stop:
-                        pass
-        finally:
-            handle.remove()
         self.kwargs = {k: v for k, v in self.kwargs.items() if k != "past_key_values"}
         self.kwargs["use_cache"] = False
 

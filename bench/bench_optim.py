@@ -213,6 +213,19 @@ def sweep(seed: int = 0) -> dict[str, Callable[[nn.Module], object]]:
 
 # ----------------------------------------------------------------------- bench
 @torch.no_grad()
+def fresh_runs(
+    factories: dict[str, Callable[[nn.Module], object]], vocab: int
+) -> dict[str, tuple[nn.Module, object]]:
+    """One GPT and its optimizer per name, every GPT from one initialisation (drawn now)."""
+    init = GPT(vocab).state_dict()
+    runs = {}
+    for name, factory in factories.items():
+        model = GPT(vocab)
+        model.load_state_dict(init)
+        runs[name] = (model, factory(model))
+    return runs
+
+
 def evaluate(model: nn.Module, val: list[torch.Tensor]) -> float:
     model.eval()
     out = statistics.fmean(loss_of(model, c).item() for c in val)
@@ -245,15 +258,10 @@ def main() -> None:
     train, val, vocab = shakespeare()
     data = batches(train, steps, size, 128, seed=args.seed + 1)
     held = batches(val, 2, 16, 128, seed=args.seed + 2)
-    init = GPT(vocab).state_dict()
     names = list(table())
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
-    runs = {}
-    for name in names:
-        model = GPT(vocab)
-        model.load_state_dict(init)
-        runs[name] = (model, table()[name](model))
+    runs = fresh_runs({n: table()[n] for n in names}, vocab)
     times: dict[str, list[float]] = {n: [] for n in names}
     curves: dict[str, list[tuple[int, float]]] = {
         n: [(0, evaluate(runs[n][0], held))] for n in names

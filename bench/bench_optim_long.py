@@ -43,7 +43,15 @@ from torch import nn
 
 import fisherflow as ff
 from _steps import timed_round
-from bench_optim import GPT, batches, evaluate, loss_of, optimizers, shakespeare, sweep
+from bench_optim import (
+    batches,
+    evaluate,
+    fresh_runs,
+    loss_of,
+    optimizers,
+    shakespeare,
+    sweep,
+)
 
 DIR = Path(__file__).with_name("optim_long")
 
@@ -108,12 +116,7 @@ def run(args: argparse.Namespace) -> None:
     data = batches(train, args.steps, args.batch, 128, seed=args.seed + 1)
     held = batches(val, args.held[0], args.held[1], 128, seed=HELD_SEED)
     torch.manual_seed(args.seed)
-    init = GPT(vocab).state_dict()
-    runs = {}
-    for name in names:
-        model = GPT(vocab)
-        model.load_state_dict(init)
-        runs[name] = (model, options[name][1](model))
+    runs = fresh_runs({n: options[n][1] for n in names}, vocab)
     times: dict[str, list[float]] = {n: [] for n in names}
     curves = {n: [(0, evaluate(runs[n][0], held))] for n in names}
     failed: dict[str, str] = {}

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 import fisherflow as ff
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _blockwise import BlockFisher
+from _blockwise import BlockFisher, block_inputs
 from _gpt import CONTEXT, char_gpt, clean, perplexity, plays, windows
 from bench_smollm2 import load_model, package_dir
 
@@ -230,10 +230,6 @@ def run_char_gpt(args: argparse.Namespace) -> str:
     return table(title, dense, results, SETTINGS)
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass early."""
-
-
 class Tail:
     """Perplexity of a Llama-style model whose first blocks are never pruned.
 
@@ -244,23 +240,7 @@ class Tail:
 
     def __init__(self, model: Any, rows: Tensor, first: int, batch: int = 4) -> None:
         self.model, self.first, self.rows, self.batch = model, first, rows, batch
-        self.cache: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-
-        def grab(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            self.cache.append((args, dict(kwargs)))
-            raise _Stop
-
-        layer = model.model.layers[first]
-        handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                for i in range(0, len(rows), batch):
-                    try:
-                        model(input_ids=rows[i : i + batch])
-                    except _Stop:
-                        pass
-        finally:
-            handle.remove()
+        self.cache = block_inputs(model, first, rows, batch)
 
     def perplexity(self) -> float:
         total, count = 0.0, 0

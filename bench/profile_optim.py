@@ -75,12 +75,7 @@ def main() -> None:
     names = [n for n in table if n not in ("SGD+momentum", "Muon+AdamW")]
     if args.only:
         names = ["AdamW"] + [n for n in names if n in args.only.split(",") and n != "AdamW"]
-    init = B.GPT(vocab).state_dict()
-    runs = {}
-    for name in names:
-        model = B.GPT(vocab)
-        model.load_state_dict(init)
-        runs[name] = (model, table[name](model))
+    runs = B.fresh_runs({n: table[n] for n in names}, vocab)
     fb: dict[str, list[float]] = {n: [] for n in names}
     step: dict[str, list[tuple[int, float]]] = {n: [] for n in names}
     profiles: dict[str, dict[str, cProfile.Profile]] = {n: {} for n in names}

@@ -40,6 +40,16 @@ def _fisher(model, x, y, structure):
     )
 
 
+def _assert_refit(model, keep, xb, y):
+    """Each row's kept weights (and bias) are the least-squares refit on its support."""
+    for r in range(K):
+        cols = torch.cat([keep[r], torch.tensor([True])])
+        refit = torch.linalg.lstsq(xb[:, cols], y[:, r]).solution
+        got = torch.cat([model.weight[r][keep[r]], model.bias[r : r + 1]]).detach()
+        torch.testing.assert_close(got, refit, rtol=1e-9, atol=1e-9)
+        assert bool((model.weight[r][~keep[r]] == 0).all())
+
+
 @pytest.mark.parametrize("structure", ["dense", "block", "kfac", "ekfac"])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_obs_is_the_least_squares_refit_on_the_kept_support(least_squares, structure, pattern):
@@ -48,12 +58,7 @@ def test_obs_is_the_least_squares_refit_on_the_kept_support(least_squares, struc
     masks = ff.apps.prune(model, F, 0.5, pattern=pattern, method="obs")
     keep = masks["weight"]
     assert int((~keep).sum()) == math.floor(0.5 * D * K)
-    for r in range(K):
-        cols = torch.cat([keep[r], torch.tensor([True])])
-        refit = torch.linalg.lstsq(xb[:, cols], y[:, r]).solution
-        got = torch.cat([model.weight[r][keep[r]], model.bias[r : r + 1]]).detach()
-        torch.testing.assert_close(got, refit, rtol=1e-9, atol=1e-9)
-        assert bool((model.weight[r][~keep[r]] == 0).all())
+    _assert_refit(model, keep, xb, y)
 
 
 @pytest.mark.parametrize("scope", ["layer", "row"])
@@ -66,12 +71,7 @@ def test_kfac_obs_solves_on_the_smaller_of_pruned_and_kept_sets(least_squares, s
     keep = ff.apps.prune(model, F, sparsity, method="obs", scope=scope)["weight"]
     if scope == "row":
         assert bool(((~keep).sum(1) == math.floor(sparsity * D)).all())
-    for r in range(K):
-        cols = torch.cat([keep[r], torch.tensor([True])])
-        refit = torch.linalg.lstsq(xb[:, cols], y[:, r]).solution
-        got = torch.cat([model.weight[r][keep[r]], model.bias[r : r + 1]]).detach()
-        torch.testing.assert_close(got, refit, rtol=1e-9, atol=1e-9)
-        assert bool((model.weight[r][~keep[r]] == 0).all())
+    _assert_refit(model, keep, xb, y)
 
 
 def test_obs_saliency_is_its_formula_for_dense_block_and_kfac(least_squares):
