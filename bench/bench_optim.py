@@ -212,7 +212,6 @@ def sweep(seed: int = 0) -> dict[str, Callable[[nn.Module], object]]:
 
 
 # ----------------------------------------------------------------------- bench
-@torch.no_grad()
 def fresh_runs(
     factories: dict[str, Callable[[nn.Module], object]], vocab: int
 ) -> dict[str, tuple[nn.Module, object]]:
@@ -226,6 +225,7 @@ def fresh_runs(
     return runs
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, val: list[torch.Tensor]) -> float:
     model.eval()
     out = statistics.fmean(loss_of(model, c).item() for c in val)
