@@ -185,7 +185,7 @@ def optimizers(seed: int = 0) -> dict[str, Callable[[nn.Module], object]]:
 
 
 def sweep(seed: int = 0) -> dict[str, Callable[[nn.Module], object]]:
-    """3 settings each of AdamW, K-FAC, EKFAC and SOAP (``--sweep``).
+    """3 settings each of AdamW, K-FAC, EKFAC, SOAP, SOAP-kfac, Shampoo, SGD and Muon.
 
     K-FAC/EKFAC move learning rate and damping together, from aggressive (lr/λ = 50)
     to conservative (lr/λ = 3): with little damping the step along low-curvature
@@ -208,6 +208,20 @@ def sweep(seed: int = 0) -> dict[str, Callable[[nn.Module], object]]:
         table[f"SOAP lr={lr:g}"] = lambda m, lr=lr: ff.optim.SOAP(
             m.parameters(), lr=lr, weight_decay=0.0, model=m
         )
+    for lr in (1e-3, 3e-3, 1e-2):
+        table[f"SOAP-kfac lr={lr:g}"] = lambda m, lr=lr: ff.optim.SOAP(
+            m.parameters(), lr=lr, weight_decay=0.0, model=m, basis="kfac", seed=seed
+        )
+    for lr in (1e-3, 3e-3, 1e-2):
+        table[f"Shampoo lr={lr:g}"] = lambda m, lr=lr: ff.optim.Shampoo(
+            m.parameters(), lr=lr, exponent=-0.5, model=m, precondition_frequency=10
+        )
+    for lr in (0.1, 0.3, 1.0):
+        table[f"SGD+momentum lr={lr:g}"] = lambda m, lr=lr: torch.optim.SGD(
+            m.parameters(), lr=lr, momentum=0.9, nesterov=True
+        )
+    for lr in (0.01, 0.02, 0.05):
+        table[f"Muon+AdamW lr={lr:g}"] = lambda m, lr=lr: muon(m, lr)
     return table
 
 
@@ -246,7 +260,7 @@ def main() -> None:
     parser.add_argument(
         "--sweep",
         action="store_true",
-        help="3-point lr (and damping) sweep of AdamW, K-FAC, EKFAC, SOAP "
+        help="3-point lr (and damping) sweep of every optimizer but heavyball's "
         "-> bench/RESULTS_optim_sweep.md",
     )
     args = parser.parse_args()
