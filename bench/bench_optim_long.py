@@ -62,6 +62,7 @@ FROM_SWEEP = {
     "K-FAC": "K-FAC lr=0.1 λ=0.01",
     "EKFAC": "EKFAC lr=0.1 λ=0.01",
     "SOAP": "SOAP lr=0.01",
+    "Muon+AdamW": "Muon+AdamW lr=0.01",
 }
 #: Seed of the held-out windows: one validation set for every training seed.
 HELD_SEED = 12345
