@@ -46,6 +46,19 @@ def _tokens(seed: int) -> torch.Tensor:
     return torch.randint(0, 40, (4, 8), generator=torch.Generator().manual_seed(seed))
 
 
+def _fisher(model, seed: int, structure: str) -> ff.FisherMatrix:
+    """The empirical Fisher of ``model`` on ``_tokens(seed)`` (labels = inputs)."""
+    ids = _tokens(seed)
+    return ff.estimate(
+        model,
+        [{"input_ids": ids, "labels": ids}],
+        "categorical",
+        "empirical",
+        structure,
+        progress=False,
+    )
+
+
 def _setup(tmp_path, arch: str, structure: str):
     """Two sharded checkpoints, one Fisher file, one token file; the config."""
     paths, models = [], []
@@ -56,15 +69,7 @@ def _setup(tmp_path, arch: str, structure: str):
         paths.append(path)
         models.append(transformers.AutoModelForCausalLM.from_pretrained(path))
     assert (paths[0] / "model.safetensors.index.json").is_file()  # really sharded
-    ids = _tokens(0)
-    F0 = ff.estimate(
-        models[0],
-        [{"input_ids": ids, "labels": ids}],
-        "categorical",
-        "empirical",
-        structure,
-        progress=False,
-    )
+    F0 = _fisher(models[0], 0, structure)
     F0.save(tmp_path / "f0.safetensors")
     np.savez(tmp_path / "tokens.npz", input_ids=_tokens(1).numpy())
     config = tmp_path / "merge.yaml"
@@ -81,15 +86,7 @@ max_shard_size: 10KB
 damping: 1.0e-4
 """
     )
-    ids1 = _tokens(1)
-    F1 = ff.estimate(
-        models[1],
-        [{"input_ids": ids1, "labels": ids1}],
-        "categorical",
-        "empirical",
-        structure,
-        progress=False,
-    )
+    F1 = _fisher(models[1], 1, structure)
     return config, paths, models, [F0, F1]
 
 
@@ -204,14 +201,7 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(tmp_path, capsys):
         ),
     )
     # a Fisher of another architecture
-    other = ff.estimate(
-        _tiny("llama", 0),
-        [{"input_ids": _tokens(0), "labels": _tokens(0)}],
-        "categorical",
-        "empirical",
-        "diagonal",
-        progress=False,
-    )
+    other = _fisher(_tiny("llama", 0), 0, "diagonal")
     other.save(tmp_path / "other.safetensors")
     fails(
         f"models:\n  - {{model: {paths[0].name}, fisher: f0.safetensors}}\n"
@@ -219,14 +209,7 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(tmp_path, capsys):
         re.escape("fishers[1]'s layout differs from fishers[0]'s"),
     )
     # a K-FAC file whose factor does not fit its layer (streamed: checked on opening)
-    kfac = ff.estimate(
-        _models[0],
-        [{"input_ids": _tokens(0), "labels": _tokens(0)}],
-        "categorical",
-        "empirical",
-        "kfac",
-        progress=False,
-    )
+    kfac = _fisher(_models[0], 0, "kfac")
     kfac.save(tmp_path / "k.safetensors")
     from safetensors import safe_open
 
