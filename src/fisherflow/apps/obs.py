@@ -182,11 +182,15 @@ class RowUnit(Unit):
         self.shared = damping == 0.0
         self.where = f"layer {weight!r}"
 
+    def _b(self) -> Tensor:
+        """``B = A + rel·mean(diag A) I``, every row's H up to its scale ``G_rr``."""
+        eye = torch.eye(self.A.shape[0], dtype=self.A.dtype, device=self.A.device)
+        return self.A + self.rel * eye
+
     def _b_inverse(self) -> Tensor:
-        """``B⁻¹`` with ``B = A + rel·mean(diag A) I`` (cached; the shared case)."""
+        """``B⁻¹`` (cached; the shared case)."""
         if "_b_inv" not in self.__dict__:
-            eye = torch.eye(self.A.shape[0], dtype=self.A.dtype, device=self.A.device)
-            chol = _cholesky(self.A + self.rel * eye, self.where)
+            chol = _cholesky(self._b(), self.where)
             self.__dict__["_b_inv"] = torch.cholesky_inverse(chol)
         b_inv: Tensor = self.__dict__["_b_inv"]
         return b_inv
@@ -258,8 +262,7 @@ class RowUnit(Unit):
             return (self.x - spread @ b_inv) * mask  # −B⁻¹[:, Q] z, B⁻¹ symmetric
         n_kept = n_cols - n_pruned
         width = int(n_kept.max())
-        eye = torch.eye(n_cols, dtype=self.x.dtype, device=self.x.device)
-        b = self.A + self.rel * eye
+        b = self._b()
         idx = torch.argsort(pruned.to(torch.int8), dim=1, stable=True)[:, :width]
         rhs = ((self.x * q) @ b).gather(1, idx)  # (B θ₀_Q)_K, B symmetric
         y = row_solves(b, idx, n_kept, rhs)
