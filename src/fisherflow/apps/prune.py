@@ -10,6 +10,7 @@ the minimiser of the Fisher's quadratic model on the kept support
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,8 @@ from fisherflow.matrices import FisherMatrix
 from fisherflow.matrices.validate import check_damping
 
 __all__ = ["prune"]
+
+T = TypeVar("T")
 
 
 def prune(
@@ -122,7 +125,7 @@ def prune(
     masks = {n: from_rows(keep[n], tuple(named[n].shape), majors[n]) for n in targets}
     with torch.no_grad():
         if units:
-            for unit in _bar(units, progress):
+            for unit in bar(units, progress):
                 for name, value in unit.compensate(keep).items():
                     named[name].copy_(value.reshape(named[name].shape))
         for name, mask in masks.items():
@@ -130,9 +133,10 @@ def prune(
     return {n: m.detach().cpu() for n, m in masks.items()}
 
 
-def _bar(units: list, progress: bool) -> Iterable:  # type: ignore[type-arg]
+def bar(items: list[T], progress: bool, desc: str = "OBS", unit: str = "unit") -> Iterable[T]:
+    """``items``, behind a progress bar when ``progress`` (OBS units, pruned blocks)."""
     if not progress:
-        return units
+        return items
     from tqdm.auto import tqdm
 
-    return tqdm(units, desc="OBS", unit="unit", leave=False)
+    return tqdm(items, desc=desc, unit=unit, leave=False)

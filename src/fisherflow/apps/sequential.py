@@ -21,7 +21,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from fisherflow.apps.masks import check_scope, parse_pattern, resolve_sparsity
-from fisherflow.apps.prune import prune
+from fisherflow.apps.prune import bar, prune
 from fisherflow.apps.scores import METHODS, _targets, check_method
 from fisherflow.estimation import estimate as estimate_fisher
 from fisherflow.matrices import FisherMatrix
@@ -153,7 +153,7 @@ def prune_sequential(
                 f"block, got a one-shot {type(data).__name__}"
             )
     masks: dict[str, Tensor] = {}
-    for group in _bar(groups, progress):
+    for group in bar(groups, progress, "blocks", "block"):
         fisher = None
         if needs_fisher and estimate is not None:
             fisher = estimate(model, group)
@@ -205,11 +205,3 @@ def _with_modules(model: nn.Module, group: list[str]) -> list[str]:
     modules = {n.rpartition(".")[0] for n in group}
     named = [n for n, _ in model.named_parameters()]
     return [n for n in named if n in group or n.rpartition(".")[0] in modules]
-
-
-def _bar(groups: list[list[str]], progress: bool) -> Iterable[list[str]]:
-    if not progress:
-        return groups
-    from tqdm.auto import tqdm
-
-    return tqdm(groups, desc="blocks", unit="block", leave=False)
