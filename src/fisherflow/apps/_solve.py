@@ -140,7 +140,7 @@ def weighted_solve(
     norm_b = float(b.norm())
     if norm_b == 0.0:
         return torch.zeros_like(rhs)
-    if pair and len(fishers) == 2 and damping == 0.0:
+    if direct:
         # the direct solve: exact, with the pseudo-inverse cut-off at the precision the
         # factors were accumulated in (CG cannot improve on it: what is left of the
         # residual lies in directions that cut-off calls rounding noise)
