@@ -4,6 +4,9 @@ Rank 0 saves the trained parameters; the test compares them with one process
 trained on the whole batches (tests/optim/test_distributed.py).
 """
 
+import os
+import sys
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -69,6 +72,13 @@ def main() -> None:
     if rank == 0:
         print("OPTIM-DISTRIBUTED-OK")
     dist.destroy_process_group()
+    # Every check above has passed and the group is destroyed. Leave without the
+    # interpreter's finalization, where gloo's worker threads can still release
+    # tensors and abort the process (SIGABRT, "terminate called without an active
+    # exception"; seen once in CI on this worker, see pytorch/pytorch#179291).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
